@@ -1,0 +1,145 @@
+"""Model names -> weights on disk: aliases, Hub ids, local folders; safetensors only.
+
+``"tpru-3b"`` -> ``Stephengzk/TPRU-3B``; ``"qwen2.5-vl-3b"`` -> ``Qwen/Qwen2.5-VL-3B-Instruct``; a local folder is
+used as it is; any other ``owner/name`` is a Hub id. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelNotFoundError, close_matches
+
+ALIASES: dict[str, str] = {
+    "tpru-3b": "Stephengzk/TPRU-3B",
+    "tpru-7b": "Stephengzk/TPRU-7B",
+    "tpru-32b": "Stephengzk/TPRU-32B",
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen2.5-vl-32b": "Qwen/Qwen2.5-VL-32B-Instruct",
+}
+DEFAULT_MODEL = "tpru-3b"
+#: Files a Qwen2.5-VL folder needs; ``*.bin`` / pickles are never fetched (safetensors only).
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken", "README.md"]
+ONNX_MANIFEST = "tpru_onnx.json"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a model name means: ``kind`` is ``"local"``, ``"hub"`` or ``"classic"``."""
+
+    name: str
+    kind: str
+    target: str  # local path or Hub id
+
+    @property
+    def is_onnx(self) -> bool:
+        """A local folder written by ``tpru export --format onnx``."""
+        return self.kind == "local" and (Path(self.target) / ONNX_MANIFEST).is_file()
+
+
+def resolve(name: str | os.PathLike) -> ModelRef:
+    """Interpret a model name without touching the network.
+
+    Example:
+        >>> resolve("tpru-7b").target
+        'Stephengzk/TPRU-7B'
+    """
+    text = str(name).strip()
+    if text == "classic":
+        return ModelRef(text, "classic", "")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return ModelRef(text, "local", str(path.resolve()))
+    if text.lower() in ALIASES:
+        return ModelRef(text, "hub", ALIASES[text.lower()])
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists():
+        return ModelRef(text, "hub", text)
+    hint = close_matches(text.lower(), ALIASES)
+    raise ModelNotFoundError(
+        f"model {text!r} is neither a local folder nor a known name.{hint} Known names: {', '.join(ALIASES)}; "
+        "or pass a folder holding config.json and *.safetensors, or a Hub id like owner/name."
+    )
+
+
+def cache_dir() -> Path:
+    """Where Hub downloads live (``HF_HUB_CACHE`` / ``HF_HOME`` respected)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set: only the local cache is used."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def _check_folder(folder: Path, name: str) -> Path:
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"model folder {str(folder)!r} (from {name!r}) has no config.json")
+    if not any(folder.glob("*.safetensors")):
+        pickles = [p.name for p in folder.glob("*.bin")]
+        extra = f" It has {pickles}: pickle weights are refused; convert them to safetensors." if pickles else ""
+        raise ModelNotFoundError(f"model folder {str(folder)!r} (from {name!r}) has no *.safetensors weights.{extra}")
+    return folder
+
+
+def locate(name: str | os.PathLike, *, revision: str | None = None, cache: str | os.PathLike | None = None,
+           local_files_only: bool | None = None) -> Path:
+    """A local folder with the model's config, processor files and safetensors weights.
+
+    Hub names are looked up in the cache first and downloaded only when allowed (not ``HF_HUB_OFFLINE``).
+
+    Raises:
+        ModelNotFoundError: the name is unknown, or the weights are neither cached nor downloadable; the
+            message names what was tried, the cache folder and the ways out.
+    """
+    ref = resolve(name)
+    if ref.kind == "local":
+        return _check_folder(Path(ref.target), ref.name)
+    if ref.kind == "classic":
+        raise ModelNotFoundError("'classic' is an engine without weights; use TPRU(engine='classic')")
+    from huggingface_hub import snapshot_download
+
+    only_local = offline() if local_files_only is None else local_files_only
+    try:
+        folder = snapshot_download(ref.target, revision=revision, cache_dir=cache, allow_patterns=ALLOW_PATTERNS,
+                                   local_files_only=True)
+    except Exception:  # not cached: fall through to a download when allowed
+        folder = None
+    if folder is None and not only_local:
+        try:
+            folder = snapshot_download(ref.target, revision=revision, cache_dir=cache,
+                                       allow_patterns=ALLOW_PATTERNS, etag_timeout=10)
+        except Exception as exc:
+            raise ModelNotFoundError(_missing(ref, cache, f"download failed: {type(exc).__name__}: {exc}")) from exc
+    if folder is None:
+        raise ModelNotFoundError(_missing(ref, cache, "not in the local cache and HF_HUB_OFFLINE is set"))
+    return _check_folder(Path(folder), ref.name)
+
+
+def _missing(ref: ModelRef, cache, why: str) -> str:
+    where = cache or cache_dir()
+    return (
+        f"weights for {ref.name!r} ({ref.target}) are not available: {why}. Cache folder: {where}. "
+        f"Fix: download them on a machine with access (huggingface-cli download {ref.target}) and copy the "
+        "cache here, or pass a local folder path; set HF_HUB_OFFLINE=1 to use only the cache; "
+        "or use the no-weights baseline with engine='classic' (CLI: --engine classic)."
+    )
+
+
+def cache_state(name: str) -> str:
+    """``"local"``, ``"cached"`` or ``"missing"`` (never touches the network)."""
+    try:
+        ref = resolve(name)
+    except ModelNotFoundError:
+        return "missing"
+    if ref.kind == "local":
+        return "local"
+    try:
+        locate(name, local_files_only=True)
+        return "cached"
+    except ModelNotFoundError:
+        return "missing"

@@ -1,0 +1,116 @@
+"""Frozen result types. Each keeps the raw model text, the engine, the mode and timings, and has ``to_dict()``."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class _ToDict:
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return _plain(self)
+
+
+@dataclass(frozen=True)
+class OrderResult(_ToDict):
+    """Temporal order of the input frames.
+
+    Attributes:
+        order: input indices in temporal order (``order[0]`` is the first frame in time).
+        answer: the label permutation the model gave (``"CABD"``) for single-question calls; for windowed
+            calls over more than 4 frames, the labels of the final order (A = input 0, B = input 1, ...).
+        confidence: probability of ``order`` under the model (see ``TPRU.order_frames`` for windows).
+        probabilities: probability of each scored permutation (single question), best first, top 24 kept.
+        windows: for more than 4 frames, each window's input indices, its order and its confidence.
+    """
+
+    order: tuple[int, ...]
+    answer: str
+    confidence: float
+    probabilities: dict[str, float]
+    raw: str
+    engine: str
+    mode: str
+    timings: dict[str, float]
+    windows: tuple[dict, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChoiceResult(_ToDict):
+    """Answer to a next-frame or previous-frame question.
+
+    Attributes:
+        index: index into the caller's candidates, or ``None`` when the model chose "None of the choices".
+        letter: the option letter the model answered.
+        confidence: probability of that option (softmax over the options' scores).
+        probabilities: each option letter's probability.
+        options: option letter -> candidate index (``None`` for the "None" option).
+    """
+
+    index: int | None
+    letter: str
+    confidence: float
+    probabilities: dict[str, float]
+    options: dict[str, int | None]
+    raw: str
+    engine: str
+    mode: str
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class StepVerdict(_ToDict):
+    """Whether an observation is a valid next step.
+
+    Attributes:
+        ok: the model picked the observation as the next step (rather than "None" or a distractor).
+        confidence: probability that the observation is the next step, P(ok).
+        choice: the underlying multiple-choice result.
+    """
+
+    ok: bool
+    confidence: float
+    choice: ChoiceResult
+    raw: str
+    engine: str
+    mode: str
+    timings: dict[str, float]
+
+
+class Status(str, enum.Enum):
+    """Verdict of a ProcedureChecker event."""
+
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    UNCERTAIN = "uncertain"
+
+
+@dataclass(frozen=True)
+class CheckEvent(_ToDict):
+    """One ``ProcedureChecker.observe`` outcome."""
+
+    step: int
+    status: Status
+    confidence: float
+    matched_step: int | None
+    progress: float | None
+    latency_s: float
+    raw: str
+    engine: str
+    duplicate: bool = False
+    details: dict = field(default_factory=dict)

@@ -1,0 +1,61 @@
+"""Next-Frame Prediction: given the steps so far (and optionally the final step), which candidate comes next?
+
+TPRU's form gives steps 1, 2 and the final step 4 and asks for step 3 among 4 candidates plus a "None of the
+choices provided" option. Here the history length, the goal frame and the candidate count are free.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .question import IMAGE, MAX_CANDIDATES, MAX_IMAGES, Question, choice_options, describe, option_lines
+
+
+def context_block(steps: tuple[int, ...]) -> str:
+    """One line per context image: ``"Step 1: <image>"``."""
+    return "\n".join(f"Step {s}: {IMAGE}" for s in steps)
+
+
+def check_sizes(n_context: int, n_candidates: int) -> None:
+    """Raise :class:`ConfigError` when a choice question would be empty or too large."""
+    if n_context < 1:
+        raise ConfigError("at least one context frame is needed")
+    if not 1 <= n_candidates <= MAX_CANDIDATES:
+        raise ConfigError(f"1..{MAX_CANDIDATES} candidate frames are supported, got {n_candidates}")
+    if n_context + n_candidates > MAX_IMAGES:
+        raise ConfigError(f"{n_context + n_candidates} images in one question; at most {MAX_IMAGES} are supported")
+
+
+def choice_question(task: str, steps: tuple[int, ...], target: int, n_candidates: int, ask: str, *,
+                    none_position: int | None, description: str | None) -> Question:
+    """Shared body of the next / previous questions: context steps, then lettered candidate images."""
+    check_sizes(len(steps), n_candidates)
+    options = choice_options(list(range(n_candidates)), none_position=none_position)
+    lead = describe(description)
+    shown = ", ".join(str(s) for s in steps[:-1]) + (" and " if len(steps) > 1 else "") + str(steps[-1])
+    problem = (
+        (lead + " " if lead else "")
+        + f"The images below show step{'s' if len(steps) > 1 else ''} {shown} of the procedure.\n"
+        + context_block(steps)
+        + f"\n{ask}\n"
+        + option_lines(options, lambda _: IMAGE)
+    )
+    return Question(task, problem, len(steps) + n_candidates, tuple(o.letter for o in options), options=options,
+                    context_steps=steps, target_step=target, description=description)
+
+
+def build(n_history: int, n_candidates: int, *, with_goal: bool = False, none_position: int | None = -1,
+          description: str | None = None) -> Question:
+    """Which candidate is step ``n_history + 1``? With ``with_goal`` the last context image is the final step.
+
+    Example:
+        >>> q = build(2, 4, with_goal=True)   # TPRU's form: steps 1, 2 and 4 given, which is step 3?
+        >>> q.context_steps, q.target_step, q.none_letter
+        ((1, 2, 4), 3, 'E')
+    """
+    if n_history < 1:
+        raise ConfigError("next-frame prediction needs at least one history frame")
+    steps = tuple(range(1, n_history + 1)) + ((n_history + 2,) if with_goal else ())
+    target = n_history + 1
+    ask = f"Which option shows step {target}?"
+    return choice_question("next", steps, target, n_candidates, ask, none_position=none_position,
+                           description=description)

@@ -1,0 +1,48 @@
+"""The answer-rules preamble wrapped around every question.
+
+The default wording is this project's own statement of the TPRU answer contract. ``template=`` takes a Jinja file
+instead (rendered with ``content`` = the question text), so a user can pass the TPRU authors' own template and
+reproduce the paper's setup exactly.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from .question import load_template
+
+DEFAULT_PREAMBLE = """\
+The task below is about a set of images from one procedure.
+
+{{ content | trim }}
+
+Look at every image and check it against the text before answering. Rules for the answer:
+- Ordering question (images labelled A, B, C, ...): answer with the labels in the order the events happen, \
+as one string without spaces, for example BDAC.
+- Multiple-choice question (options A, B, C, ...): answer with the single letter of the correct option. If no \
+option is correct, or the text does not match the images, answer with the letter of the option \
+"None of the choices provided".
+
+Reason inside <think></think> tags, then give only the answer inside <answer></answer> tags, for example:
+<think>Image B shows the starting state, then ... so the order is B, D, A, C.</think>
+<answer>BDAC</answer>"""
+
+
+@lru_cache(maxsize=8)
+def _compiled(source: str):
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
+    return env.from_string(source)
+
+
+def render_prompt(problem: str, template: str | Path | None = None) -> str:
+    """Wrap a question's text in the preamble (default, or a Jinja template file's).
+
+    Example:
+        >>> "<image>" in render_prompt("Order these: A <image>")
+        True
+    """
+    source = DEFAULT_PREAMBLE if template is None else load_template(template)
+    return _compiled(source).render(content=problem)
