@@ -26,10 +26,10 @@ def __dir__():  # pragma: no cover - cosmetic
 
 # The facade and the checker are imported eagerly: neither imports torch at import time.
 from .model import TPRU  # noqa: E402
-from .checker import ProcedureChecker  # noqa: E402
+# from .checker import ProcedureChecker  # noqa: E402  (lands with the checker)
 
 __all__ = [
-    "TPRU", "ProcedureChecker", "OrderResult", "ChoiceResult", "StepVerdict", "CheckEvent", "Status",
+    "TPRU", "OrderResult", "ChoiceResult", "StepVerdict", "CheckEvent", "Status",
     "TPRUError", "FrameError", "ParseError", "ModelNotFoundError", "EngineUnavailableError", "ConfigError",
     "__version__",
 ]

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelNotFoundError, close_matches
+from .errors import EngineUnavailableError, ModelNotFoundError, close_matches, require
 
 ALIASES: dict[str, str] = {
     "tpru-3b": "Stephengzk/TPRU-3B",
@@ -65,10 +65,11 @@ def resolve(name: str | os.PathLike) -> ModelRef:
 
 
 def cache_dir() -> Path:
-    """Where Hub downloads live (``HF_HUB_CACHE`` / ``HF_HOME`` respected)."""
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
+    """Where Hub downloads live (``HF_HUB_CACHE`` / ``HF_HOME`` respected), without importing huggingface_hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
 
 
 def offline() -> bool:
@@ -101,7 +102,7 @@ def locate(name: str | os.PathLike, *, revision: str | None = None, cache: str |
         return _check_folder(Path(ref.target), ref.name)
     if ref.kind == "classic":
         raise ModelNotFoundError("'classic' is an engine without weights; use TPRU(engine='classic')")
-    from huggingface_hub import snapshot_download
+    snapshot_download = require("huggingface_hub", "hf", what="loading model weights").snapshot_download
 
     only_local = offline() if local_files_only is None else local_files_only
     try:
@@ -141,5 +142,5 @@ def cache_state(name: str) -> str:
     try:
         locate(name, local_files_only=True)
         return "cached"
-    except ModelNotFoundError:
+    except (ModelNotFoundError, EngineUnavailableError):
         return "missing"

@@ -1,0 +1,1 @@
+"""The ``tpru`` command (installed as ``tpru_agent.cli``): thin verbs over the SDK; cli/ is the only printer."""

@@ -1,0 +1,285 @@
+"""``tpru``: order frames, predict next / previous steps, verify a step; plus env and model listings.
+
+Importing this module imports no torch: the model loads inside the verbs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import platform
+import sys
+from pathlib import Path
+
+import click
+
+from tpru_agent.errors import EngineUnavailableError, ModelNotFoundError, TPRUError
+
+from . import render
+
+DEFAULT_MODEL = "tpru-3b"
+
+
+class TPRUGroup(click.Group):
+    """Turns the project's errors into one red line with the fix (exit 1); ``-v`` shows the traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (TPRUError, OSError) as exc:
+            if ctx.obj and ctx.obj.get("verbose"):
+                raise
+            render.error(str(exc) if isinstance(exc, TPRUError) else f"{type(exc).__name__}: {exc}")
+            ctx.exit(1)
+
+
+@click.group(cls=TPRUGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(package_name="tpru-agent", prog_name="tpru")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """Temporal and procedural understanding for robot and GUI agents (TPRU-tuned Qwen2.5-VL)."""
+    ctx.obj = {"verbose": verbose}
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def model_options(func):
+    """The options every model-backed verb shares."""
+    options = [
+        click.option("--model", "-m", default=None,
+                     help=f"Name (tpru-3b, tpru-7b, qwen2.5-vl-3b...), Hub id, local folder, or 'classic'. "
+                          f"Default {DEFAULT_MODEL}, falling back to the classic engine when its weights are missing."),
+        click.option("--engine", "-e", default="auto", type=click.Choice(["auto", "hf", "onnx", "openai", "classic"]),
+                     help="Runtime. auto: classic for 'classic', onnx for an export folder, else hf."),
+        click.option("--quantization", "-q", default=None, type=click.Choice(["4bit", "8bit"]),
+                     help="bitsandbytes quantisation (hf engine)."),
+        click.option("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:1, cpu ..."),
+        click.option("--mode", default="reason", type=click.Choice(["reason", "fast"]),
+                     help="reason: chain of thought as TPRU was trained; fast: score the options in one pass."),
+        click.option("--template", type=click.Path(dir_okay=False), default=None,
+                     help="Jinja preamble file (uses {{ content }}) instead of the built-in answer rules."),
+        click.option("--base-url", default=None, help="openai engine: server URL, e.g. http://127.0.0.1:8000/v1"),
+        click.option("--strict", is_flag=True, help="Never fall back to the classic engine."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def open_model(model: str | None, engine: str, quantization: str | None, device: str, template: str | None,
+               base_url: str | None, strict: bool):
+    """Load the model; without --model and --strict, fall back to the classic engine when weights are missing."""
+    from tpru_agent import TPRU
+
+    kwargs = {"base_url": base_url} if base_url else {}
+    name = model or DEFAULT_MODEL
+    try:
+        return TPRU(name, engine=engine, quantization=quantization, device=device, template=template, **kwargs)
+    except (ModelNotFoundError, EngineUnavailableError) as exc:
+        if strict or model is not None or engine != "auto":
+            raise
+        render.warn(f"{exc}")
+        render.warn(f"falling back to the no-weights classic engine (visual continuity only, no TPRU model). "
+                    f"For the real model: download {name} (see `tpru models`) or pass --model DIR; "
+                    "--strict refuses this fallback.")
+        return TPRU("classic", template=template)
+
+
+def split_inputs(values: tuple[str, ...]) -> list[str]:
+    """Accept repeated flags and comma-separated lists: ``--history a.png,b.png --history c.png``."""
+    out = []
+    for value in values:
+        out.extend(part for part in value.split(",") if part)
+    return out
+
+
+def frame_names(inputs) -> list[str]:
+    """Display names of the frames the loader will produce (paths expand like the loader expands them)."""
+    from tpru_agent.frames import expand_sources
+
+    return [str(x) for x in expand_sources(inputs)]
+
+
+@cli.command("order")
+@click.argument("frames", nargs=-1, required=True)
+@click.option("--description", "-d", default=None, help="The procedure in words, e.g. 'making coffee'.")
+@click.option("--sheet", type=click.Path(dir_okay=False), default=None, help="Write a PNG contact sheet here.")
+@model_options
+def order_cmd(frames, description, sheet, model, engine, quantization, device, mode, template, base_url, strict,
+              as_json):
+    """Put FRAMES (files, globs, a folder or a video) in temporal order."""
+    from tpru_agent.frames import load_frames
+
+    inputs = list(frames)
+    tpru = open_model(model, engine, quantization, device, template, base_url, strict)
+    result = tpru.order_frames(inputs if len(inputs) > 1 else inputs[0], description=description, mode=mode)
+    names = frame_names(inputs)
+    if sheet:
+        from tpru_agent.sheet import contact_sheet, save_image
+
+        images = load_frames(inputs, budget=None)
+        ordered = [images[i] for i in result.order]
+        labels = [f"{step}. {Path(names[i]).name}" for step, i in enumerate(result.order, 1)]
+        save_image(contact_sheet(ordered, labels, title=f"order {result.answer}  confidence "
+                                 f"{result.confidence:.2f}  ({result.engine}, {result.mode})"), sheet)
+    if as_json:
+        render.emit_json({**result.to_dict(), "frames": names, "sheet": sheet})
+        return
+    render.show_order(result, names)
+    if result.engine == "classic":
+        render.note("classic engine: ordering from visual continuity alone; the direction of an unanchored "
+                    "sequence is a guess (see the confidence).")
+    if sheet:
+        render.note(f"contact sheet written to {sheet}")
+
+
+def _choice_command(kind: str):
+    def run(context, candidates, goal, description, model, engine, quantization, device, mode, template, base_url,
+            strict, as_json, **_):
+        tpru = open_model(model, engine, quantization, device, template, base_url, strict)
+        ctx_in, cand_in = split_inputs(context), split_inputs(candidates)
+        if kind == "next":
+            result = tpru.predict_next(ctx_in, cand_in, goal=goal, description=description, mode=mode)
+        else:
+            result = tpru.review_previous(ctx_in, cand_in, description=description, mode=mode)
+        names = frame_names(cand_in)
+        if as_json:
+            render.emit_json({**result.to_dict(), "candidates": names})
+        else:
+            render.show_choice(result, names, "Next step" if kind == "next" else "Previous step")
+    return run
+
+
+@cli.command("next")
+@click.option("--history", "-H", "context", multiple=True, required=True,
+              help="Frames so far, in order (repeat the flag or separate with commas; globs and folders work).")
+@click.option("--candidates", "-c", multiple=True, required=True, help="Candidate next frames (1..8).")
+@click.option("--goal", "-g", default=None, help="The final frame of the procedure, if known.")
+@click.option("--description", "-d", default=None, help="The procedure in words.")
+@model_options
+def next_cmd(context, candidates, goal, description, **kw):
+    """Which candidate frame comes next?"""
+    _choice_command("next")(context, candidates, goal, description, **kw)
+
+
+@cli.command("prev")
+@click.option("--later", "-L", "context", multiple=True, required=True,
+              help="The later frames, in order (repeat the flag or separate with commas).")
+@click.option("--candidates", "-c", multiple=True, required=True, help="Candidate previous frames (1..8).")
+@click.option("--description", "-d", default=None, help="The procedure in words.")
+@model_options
+def prev_cmd(context, candidates, description, **kw):
+    """Which candidate frame comes right before the later frames?"""
+    _choice_command("prev")(context, candidates, None, description, **kw)
+
+
+@cli.command("verify")
+@click.argument("observation")
+@click.option("--history", "-H", multiple=True, required=True, help="Accepted frames so far, in order.")
+@click.option("--goal", "-g", default=None, help="The final frame of the procedure, if known.")
+@click.option("--description", "-d", default=None, help="The procedure in words.")
+@model_options
+def verify_cmd(observation, history, goal, description, model, engine, quantization, device, mode, template,
+               base_url, strict, as_json):
+    """Is OBSERVATION a valid next step after the history?"""
+    tpru = open_model(model, engine, quantization, device, template, base_url, strict)
+    verdict = tpru.verify_step(split_inputs(history), observation, goal=goal, description=description, mode=mode)
+    if as_json:
+        render.emit_json({**verdict.to_dict(), "observation": observation})
+    else:
+        render.show_verdict(verdict, observation)
+    sys.exit(0 if verdict.ok else 2)
+
+
+ENGINE_MODULES = {
+    "hf": ["torch", "transformers", "qwen_vl_utils"],
+    "quant (4bit/8bit)": ["bitsandbytes"],
+    "onnx": ["onnxruntime", "onnx"],
+    "openai / serve": ["openai", "fastapi", "uvicorn"],
+    "finetune": ["trl", "peft", "datasets"],
+    "classic": ["cv2", "numpy"],
+}
+VERSIONED = ["tpru-agent", "torch", "torchvision", "transformers", "qwen-vl-utils", "accelerate", "bitsandbytes",
+             "onnxruntime", "onnxruntime-gpu", "onnx", "trl", "peft", "datasets", "openai", "fastapi", "uvicorn",
+             "opencv-python-headless", "numpy", "pillow"]
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
+
+
+@cli.command("env")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def env_cmd(as_json):
+    """Versions, devices, and which engines and extras can import here."""
+    engines = {name: all(importlib.util.find_spec(m) is not None for m in mods) for name, mods in ENGINE_MODULES.items()}
+    devices = {"cpu": True}
+    if engines["hf"]:
+        import torch
+
+        devices["cuda"] = torch.cuda.is_available()
+        if devices["cuda"]:
+            devices["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        devices["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    facts = {"python": platform.python_version(), "platform": platform.platform(),
+             "versions": {d: _version(d) for d in VERSIONED}, "engines": engines, "devices": devices}
+    if as_json:
+        render.emit_json(facts)
+        return
+    render.show_table("Versions", ["package", "version"], [[k, v] for k, v in facts["versions"].items()])
+    render.show_table("Engines and extras", ["engine", "importable"],
+                      [[k, "yes" if v else "no (pip install 'tpru-agent[...]')"] for k, v in engines.items()])
+    render.show_table("Devices", ["device", "available"], [[k, v] for k, v in devices.items()])
+
+
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def models_cmd(as_json):
+    """Known model names, what they point to, and whether their weights are in the local cache."""
+    from tpru_agent.hub import ALIASES, cache_dir, cache_state
+
+    rows = [{"name": name, "hub_id": hub_id, "state": cache_state(name)} for name, hub_id in ALIASES.items()]
+    rows.append({"name": "classic", "hub_id": "(no weights)", "state": "built in"})
+    if as_json:
+        render.emit_json({"cache_dir": str(cache_dir()), "models": rows})
+        return
+    render.show_table(f"Models (cache: {cache_dir()})", ["name", "hub id", "state"],
+                      [[r["name"], r["hub_id"], r["state"]] for r in rows])
+
+
+#: Sub-commands other modules contribute, imported only when present (each keeps its heavy imports inside verbs).
+SUBCOMMANDS = {
+    "data": "tpru_agent.cli.data:data",
+    "finetune": "tpru_agent.cli.finetune_cmd:finetune",
+    "eval": "tpru_agent.cli.eval_cmd:eval_group",
+    "export": "tpru_agent.cli.deploy:export",
+    "serve": "tpru_agent.cli.deploy:serve",
+    "bench": "tpru_agent.cli.bench:bench",
+    "testing": "tpru_agent.cli.testing_cmd:testing",
+}
+
+
+def _register() -> None:
+    for name, target in SUBCOMMANDS.items():
+        module_name, attr = target.split(":")
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        cli.add_command(getattr(importlib.import_module(module_name), attr), name)
+
+
+_register()
+
+
+def main() -> None:
+    """Console entry point."""
+    cli(prog_name="tpru")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""Episode sources: anything that yields ordered frames of one procedure with a description."""
+
+from .base import Episode
+
+__all__ = ["Episode"]

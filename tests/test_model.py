@@ -1,0 +1,175 @@
+"""The facade's logic (question building, answer mapping, windows, debiasing, errors) over a pixel-reading engine.
+
+``PixelOracle`` implements the engine protocol by reading the step number painted into each frame, so the facade's
+mapping from letters and labels back to the caller's frames is checked against a known truth. The real
+Qwen2.5-VL path runs in tests/test_sdk_tiny.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tpru_agent import TPRU, ConfigError, FrameError, ParseError
+from tpru_agent.engines.base import GenerationOptions
+from tpru_agent.tasks import extract_answer
+
+
+def frame(step: int) -> Image.Image:
+    """A frame whose red channel encodes its step (plus texture so frames differ)."""
+    arr = np.zeros((140, 168, 3), np.uint8)
+    arr[..., 0] = 10 * step
+    arr[..., 1] = (np.arange(168) * 7 + step * 13) % 256
+    return Image.fromarray(arr)
+
+
+def step_of(image) -> int:
+    return round(float(np.asarray(image)[..., 0].mean()) / 10)
+
+
+class PixelOracle:
+    """Answers every TPRU question correctly from the painted step numbers; counts its calls."""
+
+    name = "oracle"
+
+    def __init__(self, reply: str | None = None):
+        self.reply = reply
+        self.score_calls = 0
+        self.generate_calls = 0
+        self.prefixes: list[str] = []
+
+    def _truth(self, request) -> str:
+        q = request.question
+        steps = [step_of(im) for im in request.images]
+        if q.task == "ordering":
+            return "".join(label for _, label in sorted(zip(steps, q.labels)))
+        context = steps[: len(q.context_steps)]
+        cands = steps[len(q.context_steps):]
+        want = min(context) - 1 if q.task == "previous" else context[q.context_steps.index(q.target_step - 1)] + 1
+        for option in q.options:
+            if option.value is not None and cands[option.value] == want:
+                return option.letter
+        return q.none_letter
+
+    def score(self, request, continuations, *, prefix=""):
+        self.score_calls += 1
+        self.prefixes.append(prefix)
+        truth = self._truth(request)
+        return [0.0 if extract_answer(c) == truth else -4.0 for c in continuations]
+
+    def generate(self, requests, options=GenerationOptions()):
+        self.generate_calls += len(requests)
+        return [self.reply or f"<think>steps read from pixels</think><answer>{self._truth(r)}</answer>"
+                for r in requests]
+
+
+@pytest.mark.parametrize("mode", ["fast", "reason"])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_order_small(mode, n):
+    steps = list(range(1, n + 1))
+    random.Random(n).shuffle(steps)
+    engine = PixelOracle()
+    result = TPRU(engine=engine).order_frames([frame(s) for s in steps], mode=mode)
+    assert [steps[i] for i in result.order] == sorted(steps)
+    assert result.confidence == pytest.approx(1 / (1 + (len(list(itertools.permutations(steps))) - 1) * np.exp(-4)))
+    assert result.engine == "oracle" and result.mode == mode
+    assert set(result.timings) >= {"prepare_s", "score_s", "total_s"}
+    assert engine.generate_calls == (1 if mode == "reason" else 0)
+    if mode == "reason":
+        assert engine.prefixes[-1] == "<think>steps read from pixels</think>"
+
+
+@pytest.mark.parametrize("n", [5, 9, 16])
+def test_order_many_frames_through_windows(n):
+    steps = list(range(1, n + 1))
+    random.Random(7).shuffle(steps)
+    engine = PixelOracle()
+    result = TPRU(engine=engine).order_frames([frame(s) for s in steps], mode="fast")
+    assert [steps[i] for i in result.order] == sorted(steps)
+    assert len(result.windows) == engine.score_calls
+    assert all(w["agrees"] for w in result.windows)
+    # every window gives the final order its own probability 1 / (1 + 23 e^-4): the geometric mean is that
+    assert result.confidence == pytest.approx(1 / (1 + 23 * np.exp(-4)))
+
+
+@pytest.mark.parametrize("mode", ["fast", "reason"])
+@pytest.mark.parametrize("none_position", [0, 2, -1])
+def test_predict_next_maps_letters_back(mode, none_position):
+    engine = PixelOracle()
+    model = TPRU(engine=engine)
+    result = model.predict_next([frame(1), frame(2)], [frame(9), frame(3), frame(7), frame(8)], goal=frame(4),
+                                mode=mode, none_position=none_position)
+    assert result.index == 1
+    assert result.options[result.letter] == 1
+    assert sum(result.probabilities.values()) == pytest.approx(1.0)
+    assert result.confidence == max(result.probabilities.values())
+
+
+def test_predict_next_none_when_no_candidate_fits():
+    result = TPRU(engine=PixelOracle()).predict_next([frame(1), frame(2)], [frame(9), frame(8)], mode="fast")
+    assert result.index is None
+    assert result.options[result.letter] is None
+
+
+def test_review_previous():
+    result = TPRU(engine=PixelOracle()).review_previous([frame(4), frame(5), frame(6)],
+                                                        [frame(1), frame(9), frame(3)], mode="fast")
+    assert result.index == 2
+
+
+def test_verify_step_ok_and_not_ok():
+    model = TPRU(engine=PixelOracle())
+    good = model.verify_step([frame(1), frame(2)], frame(3), mode="fast")
+    bad = model.verify_step([frame(1), frame(2)], frame(6), mode="fast")
+    assert good.ok and good.confidence > 0.9
+    assert not bad.ok and bad.confidence < 0.1
+    assert good.choice.options["A"] == 0 and good.choice.options["B"] is None
+    assert set(good.to_dict()) >= {"ok", "confidence", "choice", "raw", "engine", "mode", "timings"}
+
+
+def test_debias_averages_over_shifts_and_keeps_the_answer():
+    engine = PixelOracle()
+    model = TPRU(engine=engine, debias=3)
+    result = model.predict_next([frame(1), frame(2)], [frame(9), frame(3), frame(7), frame(8)], mode="fast")
+    assert result.index == 1
+    assert engine.score_calls == 3
+    with pytest.raises(ConfigError, match="debias"):
+        TPRU(engine=engine, debias=0)
+
+
+def test_reason_mode_parse_error_keeps_raw():
+    model = TPRU(engine=PixelOracle(reply="<think>hmm</think><answer>ZZZZ</answer>"))
+    with pytest.raises(ParseError) as info:
+        model.order_frames([frame(1), frame(2), frame(3), frame(4)], mode="reason")
+    assert "ZZZZ" in info.value.raw
+
+
+def test_bad_inputs_are_typed():
+    model = TPRU(engine=PixelOracle())
+    with pytest.raises(FrameError, match="frames"):
+        model.order_frames([frame(1)])
+    with pytest.raises(FrameError):
+        model.order_frames([frame(1)] * 65)
+    with pytest.raises(FrameError):
+        model.predict_next([frame(1)], [frame(2)] * 9)
+    with pytest.raises(ConfigError, match="mode"):
+        model.order_frames([frame(1), frame(2)], mode="slow")
+    with pytest.raises(FrameError):
+        model.verify_step([frame(1)], "/no/such/file.png")
+
+
+def test_template_is_checked_at_construction(tmp_path):
+    with pytest.raises(ConfigError):
+        TPRU(engine=PixelOracle(), template=tmp_path / "nope.jinja")
+
+
+def test_result_to_dict_is_json_ready():
+    import json
+
+    result = TPRU(engine=PixelOracle()).order_frames([frame(2), frame(1)], mode="fast")
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["order"] == [1, 0] and data["answer"] == "BA"

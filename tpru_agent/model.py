@@ -1,0 +1,313 @@
+"""The facade: ``TPRU(model).order_frames / predict_next / review_previous / verify_step``.
+
+Every call runs one pipeline: validate and load frames -> build the task question -> engine (generate and/or
+score) -> parse -> a typed result carrying the raw text, confidence, engine, mode and timings.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Sequence
+
+from . import aggregate
+from .engines.base import Engine, GenerationOptions, Request
+from .errors import ConfigError
+from .frames import TPRU_BUDGET, PixelBudget, load_frame, load_frames
+from .hub import DEFAULT_MODEL, resolve
+from .results import ChoiceResult, OrderResult, StepVerdict
+from .tasks import continuation, next_frame, ordering, parse_response, previous, render_prompt
+from .tasks.question import MAX_CANDIDATES, MAX_ORDER_LABELS, Question
+
+log = logging.getLogger(__name__)
+
+MODES = ("reason", "fast")
+#: The most frames ``order_frames`` accepts (more than 4 are ordered through covering windows).
+MAX_ORDER_FRAMES = 64
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One question answered: the chosen answer, the distribution over all valid answers, evidence, timings."""
+
+    answer: str
+    probabilities: dict[str, float]
+    raw: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def confidence(self) -> float:
+        return self.probabilities.get(self.answer, 0.0)
+
+
+def softmax(scores: dict[str, float]) -> dict[str, float]:
+    """Normalise log-scores into probabilities (stable)."""
+    top = max(scores.values())
+    exp = {k: math.exp(v - top) for k, v in scores.items()}
+    total = sum(exp.values())
+    return {k: v / total for k, v in exp.items()}
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}: 'reason' generates a chain of thought as "
+                          "TPRU was trained, 'fast' answers by scoring the options in one pass")
+    return mode
+
+
+class TPRU:
+    """A TPRU model (or the classic baseline) behind four task calls.
+
+    Args:
+        model: a name (``"tpru-3b"``, ``"tpru-7b"``, ``"tpru-32b"``, ``"qwen2.5-vl-3b"``...), a Hub id, a local
+            folder (transformers layout, or an ONNX export), or ``"classic"`` for the no-weights baseline.
+        engine: ``"auto"`` (classic for ``"classic"``, onnx for an ONNX export folder, else hf), ``"hf"``,
+            ``"onnx"``, ``"openai"``, ``"classic"``, or an object implementing the engine protocol.
+        quantization: ``None``, ``"4bit"`` or ``"8bit"`` (bitsandbytes; hf engine).
+        device: ``"auto"`` (cuda > mps > cpu), or a torch device string.
+        dtype: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"bfloat16"``, ``"float16"``, ``"float32"``.
+        template: a Jinja preamble file (uses ``{{ content }}``) instead of the built-in answer rules.
+        budget: pixel budget frames are resized to (TPRU trained at 16,384..36,864 pixels per frame).
+        max_new_tokens: reasoning budget of ``mode="reason"``.
+        debias: in fast mode, average each multiple-choice answer over this many cyclic shifts of the candidate
+            order (counters letter position bias; costs ``debias`` scoring passes).
+        **engine_kwargs: passed to the engine (e.g. ``base_url=`` for openai, ``attn_implementation=`` for hf).
+
+    Example:
+        >>> model = TPRU("tpru-3b")                                         # doctest: +SKIP
+        >>> model.order_frames(["c.png", "a.png", "b.png", "d.png"]).order  # doctest: +SKIP
+        (1, 2, 0, 3)
+    """
+
+    def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, engine: str | Engine = "auto",
+                 quantization: str | None = None, device: str = "auto", dtype: str = "auto",
+                 template: str | os.PathLike | None = None, budget: PixelBudget | None = TPRU_BUDGET,
+                 max_new_tokens: int = 1024, temperature: float = 0.0, seed: int | None = 0, debias: int = 1,
+                 **engine_kwargs: Any):
+        if debias < 1:
+            raise ConfigError(f"debias must be >= 1 (number of option shifts to average), got {debias}")
+        self.model_name = str(model)
+        self.template = template
+        if template is not None:
+            render_prompt("", template)  # fail now, not at the first call
+        self.budget = budget
+        self.debias = debias
+        self.options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        started = time.perf_counter()
+        self.engine = engine if not isinstance(engine, str) else self._create(engine, quantization=quantization,
+                                                                              device=device, dtype=dtype,
+                                                                              **engine_kwargs)
+        self.load_s = time.perf_counter() - started
+
+    def _create(self, engine: str, **kwargs: Any) -> Engine:
+        from .engines import create_engine
+
+        kind = engine
+        if engine == "auto":
+            ref = resolve(self.model_name)
+            kind = "classic" if ref.kind == "classic" else "onnx" if ref.is_onnx else "hf"
+        if kind == "classic":
+            return create_engine("classic", None)
+        if kind == "openai":
+            kwargs = {k: v for k, v in kwargs.items() if k not in {"quantization", "device", "dtype"}}
+        if kind == "onnx":
+            kwargs = {k: v for k, v in kwargs.items() if k not in {"quantization", "dtype"}}
+        if self.budget is not None and kind == "hf":
+            kwargs.setdefault("min_pixels", self.budget.min_pixels)
+            kwargs.setdefault("max_pixels", self.budget.max_pixels)
+        return create_engine(kind, self.model_name, **kwargs)
+
+    @property
+    def engine_name(self) -> str:
+        return getattr(self.engine, "name", type(self.engine).__name__)
+
+    # ---------------------------------------------------------------- the core: one question, one answer
+    def ask(self, question: Question, images: Sequence, *, mode: str = "reason") -> Answer:
+        """Answer one rendered question over already-loaded images (the primitive every task call uses).
+
+        ``mode="fast"`` scores every valid answer in one pass; ``mode="reason"`` generates, parses, then scores
+        every valid answer after the generated reasoning so the result still has a probability.
+
+        Raises:
+            ParseError: the generated text has no valid answer (the raw text is kept on the error).
+        """
+        _check_mode(mode)
+        if len(images) != question.n_images:
+            raise ConfigError(f"the question shows {question.n_images} images but {len(images)} were given")
+        request = Request(question, render_prompt(question.problem, self.template), tuple(images))
+        answers = question.answers()
+        timings: dict[str, float] = {}
+        raw, prefix, chosen = "", "", None
+        if mode == "reason":
+            t0 = time.perf_counter()
+            raw = self.engine.generate([request], self.options)[0]
+            timings["generate_s"] = time.perf_counter() - t0
+            chosen = parse_response(raw, question.validate).answer
+            cut = raw.find("<answer>")
+            prefix = raw[:cut] if cut >= 0 else raw
+        t0 = time.perf_counter()
+        scores = self.engine.score(request, [continuation(a) for a in answers], prefix=prefix)
+        timings["score_s"] = time.perf_counter() - t0
+        probs = softmax(dict(zip(answers, scores)))
+        if chosen is None:
+            chosen = max(probs, key=probs.get)
+            raw = continuation(chosen)
+        return Answer(chosen, probs, raw, timings)
+
+    # ---------------------------------------------------------------- ordering
+    def order_frames(self, frames, *, description: str | None = None, mode: str = "reason") -> OrderResult:
+        """Put frames in temporal order.
+
+        Up to 4 frames are one TPRU question. 5..64 frames are ordered through 4-frame covering windows whose
+        pairwise preferences are aggregated (see :mod:`tpru_agent.aggregate`); the confidence is then the geometric
+        mean, over windows, of the window's probability of the final order restricted to it.
+
+        Args:
+            frames: paths, a glob, a folder, a video (4 frames sampled), PIL images or arrays; 2..64 frames.
+            description: the procedure in words ("making coffee"); optional.
+            mode: ``"reason"`` or ``"fast"``.
+
+        Example:
+            >>> TPRU("classic").order_frames("examples/frames").order   # doctest: +SKIP
+        """
+        started = time.perf_counter()
+        images = load_frames(frames, budget=self.budget, min_frames=2, max_frames=MAX_ORDER_FRAMES, what="frames")
+        prepare_s = time.perf_counter() - started
+        if len(images) <= MAX_ORDER_LABELS:
+            ans = self.ask(ordering.build(len(images), description=description), images, mode=mode)
+            labels = ordering.build(len(images)).labels
+            order = tuple(labels.index(label) for label in ans.answer)
+            probs = dict(sorted(ans.probabilities.items(), key=lambda kv: -kv[1])[:24])
+            return OrderResult(order, ans.answer, ans.confidence, probs, ans.raw, self.engine_name, mode,
+                               self._timings(started, prepare_s, [ans]))
+        return self._order_windows(images, description, mode, started, prepare_s)
+
+    def _order_windows(self, images: list, description: str | None, mode: str, started: float,
+                       prepare_s: float) -> OrderResult:
+        n = len(images)
+        windows = aggregate.covering_windows(n, MAX_ORDER_LABELS)
+        question = ordering.build(MAX_ORDER_LABELS, description=description)
+        answered: list[tuple[tuple[int, ...], dict[tuple[int, ...], float], Answer]] = []
+        for window in windows:
+            ans = self.ask(question, [images[i] for i in window], mode=mode)
+            dist = {tuple(window[question.labels.index(c)] for c in perm): p for perm, p in ans.probabilities.items()}
+            answered.append((window, dist, ans))
+        pref = aggregate.pairwise_preferences(n, [(w, d) for w, d, _ in answered])
+        order = aggregate.best_order(pref)
+        rank = {frame: pos for pos, frame in enumerate(order)}
+        details, log_conf = [], 0.0
+        for window, dist, ans in answered:
+            restricted = tuple(sorted(window, key=rank.get))
+            p = max(dist.get(restricted, 0.0), 1e-12)
+            log_conf += math.log(p)
+            details.append({"indices": list(window), "answer": ans.answer, "confidence": ans.confidence,
+                            "agrees": dist.get(restricted, 0.0) == max(dist.values()), "raw": ans.raw})
+        labels = "".join(chr(ord("A") + i) if i < 26 else f"[{i}]" for i in order)
+        return OrderResult(order, labels, math.exp(log_conf / len(answered)), {}, "\n".join(d["raw"] for d in details),
+                           self.engine_name, mode, self._timings(started, prepare_s, [a for _, _, a in answered]),
+                           windows=tuple(details))
+
+    # ---------------------------------------------------------------- multiple choice
+    def predict_next(self, history, candidates, *, goal=None, description: str | None = None,
+                     mode: str = "reason", none_position: int | None = -1) -> ChoiceResult:
+        """Which candidate frame comes right after ``history`` (optionally knowing the final ``goal`` frame)?
+
+        TPRU's form is 2 history frames + the goal + 4 candidates; other counts work but leave the trained range.
+
+        Returns:
+            ChoiceResult whose ``index`` points into ``candidates``, or is ``None`` when the model answered
+            "None of the choices provided".
+        """
+        started = time.perf_counter()
+        hist = load_frames(history, budget=self.budget, min_frames=1, max_frames=12, what="history")
+        cands = load_frames(candidates, budget=self.budget, min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
+        context = hist + ([load_frame(goal, budget=self.budget, what="goal")] if goal is not None else [])
+        build = partial(next_frame.build, len(hist), with_goal=goal is not None, none_position=none_position,
+                        description=description)
+        return self._choose(build, context, cands, mode, started, time.perf_counter() - started)
+
+    def review_previous(self, later_frames, candidates, *, description: str | None = None, mode: str = "reason",
+                        none_position: int | None = -1) -> ChoiceResult:
+        """Which candidate frame comes right before ``later_frames`` (TPRU: steps 2-4 given, pick step 1)?"""
+        started = time.perf_counter()
+        later = load_frames(later_frames, budget=self.budget, min_frames=1, max_frames=12, what="later_frames")
+        cands = load_frames(candidates, budget=self.budget, min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
+        build = partial(previous.build, len(later), none_position=none_position, description=description)
+        return self._choose(build, later, cands, mode, started, time.perf_counter() - started)
+
+    def verify_step(self, history, observation, *, description: str | None = None, goal=None, distractors=None,
+                    mode: str = "reason") -> StepVerdict:
+        """Is ``observation`` a valid next step after ``history``?
+
+        Asks TPRU's Next-Frame Prediction question with the observation as option A (plus optional
+        ``distractors`` as further candidates) and the "None of the choices provided" option last.
+        ``ok`` is True when the model picks the observation; ``confidence`` is the probability the model gives
+        the observation's option, P(ok). With a ``description``, a frame that contradicts the text should be
+        answered "None" (TPRU's negative samples train exactly this cross-check).
+        """
+        extra = [] if distractors is None else load_frames(distractors, budget=self.budget, min_frames=0,
+                                                           max_frames=MAX_CANDIDATES - 1, what="distractors")
+        obs = load_frame(observation, budget=self.budget, what="observation")
+        choice = self.predict_next(history, [obs, *extra], goal=goal, description=description, mode=mode)
+        p_ok = choice.probabilities[next(k for k, v in choice.options.items() if v == 0)]
+        return StepVerdict(choice.index == 0, p_ok, choice, choice.raw, choice.engine, mode, choice.timings)
+
+    def _choose(self, build, context: list, cands: list, mode: str, started: float, prepare_s: float) -> ChoiceResult:
+        """Ask a candidates question; in fast mode with ``debias > 1`` average over cyclic candidate shifts."""
+        _check_mode(mode)
+        n = len(cands)
+        question = build(n)
+        shifts = range(self.debias if mode == "fast" else 1)
+        per_candidate: dict[int | None, float] = {}
+        answers = []
+        for s in shifts:
+            rotated = [(i + s) % n for i in range(n)]  # rotated[k] = original index shown as candidate k
+            ans = self.ask(question, context + [cands[i] for i in rotated], mode=mode)
+            answers.append(ans)
+            for letter, p in ans.probabilities.items():
+                shown = question.option(letter).value
+                key = None if shown is None else rotated[shown]
+                per_candidate[key] = per_candidate.get(key, 0.0) + p / len(shifts)
+        first = answers[0]
+        options = {o.letter: o.value for o in question.options}
+        probs = {o.letter: per_candidate[o.value] for o in question.options}
+        letter = first.answer if mode == "reason" else max(probs, key=probs.get)
+        raw = first.raw if mode == "reason" else continuation(letter)
+        return ChoiceResult(options[letter], letter, probs[letter], probs, options, raw, self.engine_name, mode,
+                            self._timings(started, prepare_s, answers))
+
+    def _timings(self, started: float, prepare_s: float, answers: Sequence[Answer]) -> dict[str, float]:
+        timings = {"prepare_s": prepare_s, "calls": float(len(answers))}
+        for ans in answers:
+            for key, value in ans.timings.items():
+                timings[key] = timings.get(key, 0.0) + value
+        timings["total_s"] = time.perf_counter() - started
+        return timings
+
+    # ---------------------------------------------------------------- lifecycle
+    def info(self) -> dict[str, Any]:
+        """What is loaded: engine, model, load time, and the engine's own facts (parameters, memory...)."""
+        facts = self.engine.info() if hasattr(self.engine, "info") else {}
+        return {"engine": self.engine_name, "model": self.model_name, "load_s": self.load_s, **facts}
+
+    def close(self) -> None:
+        """Release the engine (memory, connections)."""
+        closer = getattr(self.engine, "close", None)
+        if closer is not None:
+            closer()
+
+    def __enter__(self) -> "TPRU":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TPRU(model={self.model_name!r}, engine={self.engine_name!r})"
+
+
+__all__ = ["TPRU", "Answer", "MODES", "MAX_ORDER_FRAMES", "softmax"]
