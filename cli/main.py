@@ -258,9 +258,9 @@ SUBCOMMANDS = {
     "data": "tpru_agent.cli.data:data",
     "finetune": "tpru_agent.cli.finetune_cmd:finetune",
     "eval": "tpru_agent.cli.eval_cmd:eval_group",
-    "export": "tpru_agent.cli.deploy:export",
-    "serve": "tpru_agent.cli.deploy:serve",
-    "bench": "tpru_agent.cli.bench:bench",
+    "export": "tpru_agent.cli.export_cmd:export",
+    "serve": "tpru_agent.cli.serve_cmd:serve",
+    "bench": "tpru_agent.cli.bench_cmd:bench",
     "testing": "tpru_agent.cli.testing_cmd:testing",
 }
 

@@ -26,10 +26,10 @@ def __dir__():  # pragma: no cover - cosmetic
 
 # The facade and the checker are imported eagerly: neither imports torch at import time.
 from .model import TPRU  # noqa: E402
-# from .checker import ProcedureChecker  # noqa: E402  (lands with the checker)
+from .checker import ProcedureChecker  # noqa: E402
 
 __all__ = [
-    "TPRU", "OrderResult", "ChoiceResult", "StepVerdict", "CheckEvent", "Status",
+    "TPRU", "ProcedureChecker", "OrderResult", "ChoiceResult", "StepVerdict", "CheckEvent", "Status",
     "TPRUError", "FrameError", "ParseError", "ModelNotFoundError", "EngineUnavailableError", "ConfigError",
     "__version__",
 ]

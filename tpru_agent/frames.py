@@ -193,11 +193,11 @@ def load_frames(frames, *, budget: PixelBudget | None = TPRU_BUDGET, bgr: bool =
         >>> frames = load_frames("episode_12/", min_frames=4)   # doctest: +SKIP
     """
     if isinstance(video_frames, bool) or not isinstance(video_frames, int) or video_frames < 1:
-        raise FrameError(f"video_frames must be a positive integer, got {video_frames!r}", source=what)
+        raise _error(f"video_frames must be a positive integer, got {video_frames!r}", None, None, what)
     if timestamps is not None:
         timestamps = [float(t) for t in timestamps]
         if not timestamps:
-            raise FrameError("timestamps is empty; give at least one time in seconds, or None", source=what)
+            raise _error("timestamps is empty; give at least one time in seconds, or None", None, None, what)
     if isinstance(frames, (list, tuple, Iterator)):
         items = list(frames)
     else:
@@ -210,8 +210,8 @@ def load_frames(frames, *, budget: PixelBudget | None = TPRU_BUDGET, bgr: bool =
             saw_video = saw_video or from_video
             out.append(_fit(image, budget, i, source, what))
     if timestamps is not None and not saw_video:
-        raise FrameError("timestamps were given but no input is a video; drop timestamps or pass a video",
-                         source=what)
+        raise _error("timestamps were given but no input is a video; drop timestamps or pass a video",
+                     None, None, what)
     _check_count(len(out), min_frames, max_frames, what)
     return out
 
@@ -265,8 +265,9 @@ def _check_count(count: int, min_frames: int, max_frames: int | None, what: str)
     allowed = (f"at least {min_frames}" if max_frames is None
                else f"exactly {min_frames}" if min_frames == max_frames
                else f"between {min_frames} and {max_frames}")
-    raise _error(f"got {count} frame{'s' * (count != 1)}, {allowed} allowed; pass {allowed} frames",
-                 None, None, what if what not in ("frame", "frames") else "frames")
+    bound = min_frames if max_frames is None else max_frames
+    raise _error(f"got {count} frame{'s' * (count != 1)}; {allowed} frame{'s' * (bound != 1)} allowed, pass that many",
+                 None, None, what)
 
 
 def _is_inline(value) -> bool:
@@ -327,7 +328,8 @@ def _expand_path(item, i: int | None, *, video_frames: int, timestamps, what: st
             videos = [p.name for p in entries if p.suffix.lower() in VIDEO_EXTENSIONS]
             hint = (f"it holds video(s) {videos[:3]}; pass the video file itself" if videos else
                     f"add {'/'.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))} files or pick another folder")
-            raise _error(f"directory has no images ({len(entries)} other files); {hint}", i, text, what)
+            others = f"{len(entries)} other file{'s' * (len(entries) != 1)}"
+            raise _error(f"directory has no images ({others}); {hint}", i, text, what)
     elif _GLOB_CHARS.search(text):
         matched = [Path(p) for p in globlib.glob(os.path.expanduser(text), recursive=True)]
         files = sorted(_media(p for p in matched if p.is_file()), key=_natural_key)
@@ -338,6 +340,7 @@ def _expand_path(item, i: int | None, *, video_frames: int, timestamps, what: st
         hint = f" (the folder {str(path.parent)!r} does not exist either)" if not path.parent.exists() else ""
         raise _error(f"no such file or directory{hint}; check the path", i, text, what)
     for f in files:
+        _check_not_empty(f, i, what)
         if f.suffix.lower() in VIDEO_EXTENSIONS:
             for k, frame in enumerate(read_video(f, video_frames=video_frames, timestamps=timestamps,
                                                  error=lambda msg, f=f: _error(msg, i, str(f), what))):
@@ -346,13 +349,16 @@ def _expand_path(item, i: int | None, *, video_frames: int, timestamps, what: st
             yield _open_image(f, i, what), str(f), False
 
 
-def _open_image(path: Path, i: int | None, what: str) -> Image.Image:
+def _check_not_empty(path: Path, i: int | None, what: str) -> None:
     try:
         size = path.stat().st_size
     except OSError as exc:
         raise _error(f"cannot be read ({exc}); check permissions", i, str(path), what) from exc
     if size == 0:
         raise _error("file is empty (0 bytes); re-export or re-copy it", i, str(path), what)
+
+
+def _open_image(path: Path, i: int | None, what: str) -> Image.Image:
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -379,7 +385,7 @@ def _decode_bytes(data: bytes, i: int | None, source: str, what: str) -> Image.I
             raise _error("not a readable image (unknown or corrupt format); check that the file is really an "
                          "image", i, source, what) from exc
         except (OSError, SyntaxError, ValueError) as exc:
-            raise _error(f"not a readable image ({exc}); the file is truncated or corrupt, re-export it",
+            raise _error(f"not a readable image ({exc}); the file may be truncated or corrupt, re-export it",
                          i, source, what) from exc
     return _to_rgb(ImageOps.exif_transpose(image))
 

@@ -6,7 +6,7 @@ Example:
     >>> frames = [Image.new("RGB", (200, 120), c) for c in ("red", "green", "blue")]
     >>> sheet = contact_sheet(frames, ["A", "B", "C"], title="three frames")
     >>> sheet.size
-    (608, 283)
+    (608, 279)
 """
 
 from __future__ import annotations

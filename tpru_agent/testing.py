@@ -128,6 +128,9 @@ _VERBS = (
     "clean", "cut", "slice", "stir", "mix", "heat", "cook", "wash", "dry", "hang", "plug", "unplug", "switch",
     "connect", "assemble", "build", "check", "search", "download", "install", "launch", "navigate", "reach",
     "follow", "cross", "climb", "carry", "throw", "catch", "cover", "uncover", "lock", "unlock", "point", "look",
+    "adjust", "align", "arrange", "collect", "compare", "copy", "paste", "delete", "share", "save", "upload",
+    "confirm", "cancel", "approach", "avoid", "bend", "twist", "squeeze", "shake", "sort", "count", "measure",
+    "mark", "paint", "draw", "write", "read", "record", "play", "pause", "return", "finish", "start", "repeat",
 )
 _NOUNS = (
     "cup", "bowl", "plate", "fork", "knife", "spoon", "bottle", "drawer", "door", "window", "table", "chair",
@@ -138,11 +141,20 @@ _NOUNS = (
     "gripper", "arm", "hand", "finger", "object", "target", "goal", "marker", "pen", "paper", "book", "bag",
     "apple", "banana", "orange", "carrot", "egg", "bread", "cheese", "water", "coffee", "tea", "milk", "sugar",
     "cable", "charger", "phone", "laptop", "mouse", "tray", "basket", "rack", "hook", "peg", "lever", "knob",
+    "garden", "street", "office", "garage", "floor", "wall", "corner", "counter", "stove", "pan", "pot", "lid",
+    "glove", "shoe", "shirt", "jacket", "hat", "scarf", "blanket", "pillow", "mirror", "picture", "clock",
+    "calendar", "contact", "email", "folder", "file", "document", "video", "song", "playlist", "map", "route",
+    "ticket", "order", "cart", "payment", "account", "profile", "notification", "toggle", "slider", "tab",
+    "screw", "bolt", "nut", "panel", "frame", "leg", "seat", "gear", "axle", "motor", "sensor", "battery",
+    "plant", "flower", "vase", "candle", "match", "brush", "paint", "canvas", "tape", "scissors", "glue",
+    "doorway", "staircase", "elevator", "entrance", "exit", "room", "desk", "closet", "washer", "dryer",
 )
 _ADJECTIVES = (
     "red", "blue", "green", "yellow", "black", "white", "small", "large", "left", "right", "top", "bottom",
     "open", "closed", "empty", "full", "first", "second", "third", "fourth", "last", "final", "next", "previous",
     "wooden", "metal", "plastic", "glass", "round", "square", "tall", "short", "new", "old", "clean", "dirty",
+    "purple", "brown", "pink", "gray", "silver", "golden", "narrow", "wide", "heavy", "light", "soft", "hard",
+    "upper", "lower", "middle", "central", "outer", "inner", "front", "back", "hot", "cold", "wet", "shiny",
 )
 _PLACES = ("on", "in", "under", "next to", "behind", "in front of", "above", "inside", "onto", "into", "near")
 _SUBJECTS = ("The robot", "The arm", "The user", "A person", "The agent", "The gripper", "She", "He", "It", "We")
@@ -156,13 +168,20 @@ def _inflect(verb: str, form: int) -> str:
     return verb + ("d" if verb.endswith("e") else "ed")
 
 
+def _noun(rng: random.Random) -> str:
+    noun = rng.choice(_NOUNS)
+    if rng.random() < 0.5:
+        return noun
+    return noun + ("es" if noun.endswith(("sh", "ch", "ss", "x", "o")) else "s")
+
+
 def _sentence(rng: random.Random) -> str:
     form = rng.randint(0, 2)
     verb = _inflect(rng.choice(_VERBS), form)
     aux = "" if form != 1 else " is"
     aux = " has" if form == 2 else aux
-    obj = f"the {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}"
-    where = f"{rng.choice(_PLACES)} the {rng.choice(_NOUNS)}"
+    obj = f"the {rng.choice(_ADJECTIVES)} {_noun(rng)}"
+    where = f"{rng.choice(_PLACES)} the {_noun(rng)}"
     step = rng.randint(1, 12)
     return f"{rng.choice(_SUBJECTS)}{aux} {verb} {obj} {where} (step {step}, frame {rng.randint(0, 999)})."
 
@@ -258,8 +277,7 @@ def build_tiny_checkpoint(path: str | os.PathLike, *, size: str = "tiny", seed: 
         return target
     torch = require("torch", "hf", what="building the tiny checkpoint")
     require("transformers", "hf", what="building the tiny checkpoint")
-    from transformers import (GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 
     tok = _train_tokenizer(seed)
     config = _model_config(size, tok)
@@ -271,14 +289,15 @@ def build_tiny_checkpoint(path: str | os.PathLike, *, size: str = "tiny", seed: 
         eos_token_id=[config.text_config.eos_token_id, config.text_config.bos_token_id],
     )
     image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok,
-                                    video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint is an ordinary folder
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
+        # The layout of the Qwen / TPRU releases: tokenizer files + chat template, preprocessor_config.json.
+        tok.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
         n_params = sum(p.numel() for p in model.parameters())
         stamp = {"recipe": RECIPE_VERSION, "size": size, "seed": seed}
         (tmp / _STAMP).write_text(json.dumps(dict(stamp, parameters=n_params), indent=2), encoding="utf-8")

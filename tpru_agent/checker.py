@@ -1,0 +1,200 @@
+"""ProcedureChecker: verify each new camera frame of a robot or GUI loop against the procedure so far.
+
+Each :meth:`ProcedureChecker.observe` asks TPRU's Next-Frame Prediction question "given the last ``window``
+accepted frames (and, with a reference demonstration, its final frame as the goal), is this observation the next
+step, or none of the choices?" and turns P(observation) into a verdict with hysteresis: a single low-confidence
+frame yields ``uncertain``; ``confirm`` consecutive ones yield ``rejected``. Frames with no visual change from the
+last accepted frame are recognised without a model call. With a reference, each accepted frame is matched to the
+nearest reference step at or after the current one (a visual distance, no model call), which gives ``progress``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+from .frames import load_frame, load_frames
+from .results import CheckEvent, Status
+
+#: Mean absolute difference (0..255, on a 32x32 grey thumbnail) under which two frames count as the same.
+DUPLICATE_THRESHOLD = 1.5
+#: How far ahead of the current reference step a frame may be matched.
+MATCH_LOOKAHEAD = 3
+
+
+def thumbnail(image) -> np.ndarray:
+    """A 32x32 grey float thumbnail: the cheap visual signature used for duplicates and reference matching."""
+    return np.asarray(image.convert("L").resize((32, 32)), dtype=np.float32)
+
+
+@dataclass
+class _State:
+    accepted: list
+    thumbs: list
+    matched: int | None
+    low_streak: int
+    last_status: Status | None
+    step: int
+    events: list
+
+
+class ProcedureChecker:
+    """Stateful step verifier for a control loop (``observe(frame)`` per frame, ``reset()`` per episode).
+
+    Args:
+        model: a :class:`tpru_agent.TPRU` (any engine; ``TPRU("classic")`` needs no weights).
+        reference: optional demonstration of the same procedure done right (frames, a folder, a video...).
+        description: the procedure in words ("open the drawer").
+        window: how many accepted frames the question shows as history (TPRU trained with 2 + the goal).
+        mode: ``"fast"`` (one scoring pass per frame) or ``"reason"`` (chain of thought; slow).
+        threshold: P(ok) at or above which a frame is accepted.
+        confirm: consecutive frames below the threshold before the verdict becomes ``rejected``.
+        log_path: optional JSONL file; one event per line, appended as they happen.
+
+    Example:
+        >>> checker = ProcedureChecker(TPRU("classic"), reference="demo/", description="open the drawer")  # doctest: +SKIP
+        >>> for frame in camera:                                           # doctest: +SKIP
+        ...     event = checker.observe(frame)
+        ...     if event.status == "rejected": stop_robot()
+    """
+
+    def __init__(self, model, *, reference=None, description: str | None = None, window: int = 3,
+                 mode: str = "fast", threshold: float = 0.5, confirm: int = 2,
+                 log_path: str | os.PathLike | None = None, duplicate_threshold: float = DUPLICATE_THRESHOLD):
+        if window < 1:
+            raise ConfigError(f"window must be >= 1 accepted frames, got {window}")
+        if confirm < 1:
+            raise ConfigError(f"confirm must be >= 1 frames, got {confirm}")
+        if not 0.0 < threshold < 1.0:
+            raise ConfigError(f"threshold must be a probability in (0, 1), got {threshold}")
+        if mode not in ("fast", "reason"):
+            raise ConfigError(f"mode must be 'fast' or 'reason', got {mode!r}")
+        self.model = model
+        self.description = description
+        self.window = window
+        self.mode = mode
+        self.threshold = threshold
+        self.confirm = confirm
+        self.duplicate_threshold = duplicate_threshold
+        budget = getattr(model, "budget", None)
+        self.reference = [] if reference is None else load_frames(reference, budget=budget, min_frames=2,
+                                                                  what="reference")
+        self._ref_thumbs = [thumbnail(f) for f in self.reference]
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.reset()
+
+    # ------------------------------------------------------------------ lifecycle
+    def reset(self) -> None:
+        """Forget the episode (history, hysteresis, events); keep the model and the reference."""
+        self._s = _State([], [], None, 0, None, 0, [])
+
+    @property
+    def history(self) -> list:
+        """The accepted frames so far, oldest first."""
+        return list(self._s.accepted)
+
+    @property
+    def events(self) -> list[CheckEvent]:
+        """Every event of this episode."""
+        return list(self._s.events)
+
+    def observe(self, frame) -> CheckEvent:
+        """Check one new frame; returns a :class:`CheckEvent` (``status``, ``confidence``, ``progress``...)."""
+        started = time.perf_counter()
+        s = self._s
+        image = load_frame(frame, budget=getattr(self.model, "budget", None), index=s.step, what="observation")
+        thumb = thumbnail(image)
+        if not s.accepted:
+            event = self._first(image, thumb, started)
+        elif float(np.abs(thumb - s.thumbs[-1]).mean()) < self.duplicate_threshold:
+            event = self._event(s.last_status or Status.ACCEPTED, 1.0 if s.last_status == Status.ACCEPTED else 0.0,
+                                started, raw="", duplicate=True, details={"reason": "no visual change"})
+        else:
+            event = self._judge(image, thumb, started)
+        s.step += 1
+        s.events.append(event)
+        self._log(event)
+        return event
+
+    # ------------------------------------------------------------------ internals
+    def _first(self, image, thumb, started: float) -> CheckEvent:
+        self._accept(image, thumb)
+        return self._event(Status.ACCEPTED, 1.0, started, raw="", details={"reason": "first frame starts the history"})
+
+    def _judge(self, image, thumb, started: float) -> CheckEvent:
+        s = self._s
+        goal = self.reference[-1] if self.reference else None
+        verdict = self.model.verify_step(s.accepted[-self.window:], image, description=self.description, goal=goal,
+                                         mode=self.mode)
+        details = {"p_ok": verdict.confidence, "probabilities": verdict.choice.probabilities,
+                   "letter": verdict.choice.letter}
+        if verdict.confidence >= self.threshold:
+            s.low_streak = 0
+            self._accept(image, thumb)
+            status = Status.ACCEPTED
+        else:
+            s.low_streak += 1
+            status = Status.REJECTED if s.low_streak >= self.confirm else Status.UNCERTAIN
+        return self._event(status, verdict.confidence, started, raw=verdict.raw, engine=verdict.engine,
+                           details=details)
+
+    def _accept(self, image, thumb) -> None:
+        s = self._s
+        s.accepted.append(image)
+        s.thumbs.append(thumb)
+        if self._ref_thumbs:
+            lo = 0 if s.matched is None else s.matched
+            hi = min(len(self._ref_thumbs), lo + MATCH_LOOKAHEAD + 1)
+            dists = [float(np.abs(thumb - self._ref_thumbs[k]).mean()) for k in range(lo, hi)]
+            s.matched = lo + int(np.argmin(dists))
+
+    def _event(self, status: Status, confidence: float, started: float, *, raw: str, engine: str | None = None,
+               duplicate: bool = False, details: dict | None = None) -> CheckEvent:
+        s = self._s
+        s.last_status = status
+        progress = None if s.matched is None else (s.matched + 1) / len(self.reference)
+        return CheckEvent(step=s.step, status=status, confidence=float(confidence), matched_step=s.matched,
+                          progress=progress, latency_s=time.perf_counter() - started, raw=raw,
+                          engine=engine or getattr(self.model, "engine_name", "?"), duplicate=duplicate,
+                          details=details or {})
+
+    def _log(self, event: CheckEvent) -> None:
+        if self.log_path is None:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(event.to_dict(), default=str) + "\n")
+            fh.flush()
+
+    # ------------------------------------------------------------------ reporting
+    def summary(self) -> dict[str, Any]:
+        """Counts per status, model calls, mean / p95 latency of model calls, and where the procedure went wrong.
+
+        ``first_rejected_step`` is the first frame whose verdict became ``rejected``; ``first_doubt_step`` the first
+        frame of the low-confidence run that led there.
+        """
+        events = self._s.events
+        counts = {st.value: sum(e.status == st for e in events) for st in Status}
+        judged = [e for e in events if not e.duplicate and e.raw]
+        latencies = np.array([e.latency_s for e in judged]) if judged else np.array([0.0])
+        first_rej = next((e.step for e in events if e.status == Status.REJECTED), None)
+        doubt = None
+        if first_rej is not None:
+            doubt = first_rej
+            for e in reversed([e for e in events if e.step < first_rej and not e.duplicate]):
+                if e.status != Status.UNCERTAIN:
+                    break
+                doubt = e.step
+        return {"frames": len(events), "counts": counts, "duplicates": sum(e.duplicate for e in events),
+                "model_calls": len(judged), "latency_mean_s": float(latencies.mean()),
+                "latency_p95_s": float(np.percentile(latencies, 95)), "first_rejected_step": first_rej,
+                "first_doubt_step": doubt, "accepted_frames": len(self._s.accepted),
+                "progress": events[-1].progress if events else None}
