@@ -2,9 +2,10 @@
 
 Two thumbnails per frame, both area-averaged (so sensor noise and re-encoding wash out, a moved object does not):
 
-- ``thumb``: 32 x 32 grayscale. Two frames are *near-duplicates* when no thumbnail pixel differs by more than
-  ``max_diff`` (default 12 of 255). A maximum, not a mean: a ticked checkbox or a moved gripper changes a few
-  thumbnail pixels a lot, and those frames must stay distinct; a static scene re-encoded changes all pixels a little.
+- ``thumb``: 32 x 32 grayscale followed by 16 x 16 RGB (colour matters: a red and a green block can have the same
+  gray). Two frames are *near-duplicates* when no thumbnail value differs by more than ``max_diff`` (default 12 of
+  255). A maximum, not a mean: a ticked checkbox or a moved gripper changes a few thumbnail pixels a lot, and those
+  frames must stay distinct; a static scene re-encoded changes all pixels a little.
 - ``embed``: 16 x 16 RGB. Euclidean distance ranks how alike two frames look (the hard distractors are the
   closest frames that are not near-duplicates).
 
@@ -12,17 +13,22 @@ Example:
     >>> from PIL import Image
     >>> f = frame_features(Image.new("RGB", (64, 48), "white"))
     >>> len(f.thumb), len(f.embed)
-    (1024, 768)
+    (1792, 768)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from tpru_agent.errors import FrameError
+
 THUMB_SIDE = 32
 EMBED_SIDE = 16
+#: Length of a thumbnail vector: 32x32 gray then 16x16x3 colour.
+THUMB_LEN = THUMB_SIDE * THUMB_SIDE + EMBED_SIDE * EMBED_SIDE * 3
 #: Default near-duplicate threshold: the largest thumbnail pixel difference (0-255) still called "the same".
 NEAR_DUP_MAX_DIFF = 12
 
@@ -35,6 +41,44 @@ class FrameFeatures:
     embed: bytes
 
 
+def budget_size(width: int, height: int, budget=None) -> tuple[int, int]:
+    """(width, height) after qwen-vl-utils' ``smart_resize`` for ``budget`` (default: the TPRU budget).
+
+    The same arithmetic as ``qwen_vl_utils.smart_resize`` (tests compare the two), kept here because importing
+    qwen-vl-utils imports torch and torchvision (5-10 s per worker process) for three lines of integer maths.
+
+    Raises:
+        FrameError: the aspect ratio is above 200:1 (Qwen2.5-VL's limit).
+    """
+    from tpru_agent.frames import TPRU_BUDGET
+
+    budget = budget or TPRU_BUDGET
+    factor = budget.factor
+    if max(height, width) / min(height, width) > 200:
+        raise FrameError(f"a {width}x{height} image has an aspect ratio above 200:1; crop it first")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > budget.max_pixels:
+        beta = math.sqrt((height * width) / budget.max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < budget.min_pixels:
+        beta = math.sqrt(budget.min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return w_bar, h_bar
+
+
+def fit_budget(image, budget=None):
+    """An RGB copy of ``image`` resized to the pixel budget exactly as ``tpru_agent.frames.resize_to_budget`` does
+    (bicubic, sides multiples of 28, 16,384-36,864 px for the TPRU budget), without importing torch."""
+    from PIL import Image
+
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    size = budget_size(*image.size, budget)
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+
+
 def frame_features(image) -> FrameFeatures:
     """Thumbnails of an RGB PIL image."""
     from PIL import Image
@@ -42,12 +86,12 @@ def frame_features(image) -> FrameFeatures:
     box = Image.Resampling.BOX
     thumb = image.convert("L").resize((THUMB_SIDE, THUMB_SIDE), box)
     embed = image.convert("RGB").resize((EMBED_SIDE, EMBED_SIDE), box)
-    return FrameFeatures(thumb.tobytes(), embed.tobytes())
+    return FrameFeatures(thumb.tobytes() + embed.tobytes(), embed.tobytes())
 
 
 def thumbs_array(thumbs) -> np.ndarray:
-    """Stack thumbnail bytes into an (n, 1024) int16 array (int16: differences need a sign)."""
-    return np.frombuffer(b"".join(thumbs), dtype=np.uint8).reshape(-1, THUMB_SIDE * THUMB_SIDE).astype(np.int16)
+    """Stack thumbnail bytes into an (n, THUMB_LEN) int16 array (int16: differences need a sign)."""
+    return np.frombuffer(b"".join(thumbs), dtype=np.uint8).reshape(-1, THUMB_LEN).astype(np.int16)
 
 
 def embeds_array(embeds) -> np.ndarray:

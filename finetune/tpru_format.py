@@ -80,7 +80,8 @@ class TPRURow:
 
     def decoded(self) -> list:
         """The images as RGB PIL images."""
-        return [decode_image(data, source=f"{self.episode_id or 'row'} image {i}") for i, data in enumerate(self.images)]
+        return [decode_image(data, source=f"{self.episode_id or 'row'} image {i}")
+                for i, data in enumerate(self.images)]
 
 
 def encode_png(image) -> bytes:
@@ -98,7 +99,8 @@ def decode_image(data: bytes, *, source: str = "image"):
         image = Image.open(io.BytesIO(data))
         image.load()
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise FrameError(f"stored image is not readable ({exc}); rebuild or re-download the file", source=source) from exc
+        raise FrameError(f"stored image is not readable ({exc}); rebuild or re-download the file",
+                         source=source) from exc
     return image.convert("RGB")
 
 
@@ -230,3 +232,56 @@ def content_hash(files: Iterable[str | Path], root: str | Path) -> str:
         digest.update(file.relative_to(root).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()
+
+
+def _split_name(file: Path, root: Path) -> str:
+    rel = file.relative_to(root).parts if root.is_dir() else ()
+    return rel[0] if len(rel) > 1 else "all"
+
+
+def summarize(path: str | Path) -> dict:
+    """Counts per split (sub-folder; ``"all"`` for flat layouts): rows, tasks, domains, answer letters, negatives.
+
+    Reads no images, so it is quick on large datasets.
+    """
+    from collections import Counter
+
+    root = Path(path).expanduser()
+    out: dict[str, dict] = {}
+    for file in parquet_files(root):
+        split = out.setdefault(_split_name(file, root), {"rows": 0, "images": 0, "tasks": Counter(),
+                                                         "domains": Counter(), "answer_letters": Counter(),
+                                                         "negatives": 0})
+        for row in read_parquet(file, columns_only=True):
+            split["rows"] += 1
+            split["images"] += len(row.names)
+            split["tasks"][row.task or "?"] += 1
+            split["domains"][row.domain or "?"] += 1
+            if len(row.answer) == 1:
+                split["answer_letters"][row.answer] += 1
+            split["negatives"] += bool(row.negative)
+    for split in out.values():
+        for key in ("tasks", "domains", "answer_letters"):
+            split[key] = dict(sorted(split[key].items()))
+        split["images_per_row"] = round(split["images"] / split["rows"], 2) if split["rows"] else 0.0
+    return out
+
+
+def sample_rows(path: str | Path, count: int, *, seed: int = 0) -> list[tuple[str, TPRURow]]:
+    """``count`` rows drawn at random (reproducible for a seed) with their split names."""
+    import random
+
+    pq = require("pyarrow.parquet", "finetune", what="the TPRU parquet format")
+    root = Path(path).expanduser()
+    files = parquet_files(root)
+    sizes = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    total = sum(sizes)
+    picked = sorted(random.Random(seed).sample(range(total), min(count, total)))
+    out, offset = [], 0
+    for file, size in zip(files, sizes):
+        wanted = [i - offset for i in picked if offset <= i < offset + size]
+        if wanted:
+            rows = list(read_parquet(file))
+            out.extend((_split_name(file, root), rows[i]) for i in wanted)
+        offset += size
+    return out

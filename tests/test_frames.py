@@ -32,7 +32,7 @@ def _video(path: Path, count: int = VIDEO_LEN, size=(64, 48)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), VIDEO_FPS, size)
     for i in range(count):
-        writer.write(np.full((size[1], size[0], 3), 12 * i, np.uint8))
+        writer.write(np.full((size[1], size[0], 3), 12 * i % 256, np.uint8))
     writer.release()
     return path
 
@@ -149,12 +149,18 @@ def test_video_timestamps_pick_frames_in_given_order(assets, timestamps, expecte
     assert [_brightness(f) for f in out] == pytest.approx([12 * i for i in expected], abs=6)
 
 
-@pytest.mark.parametrize("size", [(640, 480), (100, 100), (1920, 1080), (50, 2000), (28, 28), (193, 191)])
+@pytest.mark.parametrize("size", [(640, 480), (100, 100), (1920, 1080), (50, 2000), (28, 28), (193, 191),
+                                  (4000, 28), (28, 5000), (1, 111), (3, 500)])
 def test_budget_resize_keeps_sides_multiple_of_28_and_area_in_range(size):
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as processor_resize
+
     out = resize_to_budget(Image.new("RGB", size))
     assert out.width % 28 == 0 and out.height % 28 == 0
     assert 16384 <= out.width * out.height <= 36864
-    assert out.width / out.height == pytest.approx(size[0] / size[1], rel=0.3)
+    if max(size) / min(size) < 40:
+        assert out.width / out.height == pytest.approx(size[0] / size[1], rel=0.3)
+    # The Qwen2.5-VL processor, given the same budget, leaves these frames as they are (no second resize).
+    assert processor_resize(out.height, out.width, 28, 16384, 36864) == (out.height, out.width)
 
 
 def test_budget_none_keeps_size_and_custom_budget_applies():
@@ -175,7 +181,7 @@ def test_off_distribution_budget_warns_once(caplog):
 
 
 @pytest.mark.parametrize("kwargs", [dict(min_pixels=0), dict(factor=-1), dict(min_pixels=9000, max_pixels=8000),
-                                    dict(max_pixels=1.5)])
+                                    dict(max_pixels=1.5), dict(min_pixels=100, max_pixels=500)])
 def test_bad_budget_is_a_config_error(kwargs):
     with pytest.raises(ConfigError, match="PixelBudget"):
         PixelBudget(**kwargs)
@@ -271,7 +277,10 @@ def _bad_cases(root: Path):
         "bad data uri": (lambda: "data:image/png,abc", {}, 0, "base64"),
         "empty bytes": (lambda: b"", {}, 0, "empty"),
         "too few": (lambda: [ok, ok], {"min_frames": 4}, None, "got 2 frames; at least 4 frames allowed"),
-        "too many": (lambda: [ok] * 5, {"min_frames": 2, "max_frames": 4}, None, "got 5 frames; between 2 and 4 frames"),
+        "too many": (lambda: [ok] * 5, {"min_frames": 2, "max_frames": 4}, None, "got 5 frames; between 2 and 4"),
+        "exact count": (lambda: [ok] * 3, {"min_frames": 4, "max_frames": 4}, None, "got 3 frames; exactly 4 frames"),
+        "bad timestamps": (lambda: ok, {"timestamps": ["soon"]}, None, "timestamps must be numbers"),
+        "4-D array bad dtype": (lambda: np.zeros((2, 4, 4, 3), np.int64), {}, 0, "dtype is int64"),
         "empty list": (lambda: [], {}, None, "got 0 frames"),
         "aspect ratio": (lambda: np.zeros((1, 300), np.uint8), {}, 0, "crop it first"),
         "video_frames zero": (lambda: ok, {"video_frames": 0}, None, "video_frames must be a positive"),
@@ -306,3 +315,30 @@ def test_pil_decompression_bomb_error_becomes_frame_error(tmp_path, monkeypatch)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's hard limit is twice this
     with pytest.raises(FrameError, match="too large to decode safely"):
         load_frame(path)
+
+
+def test_video_seeking_matches_sequential_decode(tmp_path, monkeypatch):
+    from tpru_agent import video as V
+
+    path = _video(tmp_path / "long.mp4", count=120, size=(32, 32))  # gaps of ~60 frames: seeks, not grabs
+    seeking = [np.asarray(f) for f in load_frames(path, budget=None, video_frames=3)]
+    monkeypatch.setattr(V, "_read_seeking", lambda capture, indices: None)  # as when the header over-counts
+    sequential = [np.asarray(f) for f in load_frames(path, budget=None, video_frames=3)]
+    assert len(seeking) == len(sequential) == 3
+    assert all(np.array_equal(a, b) for a, b in zip(seeking, sequential))
+    assert [float(a.mean()) for a in seeking] == pytest.approx([0, 12 * 60 % 256, 12 * 119 % 256], abs=8)
+
+
+def test_expand_sources_names_each_loaded_frame(assets):
+    from tpru_agent.frames import expand_sources
+
+    stack = np.zeros((2, 8, 8, 3), np.uint8)
+    inputs = [assets["png"], assets["root"] / "seq", assets["video"], stack, Image.new("RGB", (9, 9))]
+    names = expand_sources(inputs, video_frames=3)
+    assert len(names) == len(load_frames(inputs, budget=None, video_frames=3)) == 1 + 3 + 3 + 2 + 1
+    assert [Path(n).name for n in names[1:4]] == ["frame_1.png", "frame_2.png", "frame_10.png"]
+    assert [Path(n).name for n in names[4:7]] == ["clip.mp4@0.00s", "clip.mp4@1.00s", "clip.mp4@1.90s"]
+    assert names[7].startswith("array (2, 8, 8, 3)[0]") and names[9] == "PIL RGB 9x9"
+    assert expand_sources(assets["video"], timestamps=[0.5]) == [f"{assets['video']}@0.50s"]
+    with pytest.raises(FrameError, match="frame 1 .*no such file"):
+        expand_sources([assets["png"], assets["root"] / "missing.png"])

@@ -14,24 +14,22 @@ Example:
 
 from __future__ import annotations
 
-import base64
 import glob as globlib
 import hashlib
-import io
 import logging
 import os
 import re
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from .errors import ConfigError, EngineUnavailableError, FrameError
-from .video import read_video
+from .images import decode, decode_bytes, describe, frame_error, is_inline, to_rgb
+from .video import read_labelled, video_labels
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +60,10 @@ class PixelBudget:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"PixelBudget.{name} must be a positive integer, got {value!r}")
+        if self.max_pixels < self.factor ** 2:
+            raise ConfigError(
+                f"PixelBudget.max_pixels ({self.max_pixels}) is below one {self.factor}x{self.factor} patch; raise it"
+            )
         if self.min_pixels > self.max_pixels:
             raise ConfigError(
                 f"PixelBudget.min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels}); "
@@ -113,13 +115,23 @@ def resize_to_budget(image: Image.Image, budget: PixelBudget = TPRU_BUDGET) -> I
             "pixel budget %s is far from TPRU's training range (%d-%d px, factor %d): expect a distribution "
             "shift and lower accuracy", budget, TRAINED_MIN, TRAINED_MAX, TRAINED_FACTOR,
         )
-    image = _to_rgb(image)
+    image = to_rgb(image)
     width, height = image.size
     try:
         new_h, new_w = smart_resize(height, width, factor=budget.factor,
                                     min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
     except ValueError as exc:  # aspect ratio above qwen-vl-utils' MAX_RATIO
         raise FrameError(f"a {width}x{height} image cannot be resized for the model ({exc}); crop it first") from exc
+    factor = budget.factor
+    if min(new_h, new_w) < factor or new_h * new_w > budget.max_pixels:
+        # qwen-vl-utils floors the short side of a very elongated image to 0, or overshoots max_pixels when it
+        # scales a thin one up: keep one patch row and cut the long side to the budget (aspect is squeezed).
+        new_h, new_w = max(factor, new_h), max(factor, new_w)
+        if new_h >= new_w:
+            new_h = max(factor, budget.max_pixels // new_w // factor * factor)
+        else:
+            new_w = max(factor, budget.max_pixels // new_h // factor * factor)
+        log.debug("%dx%d image is too elongated for the budget; squeezed to %dx%d", width, height, new_w, new_h)
     if (new_w, new_h) == (width, height):
         return image
     # Bicubic is PIL's default and what qwen-vl-utils' fetch_image used to build the training images.
@@ -149,18 +161,18 @@ def load_frame(frame, *, budget: PixelBudget | None = TPRU_BUDGET, bgr: bool = F
         >>> load_frame("shot.png").mode   # doctest: +SKIP
         'RGB'
     """
-    if isinstance(frame, (str, os.PathLike)) and not _is_inline(frame):
+    if isinstance(frame, (str, os.PathLike)) and not is_inline(frame):
         if is_video(frame) and _as_path(frame).is_file():
-            raise _error("is a video, not one frame; pass it to load_frames (it samples video_frames frames)",
-                         index, str(frame), what)
+            raise frame_error("is a video, not one frame; pass it to load_frames (it samples video_frames frames)",
+                              index, str(frame), what)
         found = list(_expand_path(frame, index, video_frames=1, timestamps=None, what=what))
         if len(found) != 1 or found[0][2]:
-            raise _error(f"matches {len(found)} files where one image is expected; name one image file, or use "
-                         "load_frames", index, str(frame), what)
+            raise frame_error(f"matches {len(found)} files where one image is expected; name one image file, or use "
+                              "load_frames", index, str(frame), what)
         image, source, _ = found[0]
         return _fit(image, budget, index, source, what)
-    image = _decode(frame, bgr=bgr, index=index, what=what)
-    return _fit(image, budget, index, _describe(frame), what)
+    image = decode(frame, bgr=bgr, index=index, what=what, max_pixels=MAX_FRAME_PIXELS)
+    return _fit(image, budget, index, describe(frame), what)
 
 
 def load_frames(frames, *, budget: PixelBudget | None = TPRU_BUDGET, bgr: bool = False, video_frames: int = 4,
@@ -193,11 +205,14 @@ def load_frames(frames, *, budget: PixelBudget | None = TPRU_BUDGET, bgr: bool =
         >>> frames = load_frames("episode_12/", min_frames=4)   # doctest: +SKIP
     """
     if isinstance(video_frames, bool) or not isinstance(video_frames, int) or video_frames < 1:
-        raise _error(f"video_frames must be a positive integer, got {video_frames!r}", None, None, what)
+        raise frame_error(f"video_frames must be a positive integer, got {video_frames!r}", None, None, what)
     if timestamps is not None:
-        timestamps = [float(t) for t in timestamps]
+        try:
+            timestamps = [float(t) for t in timestamps]
+        except (TypeError, ValueError) as exc:
+            raise frame_error(f"timestamps must be numbers of seconds, got {timestamps!r}", None, None, what) from exc
         if not timestamps:
-            raise _error("timestamps is empty; give at least one time in seconds, or None", None, None, what)
+            raise frame_error("timestamps is empty; give at least one time in seconds, or None", None, None, what)
     if isinstance(frames, (list, tuple, Iterator)):
         items = list(frames)
     else:
@@ -210,8 +225,8 @@ def load_frames(frames, *, budget: PixelBudget | None = TPRU_BUDGET, bgr: bool =
             saw_video = saw_video or from_video
             out.append(_fit(image, budget, i, source, what))
     if timestamps is not None and not saw_video:
-        raise _error("timestamps were given but no input is a video; drop timestamps or pass a video",
-                     None, None, what)
+        raise frame_error("timestamps were given but no input is a video; drop timestamps or pass a video",
+                          None, None, what)
     _check_count(len(out), min_frames, max_frames, what)
     return out
 
@@ -242,21 +257,37 @@ def is_video(path) -> bool:
     return Path(os.fspath(path)).suffix.lower() in VIDEO_EXTENSIONS
 
 
+def expand_sources(frames, *, video_frames: int = 4, timestamps: Sequence[float] | None = None,
+                   what: str = "frames") -> list[str]:
+    """One display name per frame :func:`load_frames` would return, in the same order, without decoding images.
+
+    Files give their path, video frames ``"clip.mp4@1.50s"`` (from the header), in-memory frames a short description.
+
+    Raises:
+        FrameError: a path is missing, or a folder or glob names no images (as :func:`load_frames` would).
+
+    Example:
+        >>> expand_sources(["b.png", "frames/"])   # doctest: +SKIP
+        ['b.png', 'frames/frame_1.png', 'frames/frame_2.png']
+    """
+    items = list(frames) if isinstance(frames, (list, tuple, Iterator)) else [frames]
+    names: list[str] = []
+    for i, item in enumerate(items):
+        if isinstance(item, (str, os.PathLike)) and not is_inline(item):
+            for f in _resolve_files(item, i, what):
+                if f.suffix.lower() in VIDEO_EXTENSIONS:
+                    names += video_labels(f, video_frames=video_frames, timestamps=timestamps,
+                                          error=lambda msg, f=f: frame_error(msg, i, str(f), what))
+                else:
+                    names.append(str(f))
+        elif isinstance(item, np.ndarray) and item.ndim == 4:
+            names += [f"array {item.shape}[{k}]" for k in range(item.shape[0])]
+        else:
+            names.append(describe(item))
+    return names
+
+
 # --------------------------------------------------------------------------------------------------- internals
-
-
-def _error(message: str, index: int | None, source: str | None, what: str) -> FrameError:
-    """A FrameError whose text reads 'frame 2 of candidates ('b.png'): ...' and keeps index and source."""
-    if index is None:
-        where = source and repr(source)
-        if what not in ("frame", "frames"):
-            where = f"{what} {where}" if where else what
-    else:
-        where = f"frame {index}" + ("" if what in ("frame", "frames") else f" of {what}")
-        where += f" ({source!r})" if source else ""
-    err = FrameError(f"{where}: {message}" if where else message)
-    err.index, err.source = index, source
-    return err
 
 
 def _check_count(count: int, min_frames: int, max_frames: int | None, what: str) -> None:
@@ -266,12 +297,8 @@ def _check_count(count: int, min_frames: int, max_frames: int | None, what: str)
                else f"exactly {min_frames}" if min_frames == max_frames
                else f"between {min_frames} and {max_frames}")
     bound = min_frames if max_frames is None else max_frames
-    raise _error(f"got {count} frame{'s' * (count != 1)}; {allowed} frame{'s' * (bound != 1)} allowed, pass that many",
-                 None, None, what)
-
-
-def _is_inline(value) -> bool:
-    return isinstance(value, str) and value.startswith("data:")
+    given = f"got {count} frame{'s' * (count != 1)}"
+    raise frame_error(f"{given}; {allowed} frame{'s' * (bound != 1)} allowed, pass that many", None, None, what)
 
 
 def _as_path(value) -> Path:
@@ -279,18 +306,6 @@ def _as_path(value) -> Path:
     if text.startswith("file://"):
         text = text[len("file://"):]
     return Path(os.path.expanduser(text))
-
-
-def _describe(value) -> str:
-    if isinstance(value, np.ndarray):
-        return f"array {value.shape} {value.dtype}"
-    if isinstance(value, Image.Image):
-        return f"PIL {value.mode} {value.size[0]}x{value.size[1]}"
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return f"{len(value)} bytes"
-    if _is_inline(value):
-        return value[:40] + "..."
-    return type(value).__name__
 
 
 def _natural_key(path: Path):
@@ -304,20 +319,32 @@ def _media(paths) -> list[Path]:
 
 def _expand(item, i: int, *, bgr: bool, video_frames: int, timestamps, what: str):
     """Yield (image, source, from_video) for one item of the caller's input."""
-    if isinstance(item, (str, os.PathLike)) and not _is_inline(item):
+    if isinstance(item, (str, os.PathLike)) and not is_inline(item):
         yield from _expand_path(item, i, video_frames=video_frames, timestamps=timestamps, what=what)
     elif isinstance(item, np.ndarray) and item.ndim == 4:
         for k in range(item.shape[0]):
-            yield _decode(item[k], bgr=bgr, index=i, what=what, source=f"array {item.shape}[{k}]"), \
-                f"array[{k}]", False
+            source = f"array {item.shape}[{k}]"
+            yield decode(item[k], bgr=bgr, index=i, what=what, max_pixels=MAX_FRAME_PIXELS, source=source), \
+                source, False
     else:
-        yield _decode(item, bgr=bgr, index=i, what=what), _describe(item), False
+        yield decode(item, bgr=bgr, index=i, what=what, max_pixels=MAX_FRAME_PIXELS), describe(item), False
 
 
 def _expand_path(item, i: int | None, *, video_frames: int, timestamps, what: str):
+    for f in _resolve_files(item, i, what):
+        if f.suffix.lower() in VIDEO_EXTENSIONS:
+            labels, images = read_labelled(f, video_frames=video_frames, timestamps=timestamps,
+                                           error=lambda msg, f=f: frame_error(msg, i, str(f), what))
+            yield from ((image, label, True) for label, image in zip(labels, images))
+        else:
+            yield _open_image(f, i, what), str(f), False
+
+
+def _resolve_files(item, i: int | None, what: str) -> list[Path]:
+    """The files a path, folder or glob names (natural order), each checked to be non-empty."""
     text = os.fspath(item)
     if text.startswith(("http://", "https://")):
-        raise _error("URLs are not fetched; download the file and pass its path", i, text, what)
+        raise frame_error("URLs are not fetched; download the file and pass its path", i, text, what)
     path = _as_path(item)
     if path.is_file():
         files = [path]
@@ -329,124 +356,36 @@ def _expand_path(item, i: int | None, *, video_frames: int, timestamps, what: st
             hint = (f"it holds video(s) {videos[:3]}; pass the video file itself" if videos else
                     f"add {'/'.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))} files or pick another folder")
             others = f"{len(entries)} other file{'s' * (len(entries) != 1)}"
-            raise _error(f"directory has no images ({others}); {hint}", i, text, what)
+            raise frame_error(f"directory has no images ({others}); {hint}", i, text, what)
     elif _GLOB_CHARS.search(text):
         matched = [Path(p) for p in globlib.glob(os.path.expanduser(text), recursive=True)]
         files = sorted(_media(p for p in matched if p.is_file()), key=_natural_key)
         if not files:
-            raise _error(f"glob matched no image or video files ({len(matched)} other paths); check the pattern",
-                         i, text, what)
+            raise frame_error(f"glob matched no image or video files ({len(matched)} other paths); check the pattern",
+                              i, text, what)
     else:
         hint = f" (the folder {str(path.parent)!r} does not exist either)" if not path.parent.exists() else ""
-        raise _error(f"no such file or directory{hint}; check the path", i, text, what)
+        raise frame_error(f"no such file or directory{hint}; check the path", i, text, what)
     for f in files:
         _check_not_empty(f, i, what)
-        if f.suffix.lower() in VIDEO_EXTENSIONS:
-            for k, frame in enumerate(read_video(f, video_frames=video_frames, timestamps=timestamps,
-                                                 error=lambda msg, f=f: _error(msg, i, str(f), what))):
-                yield frame, f"{f}#{k}", True
-        else:
-            yield _open_image(f, i, what), str(f), False
+    return files
 
 
 def _check_not_empty(path: Path, i: int | None, what: str) -> None:
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise _error(f"cannot be read ({exc}); check permissions", i, str(path), what) from exc
+        raise frame_error(f"cannot be read ({exc}); check permissions", i, str(path), what) from exc
     if size == 0:
-        raise _error("file is empty (0 bytes); re-export or re-copy it", i, str(path), what)
+        raise frame_error("file is empty (0 bytes); re-export or re-copy it", i, str(path), what)
 
 
 def _open_image(path: Path, i: int | None, what: str) -> Image.Image:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise _error(f"cannot be read ({exc}); check permissions", i, str(path), what) from exc
-    return _decode_bytes(data, i, str(path), what)
-
-
-def _decode_bytes(data: bytes, i: int | None, source: str, what: str) -> Image.Image:
-    with warnings.catch_warnings():
-        # Our own cap (MAX_FRAME_PIXELS) decides below; PIL's hard limit still raises DecompressionBombError.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-            pixels = image.size[0] * image.size[1]
-            if pixels > MAX_FRAME_PIXELS:
-                raise _error(
-                    f"image is {image.size[0]}x{image.size[1]} ({pixels / 1e6:.1f} Mpx), over the "
-                    f"{MAX_FRAME_PIXELS / 1e6:g} Mpx cap (possible decompression bomb); downscale it, or raise "
-                    "tpru_agent.frames.MAX_FRAME_PIXELS if you trust it", i, source, what)
-            image.load()
-        except Image.DecompressionBombError as exc:
-            raise _error(f"image is too large to decode safely ({exc}); downscale it", i, source, what) from exc
-        except UnidentifiedImageError as exc:
-            raise _error("not a readable image (unknown or corrupt format); check that the file is really an "
-                         "image", i, source, what) from exc
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise _error(f"not a readable image ({exc}); the file may be truncated or corrupt, re-export it",
-                         i, source, what) from exc
-    return _to_rgb(ImageOps.exif_transpose(image))
-
-
-def _decode(frame, *, bgr: bool, index: int | None, what: str, source: str | None = None) -> Image.Image:
-    """A PIL image, array, bytes or data URI -> RGB PIL image (paths are handled by _expand_path)."""
-    idx = index
-    if isinstance(frame, Image.Image):
-        return _to_rgb(frame)
-    if isinstance(frame, np.ndarray):
-        return _from_array(frame, bgr=bgr, index=idx, source=source or _describe(frame), what=what)
-    if isinstance(frame, (bytes, bytearray, memoryview)):
-        if len(frame) == 0:
-            raise _error("is empty (0 bytes); pass the encoded image's bytes", idx, "bytes", what)
-        return _decode_bytes(bytes(frame), idx, "bytes", what)
-    if _is_inline(frame):
-        head, _, payload = frame.partition(",")
-        if not head.endswith(";base64") or not payload:
-            raise _error("only base64 data URIs are read (data:image/png;base64,...)", idx, _describe(frame), what)
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except ValueError as exc:
-            raise _error(f"data URI is not valid base64 ({exc})", idx, _describe(frame), what) from exc
-        return _decode_bytes(data, idx, _describe(frame), what)
-    hint = " (a torch tensor? pass tensor.permute(1, 2, 0).numpy() as uint8)" if hasattr(frame, "numpy") else ""
-    raise _error(f"unsupported frame type {type(frame).__name__}{hint}; pass a path, a PIL image or a uint8 "
-                 "numpy array", idx, None, what)
-
-
-def _from_array(array: np.ndarray, *, bgr: bool, index, source: str, what: str) -> Image.Image:
-    if array.dtype != np.uint8:
-        raise _error(f"array dtype is {array.dtype}, expected uint8; convert with "
-                     "(a * 255).clip(0, 255).astype('uint8') for floats in [0, 1], or a.astype('uint8')",
-                     index, source, what)
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
-        channels_first = array.ndim == 3 and array.shape[0] in (1, 3, 4)
-        hint = "; it looks channels-first: use a.transpose(1, 2, 0)" if channels_first else ""
-        raise _error(f"array shape {array.shape} is not HxW, HxWx3 or HxWx4{hint}", index, source, what)
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise _error(f"array shape {array.shape} has no pixels", index, source, what)
-    if bgr and array.ndim == 3:
-        array = np.concatenate([array[:, :, 2::-1], array[:, :, 3:]], axis=2)
-    return _to_rgb(Image.fromarray(np.ascontiguousarray(array)))
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparency composited on white (as qwen-vl-utils' to_rgb does) and 16-bit scaled to 8."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
+        raise frame_error(f"cannot be read ({exc}); check permissions", i, str(path), what) from exc
+    return decode_bytes(data, i, str(path), what, max_pixels=MAX_FRAME_PIXELS)
 
 
 def _fit(image: Image.Image, budget: PixelBudget | None, index, source: str, what: str) -> Image.Image:
@@ -455,4 +394,4 @@ def _fit(image: Image.Image, budget: PixelBudget | None, index, source: str, wha
     try:
         return resize_to_budget(image, budget)
     except FrameError as exc:
-        raise _error(str(exc), index, source, what) from exc
+        raise frame_error(str(exc), index, source, what) from exc

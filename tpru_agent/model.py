@@ -52,6 +52,12 @@ def softmax(scores: dict[str, float]) -> dict[str, float]:
     return {k: v / total for k, v in exp.items()}
 
 
+def _is_classic(model, engine) -> bool:
+    if isinstance(engine, str):
+        return engine == "classic" or (engine == "auto" and str(model).strip() == "classic")
+    return getattr(engine, "name", "") == "classic"
+
+
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}: 'reason' generates a chain of thought as "
@@ -71,7 +77,8 @@ class TPRU:
         device: ``"auto"`` (cuda > mps > cpu), or a torch device string.
         dtype: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"bfloat16"``, ``"float16"``, ``"float32"``.
         template: a Jinja preamble file (uses ``{{ content }}``) instead of the built-in answer rules.
-        budget: pixel budget frames are resized to (TPRU trained at 16,384..36,864 pixels per frame).
+        budget: pixel budget frames are resized to; ``"auto"``: TPRU's training range (16,384..36,864 pixels per
+            frame) for model engines, original size for the classic engine (which downsamples on its own).
         max_new_tokens: reasoning budget of ``mode="reason"``.
         debias: in fast mode, average each multiple-choice answer over this many cyclic shifts of the candidate
             order (counters letter position bias; costs ``debias`` scoring passes).
@@ -85,7 +92,7 @@ class TPRU:
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, engine: str | Engine = "auto",
                  quantization: str | None = None, device: str = "auto", dtype: str = "auto",
-                 template: str | os.PathLike | None = None, budget: PixelBudget | None = TPRU_BUDGET,
+                 template: str | os.PathLike | None = None, budget: PixelBudget | None | str = "auto",
                  max_new_tokens: int = 1024, temperature: float = 0.0, seed: int | None = 0, debias: int = 1,
                  **engine_kwargs: Any):
         if debias < 1:
@@ -94,7 +101,7 @@ class TPRU:
         self.template = template
         if template is not None:
             render_prompt("", template)  # fail now, not at the first call
-        self.budget = budget
+        self.budget = budget if budget != "auto" else (None if _is_classic(model, engine) else TPRU_BUDGET)
         self.debias = debias
         self.options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         started = time.perf_counter()

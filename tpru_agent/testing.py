@@ -301,6 +301,9 @@ def build_tiny_checkpoint(path: str | os.PathLike, *, size: str = "tiny", seed: 
         n_params = sum(p.numel() for p in model.parameters())
         stamp = {"recipe": RECIPE_VERSION, "size": size, "seed": seed}
         (tmp / _STAMP).write_text(json.dumps(dict(stamp, parameters=n_params), indent=2), encoding="utf-8")
+        if _is_complete(target, size, seed):  # another process finished the same build meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+            return target
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

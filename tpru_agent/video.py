@@ -42,17 +42,18 @@ def read_video(path, *, video_frames: int = 4, timestamps: Sequence[float] | Non
         FrameError: the video cannot be opened, has no frames, has no frame rate (with timestamps), or a
             timestamp lies outside it.
     """
+    return read_labelled(path, video_frames=video_frames, timestamps=timestamps, error=error)[1]
+
+
+def read_labelled(path, *, video_frames: int = 4, timestamps: Sequence[float] | None = None,
+                  error: Callable[[str], FrameError] | None = None) -> tuple[list[str], list[Image.Image]]:
+    """Like :func:`read_video`, plus one label per frame (``"clip.mp4@1.50s"``, see :func:`video_labels`)."""
     import cv2  # imported here: ~0.1 s, and only videos need it
 
     make_error = error or (lambda message: FrameError(message, source=os.fspath(path)))
     capture = cv2.VideoCapture(os.fspath(path))
     try:
-        if not capture.isOpened():
-            raise make_error(f"video cannot be opened (empty, corrupt or unknown codec); {_REENCODE}")
-        count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
-        if count <= 0:  # some containers do not store the frame count
-            count = _count_frames(path)
+        count, fps = _header(capture, path, make_error)
         wanted = _pick(count, fps, video_frames, timestamps, make_error)
         frames = _read_seeking(capture, sorted(set(wanted)))
     finally:
@@ -65,7 +66,47 @@ def read_video(path, *, video_frames: int = 4, timestamps: Sequence[float] | Non
         missing = sorted(set(wanted) - set(frames))
         if missing:
             raise make_error(f"video frames {missing[:5]} cannot be decoded; {_REENCODE}")
-    return [Image.fromarray(cv2.cvtColor(frames[k], cv2.COLOR_BGR2RGB)) for k in wanted]
+    images = [Image.fromarray(cv2.cvtColor(frames[k], cv2.COLOR_BGR2RGB)) for k in wanted]
+    return _labels(path, wanted, fps), images
+
+
+def video_labels(path, *, video_frames: int = 4, timestamps: Sequence[float] | None = None,
+                 error: Callable[[str], FrameError] | None = None) -> list[str]:
+    """One label per frame :func:`read_video` returns (``"clip.mp4@1.50s"``), from the header alone (no decoding).
+
+    Example:
+        >>> video_labels("clip.mp4", video_frames=2)   # doctest: +SKIP
+        ['clip.mp4@0.00s', 'clip.mp4@1.90s']
+    """
+    import cv2
+
+    make_error = error or (lambda message: FrameError(message, source=os.fspath(path)))
+    capture = cv2.VideoCapture(os.fspath(path))
+    try:
+        count, fps = _header(capture, path, make_error)
+    finally:
+        capture.release()
+    return _labels(path, _pick(count, fps, video_frames, timestamps, make_error), fps)
+
+
+def _labels(path, indices: list[int], fps: float) -> list[str]:
+    name = os.fspath(path)
+    if fps > 0 and np.isfinite(fps):
+        return [f"{name}@{k / fps:.2f}s" for k in indices]
+    return [f"{name}#{k}" for k in indices]
+
+
+def _header(capture, path, make_error) -> tuple[int, float]:
+    """(frame count, fps) of an opened capture; counts by decoding when the container does not say."""
+    import cv2
+
+    if not capture.isOpened():
+        raise make_error(f"video cannot be opened (empty, corrupt or unknown codec); {_REENCODE}")
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
+    if count <= 0:  # some containers do not store the frame count
+        count = _count_frames(path)
+    return count, fps
 
 
 def _pick(count: int, fps: float, video_frames: int, timestamps, make_error) -> list[int]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tpru_agent.errors import ConfigError, FrameError
 
+from ..features import fit_budget
 from .base import Episode
 from .common import SkipFn, check_count, even_indices, natural_key, read_meta, skip
 
@@ -67,7 +68,7 @@ def folder_episodes(root: str | Path, *, episodes: Sequence[str] | None = None, 
     Raises:
         ConfigError: ``root`` or a named episode folder is missing, or a ``meta.json`` is malformed.
     """
-    from tpru_agent.frames import TPRU_BUDGET, load_frame
+    from tpru_agent.frames import load_frame
 
     check_count("max_frames", max_frames)
     check_count("min_frames", min_frames)
@@ -87,7 +88,7 @@ def folder_episodes(root: str | Path, *, episodes: Sequence[str] | None = None, 
             continue
         picked = [files[i] for i in even_indices(len(files), max_frames)]
         try:
-            frames = tuple(load_frame(f, budget=TPRU_BUDGET, index=i) for i, f in enumerate(picked))
+            frames = tuple(fit_budget(load_frame(f, budget=None, index=i)) for i, f in enumerate(picked))
         except FrameError as exc:
             skip(on_skip, episode_id, f"unreadable frame: {exc}")
             continue

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tpru_agent.errors import ConfigError, FrameError, close_matches, require
 
+from ..features import fit_budget
 from .base import Episode
 from .common import SkipFn, check_count, even_indices, skip
 
@@ -89,7 +90,8 @@ class LeRobotLayout:
         pq = require("pyarrow.parquet", "finetune", what="reading LeRobot v3 datasets")
         files = sorted((self.root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
         if not files:
-            raise ConfigError(f"{str(self.root)!r} (LeRobot {self.version}) has no meta/episodes/chunk-*/file-*.parquet")
+            raise ConfigError(f"{str(self.root)!r} (LeRobot {self.version}) has no "
+                              "meta/episodes/chunk-*/file-*.parquet")
         out = {}
         for file in files:
             names = pq.ParquetFile(file).schema_arrow.names
@@ -181,8 +183,6 @@ def lerobot_episodes(root: str | Path, *, camera: str | None = None, episodes: S
     Raises:
         ConfigError: not a LeRobot dataset, unsupported version, unknown camera, missing meta key, unknown episode.
     """
-    from tpru_agent.frames import TPRU_BUDGET, resize_to_budget
-
     check_count("frames", frames)
     check_count("min_frames", min_frames)
     layout = LeRobotLayout(root)
@@ -201,7 +201,7 @@ def lerobot_episodes(root: str | Path, *, camera: str | None = None, episodes: S
                 raw = _video_frames(path, start, end, layout.fps, frames)
             else:
                 raw = _image_frames(layout, index, key, frames)
-            images = tuple(resize_to_budget(f, TPRU_BUDGET) for f in raw)
+            images = tuple(fit_budget(f) for f in raw)
         except FrameError as exc:
             skip(on_skip, episode_id, f"unreadable frames: {exc}")
             continue

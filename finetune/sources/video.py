@@ -19,7 +19,7 @@ import numpy as np
 
 from tpru_agent.errors import ConfigError, FrameError
 
-from ..features import NEAR_DUP_MAX_DIFF, dedup_consecutive, frame_features, thumbs_array
+from ..features import NEAR_DUP_MAX_DIFF, dedup_consecutive, fit_budget, frame_features, thumbs_array
 from .base import Episode
 from .common import SkipFn, check_count, even_indices, natural_key, read_meta, skip
 
@@ -56,14 +56,14 @@ def _sidecar(video: Path) -> dict:
 
 
 def scene_indices(thumbs: np.ndarray, wanted: int) -> list[int]:
-    """First, last and the frames right after the ``wanted - 2`` largest visual changes, in time order."""
+    """One frame per scene: cut at the ``wanted - 1`` largest visual changes, keep each segment's middle frame."""
     n = len(thumbs)
     if n <= wanted:
         return list(range(n))
     change = np.abs(np.diff(thumbs.astype(np.float32), axis=0)).mean(axis=1)  # change[i]: frame i -> i + 1
-    inner = change[: n - 2]                       # a cut before the last frame adds nothing: it is kept anyway
-    order = np.argsort(-inner, kind="stable")[: max(wanted - 2, 0)]
-    return sorted({0, n - 1, *(int(i) + 1 for i in order)})
+    cuts = sorted(int(i) + 1 for i in np.argsort(-change, kind="stable")[: wanted - 1])
+    bounds = [0, *cuts, n]
+    return [(bounds[k] + bounds[k + 1] - 1) // 2 for k in range(len(bounds) - 1)]
 
 
 def sample_frames(frames: list, wanted: int, *, mode: str = "even", near_dup: int = NEAR_DUP_MAX_DIFF) -> list[int]:
@@ -87,7 +87,8 @@ def video_episodes(paths: str | Path | Sequence[str | Path], *, frames: int = 16
     Args:
         paths: a video, a folder of videos, or a list of either.
         frames: frames to keep per video.
-        mode: ``"even"`` (spread over the whole video) or ``"scenes"`` (first, last and after the largest changes).
+        mode: ``"even"`` (spread over the whole video) or ``"scenes"`` (the middle frame of each segment between
+            the ``frames - 1`` largest visual changes).
         oversample: candidates read per kept frame (``frames * oversample`` frames are decoded, evenly spaced) so
             that dropping near-duplicates still leaves enough.
         domain / description / task: used when no sidecar sets them (domain default ``"video"``).
@@ -98,7 +99,6 @@ def video_episodes(paths: str | Path | Sequence[str | Path], *, frames: int = 16
     Raises:
         ConfigError: a path is missing, or an option is out of range.
     """
-    from tpru_agent.frames import TPRU_BUDGET, resize_to_budget
     from tpru_agent.video import read_video
 
     check_count("frames", frames)
@@ -113,7 +113,7 @@ def video_episodes(paths: str | Path | Sequence[str | Path], *, frames: int = 16
         meta = _sidecar(video)
         try:
             raw = read_video(video, video_frames=frames * oversample)
-            candidates = [resize_to_budget(f, TPRU_BUDGET) for f in raw]
+            candidates = [fit_budget(f) for f in raw]
         except FrameError as exc:
             skip(on_skip, episode_id, f"unreadable video: {exc}")
             continue

@@ -1,0 +1,191 @@
+"""Accuracy of the no-weights classic engine on real episodes, against chance.
+
+Questions follow TPRU's forms, built from Meta-World expert episodes (and optionally MiniWoB GUI episodes):
+- ordering: 4 frames, one drawn at random from each quarter of the episode, shuffled; scored exact and up to
+  direction (the answer or its reverse). Chance: 1/24 exact, 2/24 up to direction.
+- next: steps 1, 2 and 4 given, which candidate is step 3? previous: steps 2, 3, 4 given, which is step 1?
+  4 candidate frames + "None of the choices provided" at a random position. Distractors: 2 other frames of the
+  same episode (not one of the 4 steps, not adjacent to the answer) and 1 frame of another episode of the same
+  domain; in a share ``--none-share`` of questions the true frame is replaced by one more same-episode
+  distractor and the answer is "None". Chance: 1/5.
+
+The engine answers in fast mode (argmax of ``score``); ``confidence`` is the mean probability of its answer.
+
+Run (2 cores, ~2-3 min for 25 tasks x 2 episodes):
+    OMP_NUM_THREADS=1 python benchmarks/classic_accuracy.py --tasks 25 --episodes 2
+    OMP_NUM_THREADS=1 python benchmarks/classic_accuracy.py --miniwob 4     # also 4 episodes per MiniWoB task
+    OMP_NUM_THREADS=1 python benchmarks/classic_accuracy.py --calibrate --seed 100   # fit the defaults
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import pickle
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tpru_agent.engines.base import Request
+from tpru_agent.engines.classic import ClassicConfig, ClassicEngine
+from tpru_agent.tasks import continuation, next_frame, ordering, previous, render_prompt
+
+
+def load_episodes(args) -> list:
+    """Rendered episodes as (episode_id, domain, task, frames) tuples, cached in ``--cache`` when given."""
+    cache = Path(args.cache) if args.cache else None
+    if cache and cache.exists():
+        return pickle.loads(cache.read_bytes())
+    from tpru_agent.finetune.sources.metaworld import TASK_SENTENCES, metaworld_episodes
+
+    tasks = sorted(TASK_SENTENCES)[: args.tasks]
+    eps = [(e.episode_id, e.domain, e.task, e.frames)
+           for e in metaworld_episodes(tasks, args.episodes, frames_per_episode=16, seed=args.seed)]
+    if args.miniwob:
+        from tpru_agent.finetune.sources.miniwob import AGENTS, miniwob_episodes
+
+        eps += [(e.episode_id, e.domain, e.task, e.frames)
+                for e in miniwob_episodes(list(AGENTS), args.miniwob, seed=args.seed)]
+    if cache:
+        cache.write_bytes(pickle.dumps(eps))
+    return eps
+
+
+def spread4(n: int, rng: random.Random) -> list[int]:
+    """One frame index from each quarter of an ``n``-frame episode (``n >= 4``), sorted."""
+    edges = [round(i * n / 4) for i in range(5)]
+    return [rng.randrange(edges[i], max(edges[i + 1], edges[i] + 1)) for i in range(4)]
+
+
+def make_questions(episodes: list, rng: random.Random, none_share: float) -> list[tuple]:
+    """(kind, domain, question, images, answer, reverse_answer) tuples: one of each kind per episode."""
+    out = []
+    by_domain: dict[str, list] = {}
+    for ep in episodes:
+        by_domain.setdefault(ep[1], []).append(ep)
+    for ep_id, domain, task, frames in episodes:
+        if len(frames) < 4:
+            continue
+        steps = spread4(len(frames), rng)
+        # ordering
+        perm = list(range(4))
+        rng.shuffle(perm)                      # perm[k] = which step is shown as image k
+        images = [frames[steps[p]] for p in perm]
+        labels = "ABCD"
+        answer = "".join(labels[perm.index(k)] for k in range(4))
+        out.append(("ordering", domain, ordering.build(4), images, answer, answer[::-1]))
+        others = [e for e in by_domain[domain] if e[0] != ep_id]
+        for kind, ctx_steps, target in (("next", (0, 1, 3), 2), ("previous", (1, 2, 3), 0)):
+            true_idx = steps[target]
+            pool = [i for i in range(len(frames)) if i not in steps and abs(i - true_idx) > 1]
+            if len(pool) < 3:
+                continue
+            same = rng.sample(pool, 3)
+            other_ep = rng.choice(others)[3] if others else frames
+            foreign = other_ep[rng.randrange(len(other_ep))]
+            is_none = rng.random() < none_share
+            cands = [frames[same[0]], frames[same[1]], foreign, frames[same[2]] if is_none else frames[true_idx]]
+            order = list(range(4))
+            rng.shuffle(order)
+            cands = [cands[i] for i in order]
+            none_pos = rng.randrange(5)
+            build = next_frame.build(2, 4, with_goal=True, none_position=none_pos) if kind == "next" else \
+                previous.build(3, 4, none_position=none_pos)
+            if is_none:
+                letter = build.none_letter
+            else:
+                letter = next(o.letter for o in build.options if o.value == order.index(3))
+            ctx = [frames[steps[s]] for s in ctx_steps]
+            out.append((kind, domain, build, ctx + cands, letter, None))
+    return out
+
+
+def evaluate(engine: ClassicEngine, questions: list) -> dict:
+    """Per (kind, domain): accuracy, up-to-direction accuracy (ordering), mean confidence, and the NLL."""
+    rows: dict[tuple, dict] = {}
+    for kind, domain, q, images, answer, reverse in questions:
+        request = Request(q, render_prompt(q.problem), tuple(images))
+        answers = q.answers()
+        scores = engine.score(request, [continuation(a) for a in answers])
+        best = answers[int(np.argmax(scores))]
+        prob = dict(zip(answers, (math.exp(s) for s in scores)))
+        r = rows.setdefault((kind, domain), {"n": 0, "exact": 0, "undirected": 0, "conf": 0.0, "nll": 0.0,
+                                             "none_q": 0, "none_a": 0})
+        r["n"] += 1
+        r["exact"] += best == answer
+        r["undirected"] += best in (answer, reverse)
+        r["conf"] += prob[best]
+        r["nll"] += -math.log(max(prob[answer] + (prob[reverse] if reverse else 0.0), 1e-12))
+        r["none_q"] += q.none_letter is not None and answer == q.none_letter
+        r["none_a"] += q.none_letter is not None and best == q.none_letter
+    return rows
+
+
+CHANCE = {"ordering": (1 / 24, 2 / 24), "next": (1 / 5, None), "previous": (1 / 5, None)}
+
+
+def print_table(rows: dict) -> None:
+    print(f"{'task':<10} {'domain':<7} {'n':>4} {'acc':>7} {'chance':>7} {'up-to-dir':>9} {'chance':>7} "
+          f"{'mean conf':>9} {'None asked/answered':>20}")
+    for (kind, domain), r in sorted(rows.items()):
+        n = r["n"]
+        c_exact, c_dir = CHANCE[kind]
+        undirected = f"{100 * r['undirected'] / n:8.1f}%" if kind == "ordering" else f"{'-':>9}"
+        c_dir_s = f"{100 * c_dir:6.1f}%" if c_dir else f"{'-':>7}"
+        none = f"{r['none_q']}/{r['none_a']}" if kind != "ordering" else "-"
+        print(f"{kind:<10} {domain:<7} {n:>4} {100 * r['exact'] / n:6.1f}% {100 * c_exact:6.1f}% {undirected} "
+              f"{c_dir_s} {r['conf'] / n:9.2f} {none:>20}")
+
+
+def calibrate(questions: list) -> None:
+    """Grid-search the temperatures and thresholds on these questions (use a seed the benchmark does not)."""
+    base = ClassicEngine()
+    best_order = min(((sum(r["nll"] for (k, _), r in evaluate(ClassicEngine(order_temperature=t),
+                                                               [q for q in questions if q[0] == "ordering"]).items()),
+                       t) for t in (0.05, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5)))
+    print(f"ordering: NLL {best_order[0]:.1f} at order_temperature={best_order[1]}")
+    choice = [q for q in questions if q[0] != "ordering"]
+    results = []
+    for ow, nc, ct in itertools.product((0.0, 0.5, 1.0, 2.0), (0.5, 1.0, 1.5, 2.0, 3.0, 4.0), (0.25, 0.5, 1.0)):
+        rows = evaluate(ClassicEngine(base.config, order_weight=ow, none_cost=nc, choice_temperature=ct), choice)
+        acc = sum(r["exact"] for r in rows.values()) / sum(r["n"] for r in rows.values())
+        nll = sum(r["nll"] for r in rows.values())
+        results.append((-acc, nll, ow, nc, ct))
+    for neg_acc, nll, ow, nc, ct in sorted(results)[:8]:
+        print(f"choice: acc {-neg_acc:.3f} NLL {nll:.1f} order_weight={ow} none_cost={nc} choice_temperature={ct}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=25, help="first N Meta-World tasks (sorted by name)")
+    parser.add_argument("--episodes", type=int, default=2, help="episodes per task")
+    parser.add_argument("--miniwob", type=int, default=0, help="episodes per MiniWoB task (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="episode seed (calibration used 100)")
+    parser.add_argument("--repeats", type=int, default=3, help="question draws per episode")
+    parser.add_argument("--none-share", type=float, default=0.2)
+    parser.add_argument("--cache", help="pickle file to keep rendered episodes between runs")
+    parser.add_argument("--calibrate", action="store_true")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    episodes = load_episodes(args)
+    t_render = time.perf_counter() - t0
+    rng = random.Random(args.seed)
+    questions = [q for _ in range(args.repeats) for q in make_questions(episodes, rng, args.none_share)]
+    print(f"{len(episodes)} episodes (rendered in {t_render:.0f} s), {len(questions)} questions, seed {args.seed}, "
+          f"config {ClassicConfig()}")
+    if args.calibrate:
+        calibrate(questions)
+        return 0
+    t0 = time.perf_counter()
+    rows = evaluate(ClassicEngine(), questions)
+    print_table(rows)
+    print(f"scoring: {1000 * (time.perf_counter() - t0) / len(questions):.1f} ms per question")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Samples per minute of ``tpru data build`` from frames on disk (goal: >= 2,000/min on 2 cores).
+
+Writes camera-like episodes (640x480 JPEG frames: gradient, moving objects, sensor noise) to a temporary folder,
+then times a full build (ingest: decode, resize to the TPRU budget, PNG-encode, thumbnails; plan; render shards)
+with the default settings, and prints the figure with the time of each phase.
+
+    OMP_NUM_THREADS=1 python benchmarks/data_build.py --episodes 80 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+
+def write_episodes(root: Path, episodes: int, frames: int, size=(640, 480)) -> None:
+    tasks = ["stack the blocks", "open the drawer", "pour the cup", "wipe the table"]
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    for e in range(episodes):
+        rng = np.random.default_rng(e)
+        folder = root / f"ep{e:04d}"
+        folder.mkdir(parents=True)
+        (folder / "meta.json").write_text(f'{{"description": "{tasks[e % 4]}", "domain": "robot"}}')
+        base = rng.integers(40, 200, 3)
+        background = (base + 40 * np.sin(xx[..., None] / (50 + e) + yy[..., None] / 70)).clip(0, 255)
+        for f in range(frames):
+            noisy = (background + rng.normal(0, 6, background.shape)).clip(0, 255).astype(np.uint8)
+            img = Image.fromarray(noisy)
+            draw = ImageDraw.Draw(img)
+            t = f / max(frames - 1, 1)
+            draw.ellipse([80 + 400 * t, 200 - 120 * t, 180 + 400 * t, 300 - 120 * t], fill=(230, 40, 40))
+            draw.rectangle([300, 320, 300 + 200 * t + 20, 380], fill=(40, 40, 230))
+            img.save(folder / f"frame_{f:03d}.jpg", quality=90)
+
+
+class Timer:
+    """Build progress that records when each phase starts."""
+
+    def __init__(self):
+        self.marks: list[tuple[str, float]] = []
+
+    def start(self, key, label, total):
+        self.marks.append((key, time.perf_counter()))
+
+    def advance(self, key, steps=1, note=""):
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", type=int, default=80)
+    parser.add_argument("--frames", type=int, default=16, help="frames per episode on disk")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--samples-per-episode", type=int, default=6)
+    args = parser.parse_args()
+    from tpru_agent.finetune.build import BuildConfig, build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "episodes"
+        write_episodes(src, args.episodes, args.frames)
+        cfg = BuildConfig(sources=(f"frames:{src},domain=robot",), out=str(Path(tmp) / "out"), workers=args.workers,
+                          samples_per_episode=args.samples_per_episode)
+        timer = Timer()
+        start = time.perf_counter()
+        result = build(cfg, progress=timer)
+        wall = time.perf_counter() - start
+        render = dict(timer.marks).get("render", start + wall)
+        size = sum(p.stat().st_size for p in result.out.rglob("*.parquet"))
+    samples = sum(result.manifest["samples"].values())
+    print(f"episodes {args.episodes} x {args.frames} frames (640x480 jpg), workers {args.workers}, "
+          f"{args.samples_per_episode} samples/episode, {os.cpu_count()} cpus")
+    print(f"ingest+plan {render - start:.1f} s, render {start + wall - render:.1f} s, total {wall:.1f} s, "
+          f"{samples} samples, {size / 1e6:.1f} MB")
+    print(f"samples/min: {samples / wall * 60:.0f}  (goal >= 2000)")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

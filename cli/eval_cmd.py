@@ -1,0 +1,165 @@
+"""``tpru eval run`` (accuracy with intervals, calibration, plots; resumable) and ``tpru eval compare``.
+
+Only click, rich and the standard library load at import; the evaluation code loads inside the verbs.
+"""
+
+from __future__ import annotations
+
+import click
+
+from . import render
+
+
+@click.group("eval", context_settings={"help_option_names": ["-h", "--help"]})
+def eval_group() -> None:
+    """Evaluate a model on a TPRU-layout dataset, and compare two evaluation runs."""
+
+
+@eval_group.command("run")
+@click.option("--model", "-m", required=True,
+              help="Name (tpru-3b, qwen2.5-vl-7b...), Hub id, local folder, ONNX export folder, or 'classic'.")
+@click.option("--data", "-d", required=True, type=click.Path(exists=True),
+              help="TPRU-layout dataset: a parquet file, a folder of them (DIR/*.parquet, DIR/{train,test}/), or "
+                   "a datasets.save_to_disk folder.")
+@click.option("--engine", "-e", default="auto", type=click.Choice(["auto", "hf", "onnx", "openai", "classic"]),
+              help="Runtime. auto: classic for 'classic', onnx for an export folder, else hf.")
+@click.option("--mode", default="reason", show_default=True, type=click.Choice(["reason", "fast"]),
+              help="reason: chain of thought as TPRU was trained; fast: score the answers in one pass.")
+@click.option("--split", default="auto", show_default=True,
+              help="auto (the test split when there is one, else every file), all, or a split name.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N rows.")
+@click.option("--debias", type=click.IntRange(min=1), default=1, show_default=True,
+              help="fast mode: average next/previous answers over K cyclic shifts of the candidates.")
+@click.option("--out", "-o", default=None, help="Output folder (default runs/eval/<model>-<mode>).")
+@click.option("--overwrite", is_flag=True, help="Discard an earlier run in --out instead of resuming it.")
+@click.option("--quantization", "-q", default=None, type=click.Choice(["4bit", "8bit"]),
+              help="bitsandbytes quantisation (hf engine).")
+@click.option("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:1, cpu ...")
+@click.option("--dtype", default="auto", help="auto, bfloat16, float16, float32 (hf engine).")
+@click.option("--template", type=click.Path(dir_okay=False), default=None,
+              help="Jinja preamble file (uses {{ content }}) instead of the built-in answer rules.")
+@click.option("--base-url", default=None, help="openai engine: server URL, e.g. http://127.0.0.1:8000/v1")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="reason mode: reasoning budget.")
+@click.option("--bins", type=click.IntRange(min=1), default=10, show_default=True, help="Reliability-diagram bins.")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object instead of tables.")
+def run_cmd(model, data, engine, mode, split, limit, debias, out, overwrite, quantization, device, dtype, template,
+            base_url, max_new_tokens, bins, no_plots, as_json):
+    """Evaluate MODEL on the dataset at --data; rerun the same command to resume an interrupted run."""
+    from tpru_agent.finetune.evaluate import EvalConfig, run_eval
+
+    config = EvalConfig(model=model, data=data, out=out, engine=engine, mode=mode, split=split, limit=limit,
+                        debias=debias, quantization=quantization, device=device, dtype=dtype, template=template,
+                        base_url=base_url, max_new_tokens=max_new_tokens, bins=bins, plots=not no_plots)
+    if as_json:
+        report = run_eval(config, overwrite=overwrite)
+        render.emit_json(report)
+        return
+    with _Progress() as progress:
+        report = run_eval(config, progress=progress, overwrite=overwrite)
+    show_report(report)
+    render.note(f"report: {config.out_dir() / 'report.json'}  items: {config.out_dir() / report['items']}")
+
+
+class _Progress:
+    """A rich progress bar on stderr; the instance is ``run_eval``'s progress callback."""
+
+    def __enter__(self) -> "_Progress":
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
+                            TimeRemainingColumn(), console=render.err_console, transient=True)
+        self.task = self.bar.add_task("eval", total=None, acc="")
+        self.right = 0
+        self.bar.__enter__()
+        return self
+
+    def __call__(self, done: int, total: int, record) -> None:
+        if record is not None:
+            self.right += bool(record["correct"])
+        acc = f"new items {self.right} right" if record is not None else ""
+        self.bar.update(self.task, completed=done, total=total, acc=acc)
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+
+def _pct(prop: dict) -> list[str]:
+    if not prop["n"]:
+        return ["0", "-", "-"]
+    lo, hi = prop["ci95"]
+    return [str(prop["n"]), f"{100 * prop['value']:.1f}", f"{100 * lo:.1f} - {100 * hi:.1f}"]
+
+
+def show_report(report: dict) -> None:
+    """The report as tables: accuracy groups with intervals, then failures, calibration, bias and latency."""
+    rows = [["overall", *_pct(report["accuracy"])]]
+    rows += [[f"task {k}", *_pct(v)] for k, v in report["per_task"].items()]
+    rows += [[f"domain {k}", *_pct(v)] for k, v in report["per_domain"].items()]
+    rows += [[name, *_pct(report[name])] for name in ("negatives", "positives") if report[name]["n"]]
+    title = f"Accuracy  {report['model']}  (engine {report['engine']}, mode {report['mode']})"
+    render.show_table(title, ["group", "n", "accuracy %", "95% interval %"], rows)
+    cal, bias, lat = report["calibration"], report["position_bias"], report["latency"]
+    facts = [["parse failures", f"{report['parse_failures']['count']} "
+                                f"({100 * (report['parse_failures']['rate'] or 0):.1f}%)"],
+             ["skipped rows (malformed)", str(report["skipped"]["count"])],
+             ["ECE / Brier", _num(cal["ece"]) + " / " + _num(cal["brier"])],
+             ["mean confidence", _num(cal["mean_confidence"])],
+             ["letters predicted", _dist(bias["choice"]["predicted"])],
+             ["letters truth", _dist(bias["choice"]["truth"])],
+             ["'None' rate predicted / truth",
+              _num(bias["none"]["predicted_rate"]) + " / " + _num(bias["none"]["truth_rate"])],
+             ["latency p50 / p95 (s)", _num(lat["p50_s"]) + " / " + _num(lat["p95_s"])]]
+    render.show_table("Details", ["figure", "value"], facts)
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _dist(counts: dict) -> str:
+    total = sum(counts.values())
+    return " ".join(f"{k}:{v / total:.0%}" for k, v in counts.items()) if total else "-"
+
+
+@eval_group.command("compare")
+@click.argument("report_a", type=click.Path(exists=True))
+@click.argument("report_b", type=click.Path(exists=True))
+@click.option("--show", type=click.IntRange(min=0), default=10, show_default=True,
+              help="List this many items whose correctness changed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+def compare_cmd(report_a, report_b, show, as_json):
+    """Compare two runs (their report.json files) item by item, with McNemar's paired test."""
+    from tpru_agent.finetune.eval_report import compare_reports
+
+    diff = compare_reports(report_a, report_b)
+    if as_json:
+        render.emit_json(diff)
+        return
+    rows = []
+    for name, d in [("overall", diff["overall"]), *[(f"task {k}", v) for k, v in diff["per_task"].items()]]:
+        rows.append([name, str(d["n"]), f"{100 * (d['a']['value'] or 0):.1f}", f"{100 * (d['b']['value'] or 0):.1f}",
+                     f"{100 * (d['diff'] or 0):+.1f}", str(d["a_only_right"]), str(d["b_only_right"]),
+                     f"{d['p_exact']:.3g}", f"{d['p_mid']:.3g}"])
+    render.show_table(f"A = {diff['a']['model']} ({diff['a']['mode']})   B = {diff['b']['model']} ({diff['b']['mode']})",
+                      ["group", "paired n", "A %", "B %", "B - A", "only A right", "only B right", "McNemar p",
+                       "mid-p"], rows)
+    if diff["only_a"] or diff["only_b"]:
+        render.warn(f"{diff['only_a']} item(s) only in A and {diff['only_b']} only in B are left out of the pairing")
+    p = diff["overall"]["p_mid"]
+    verdict = "unlikely to be noise" if p < 0.05 else "within the noise of this test set"
+    render.note(f"overall difference {100 * (diff['overall']['diff'] or 0):+.1f} points, McNemar mid-p {p:.3g}: "
+                f"{verdict}")
+    if show and diff["changed"]:
+        render.show_table(f"Items whose correctness changed ({diff['changed_count']})",
+                          ["id", "task", "truth", "A", "B"],
+                          [[c["id"], c["task"], c["answer"], _mark(c["a"], c["a_correct"]), _mark(c["b"], c["b_correct"])]
+                           for c in diff["changed"][:show]])
+
+
+def _mark(prediction, correct: bool) -> str:
+    return f"{prediction or '(parse error)'} {'ok' if correct else 'x'}"
+
+
+__all__ = ["eval_group", "show_report"]

@@ -1,0 +1,174 @@
+"""TRL ``GRPOTrainer`` wiring for multi-image TPRU prompts, with a guard on the batches it builds.
+
+TRL's GRPO on multi-image Qwen2.5-VL has a history of silent input corruption: image features that do not
+match the image tokens in the prompt, right-padded prompts under left-padded generation (the processor's own
+padding then misaligns ``mm_token_type_ids`` with the prompt ids), ``image_grid_thw`` rows out of step with the
+images. :class:`TPRUGRPOTrainer` checks every rollout batch the trainer builds (:func:`check_multimodal_batch`)
+and stops with :class:`BatchCheckError` instead of training on corrupted inputs; the check costs a few tensor
+comparisons per rollout. It also reports which dataset rows each rollout used (``on_rollout``), so a resumed run
+can be shown to see the same data order.
+
+Example:
+    >>> trainer = build_grpo_trainer(cfg, model, processor, dataset, run_dir=run)   # doctest: +SKIP
+    >>> trainer.train()                                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tpru_agent.errors import TPRUError, require
+
+from .config import FinetuneConfig
+from .modeling import gradient_checkpointing, lora_config, use_bf16, use_cuda
+from .rewards import resolve_rewards
+
+log = logging.getLogger(__name__)
+require("trl", "finetune", what="GRPO training")
+
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+
+class BatchCheckError(TPRUError, RuntimeError):
+    """A rollout batch whose images and image tokens disagree, or whose prompts are not left-padded."""
+
+
+def check_multimodal_batch(batch: dict[str, Any], *, image_token_id: int, merge_size: int) -> dict[str, Any]:
+    """Verify a GRPO rollout batch (the dict ``_generate_and_score_completions`` returns) and summarise it.
+
+    Checks: prompts are left-padded (each mask row is zeros then ones); ``image_grid_thw`` has one row per
+    image; ``pixel_values`` has one row per patch; each prompt holds exactly as many image tokens as its images
+    yield features (``t * h * w / merge_size**2`` per image); ``mm_token_type_ids`` marks exactly those tokens.
+
+    Returns:
+        A summary: ``rows``, ``images_per_row``, ``image_tokens_per_row``, ``features_per_row``, ``padding_side``.
+
+    Raises:
+        BatchCheckError: naming the failed check and the offending row.
+    """
+    ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+    rows = ids.shape[0]
+    for r in range(rows):
+        m = mask[r].tolist()
+        first = m.index(1) if 1 in m else len(m)
+        if any(v != 0 for v in m[:first]) or any(v != 1 for v in m[first:]):
+            raise BatchCheckError(f"prompt row {r} is not left-padded (mask {m[:8]}...{m[-8:]}): generation would "
+                                  "read padding as context; set the tokenizer's padding_side to 'left'")
+    grid = batch.get("image_grid_thw")
+    num_images = batch.get("num_images") or [0] * rows
+    tokens = ((ids == image_token_id) & (mask == 1)).sum(dim=1).tolist()
+    summary = {"rows": rows, "images_per_row": list(num_images), "image_tokens_per_row": tokens,
+               "features_per_row": [0] * rows, "padding_side": "left"}
+    if grid is None:
+        if any(tokens):
+            raise BatchCheckError(f"prompts hold image tokens ({tokens}) but the batch has no image_grid_thw")
+        return summary
+    if grid.shape[0] != sum(num_images):
+        raise BatchCheckError(f"image_grid_thw has {grid.shape[0]} rows for {sum(num_images)} images "
+                              f"({num_images} per prompt)")
+    pixels = batch.get("pixel_values")
+    if pixels is not None and pixels.shape[0] != int(grid.prod(dim=-1).sum()):
+        raise BatchCheckError(f"pixel_values has {pixels.shape[0]} patch rows; image_grid_thw implies "
+                              f"{int(grid.prod(dim=-1).sum())}")
+    per_image = (grid.prod(dim=-1) // (merge_size ** 2)).tolist()
+    start = 0
+    for r, n in enumerate(num_images):
+        features = sum(per_image[start:start + n])
+        start += n
+        summary["features_per_row"][r] = features
+        if features != tokens[r]:
+            raise BatchCheckError(f"prompt row {r}: {tokens[r]} image tokens but its {n} images give {features} "
+                                  "features; the prompt was truncated or the images were misassigned")
+    mm = batch.get("mm_token_type_ids")
+    if mm is not None:
+        marked = mm[:, : ids.shape[1]] == 1
+        expected = (ids == image_token_id) & (mask == 1)
+        if not bool((marked == expected).all()):
+            bad = int((marked != expected).any(dim=1).nonzero()[0, 0])
+            raise BatchCheckError(f"prompt row {bad}: mm_token_type_ids do not mark the image tokens of the prompt "
+                                  "(the processor padded on the other side than the trainer)")
+    return summary
+
+
+class TPRUGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` that checks every rollout batch and reports the rows each rollout used.
+
+    Args:
+        on_rollout: called as ``on_rollout(global_step, row_ids, summary)`` after each rollout.
+        *args, **kwargs: as for ``trl.GRPOTrainer``.
+    """
+
+    def __init__(self, *args, on_rollout: Callable[[int, list, dict], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_rollout = on_rollout
+        self.last_batch_summary: dict[str, Any] | None = None
+        config = self.model.config
+        self._image_token_id = getattr(config, "image_token_id", None)
+        self._merge_size = getattr(self.processing_class.image_processor, "merge_size", 2)
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self._image_token_id is not None:
+            self.last_batch_summary = check_multimodal_batch(output, image_token_id=self._image_token_id,
+                                                             merge_size=self._merge_size)
+        if self.on_rollout is not None and self.model.training:
+            rows = list(dict.fromkeys(x.get("row_id") for x in inputs))
+            self.on_rollout(self.state.global_step, rows, self.last_batch_summary or {})
+        return output
+
+
+def grpo_args(cfg: FinetuneConfig, output_dir: str | Path, *, max_steps: int | None = None) -> GRPOConfig:
+    """TRL's ``GRPOConfig`` for this run: the TPRU recipe mapped onto TRL's batch terms.
+
+    TRL counts completions: a rollout generates ``prompts_per_rollout x num_generations`` completions
+    (``generation_batch_size``), an optimizer update consumes ``prompts_per_update x num_generations`` of them
+    (``per_device_train_batch_size x GPUs x gradient_accumulation_steps``). The paper's 256 / 128 prompts thus
+    give two optimizer updates per rollout; TRL's ``global_step`` counts updates.
+    """
+    cuda = use_cuda(cfg)
+    vllm = cfg.use_vllm if cfg.use_vllm is not None else (cuda and _vllm_installed())
+    return GRPOConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        generation_batch_size=cfg.generation_batch_size,
+        num_generations=cfg.num_generations,
+        temperature=cfg.temperature, top_p=cfg.top_p,
+        beta=cfg.beta, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
+        max_completion_length=cfg.max_completion_length,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim="adamw_torch",
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps if max_steps is None else max_steps,
+        bf16=use_bf16(cfg), use_cpu=not cuda, gradient_checkpointing=gradient_checkpointing(cfg),
+        seed=cfg.seed, data_seed=cfg.seed,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps, report_to=[], disable_tqdm=True,
+        reward_weights=cfg.reward_weights, remove_unused_columns=False, dataloader_num_workers=0,
+        use_vllm=vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        log_completions=False,
+    )
+
+
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def build_grpo_trainer(cfg: FinetuneConfig, model, processor, dataset, *, output_dir: str | Path,
+                       callbacks: list | None = None, max_steps: int | None = None,
+                       on_rollout: Callable[[int, list, dict], None] | None = None) -> TPRUGRPOTrainer:
+    """A GRPO trainer over ``dataset`` (from :func:`tpru_agent.finetune.data.load_split`)."""
+    return TPRUGRPOTrainer(
+        model=model,
+        reward_funcs=resolve_rewards(cfg.rewards),
+        args=grpo_args(cfg, output_dir, max_steps=max_steps),
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=lora_config(cfg),
+        callbacks=callbacks,
+        on_rollout=on_rollout,
+    )

@@ -1,0 +1,246 @@
+"""Run a fine-tuning job end to end: stages (SFT warm-up, GRPO), checkpoints, resume, final weights, model card.
+
+``train(cfg)`` is what ``tpru finetune`` calls in a single process; under ``accelerate launch`` every process runs
+``python -m tpru_agent.finetune.train --config RUN/config.yaml`` (see :mod:`tpru_agent.finetune.launch`).
+
+Stages: ``grpo`` (the paper's recipe), ``sft`` (supervised warm-up only), ``sft+grpo`` (warm-up, then GRPO from the
+warm-up's merged weights). Each stage checkpoints under ``OUTPUT_DIR/<stage>/`` every ``save_steps`` steps and on
+SIGTERM; ``resume=True`` skips finished stages and continues the current one from its last checkpoint, with the
+same step count and data order (the sampler is seeded and the trainer skips the batches already seen).
+
+Example:
+    >>> result = train(resolve_config(overrides={"base": "qwen2.5-vl-3b", "data": "data/tpru"}))  # doctest: +SKIP
+    >>> result.final                                                                               # doctest: +SKIP
+    PosixPath('runs/tpru/final')
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tpru_agent.errors import ConfigError, TPRUError
+
+from .config import FinetuneConfig, resolve_config
+
+log = logging.getLogger(__name__)
+
+DONE = "done.json"
+
+
+@dataclass
+class RunResult:
+    """What a run produced. ``status`` is ``"finished"`` or ``"interrupted"`` (SIGTERM; resume to continue)."""
+
+    status: str
+    output_dir: Path
+    final: Path | None = None
+    checkpoint: Path | None = None
+    steps: dict[str, int] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
+
+
+def stages(method: str) -> list[str]:
+    return {"grpo": ["grpo"], "sft": ["sft"], "sft+grpo": ["sft", "grpo"]}[method]
+
+
+def prepare_run(cfg: FinetuneConfig, *, resume: bool) -> Path:
+    """Create (or check) the run folder and save the resolved config.
+
+    Raises:
+        ConfigError: the folder holds an earlier run and ``resume`` is off (nothing is overwritten silently).
+    """
+    out = Path(cfg.output_dir)
+    earlier = [p for p in (out / "grpo", out / "sft", out / "final") if p.exists()]
+    if earlier and not resume:
+        raise ConfigError(f"{str(out)!r} already holds a run ({earlier[0].name}/); pass --resume to continue it, "
+                          "or choose another --output-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    return out
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def train(cfg: FinetuneConfig, *, resume: bool = False, console=None) -> RunResult:
+    """Train as configured; returns where the weights are (or the checkpoint to resume from).
+
+    Raises:
+        ModelNotFoundError: the base cannot be found (offline and not cached: the SDK's message).
+        ConfigError: bad data folder or settings.
+    """
+    from tpru_agent.hub import locate
+
+    cfg.validate()
+    base_path = locate(cfg.base)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != cfg.world_size:
+        raise ConfigError(f"the config asks for {cfg.world_size} processes (num_gpus x num_nodes) but "
+                          f"{world} are running; start it through `tpru finetune`, which launches accelerate")
+    out = prepare_run(cfg, resume=resume) if _is_main() else Path(cfg.output_dir)
+    result = RunResult("finished", out)
+    current_base = base_path
+    plan = stages(cfg.method)
+    for i, stage in enumerate(plan):
+        last = i == len(plan) - 1
+        stage_dir = out / stage
+        done = stage_dir / DONE
+        if resume and done.is_file():
+            info = json.loads(done.read_text(encoding="utf-8"))
+            result.steps[stage] = info["steps"]
+            current_base = Path(info["weights"])
+            result.evaluation = info.get("evaluation") or result.evaluation
+            log.info("stage %s already finished (%d steps); skipping", stage, info["steps"])
+            continue
+        target = out / "final" if last else stage_dir / "model"
+        status = _run_stage(cfg, stage, current_base, stage_dir, target, result, resume=resume, console=console,
+                            final=last)
+        if status != "finished":
+            result.status = status
+            return result
+        current_base = target
+    if result.status == "finished":
+        result.final = out / "final"
+    return result
+
+
+def _run_stage(cfg: FinetuneConfig, stage: str, base_path: Path, stage_dir: Path, target: Path, result: RunResult,
+               *, resume: bool, console, final: bool) -> str:
+    from . import data as data_mod
+    from .modeling import load_model, load_processor, write_final
+    from .run import (HeldoutCallback, MetricsCallback, PlotCallback, ProgressCallback, SigtermCallback,
+                      append_jsonl, checkpoint_step, last_checkpoint, plot_curves, truncate_jsonl)
+
+    out = Path(cfg.output_dir)
+    metrics_path, rollouts_path = out / "metrics.jsonl", out / "rollouts.jsonl"
+    checkpoint = last_checkpoint(stage_dir) if resume else None
+    if _is_main():
+        for path in (metrics_path, rollouts_path):
+            if path.exists():
+                truncate_jsonl(path, stage, checkpoint_step(checkpoint))
+    processor = load_processor(base_path, cfg)
+    model = load_model(base_path, cfg)
+    if cfg.peft != "none":
+        from .modeling import check_lora_targets
+
+        check_lora_targets(model, cfg)
+    split_kwargs = dict(template=cfg.template, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                        cache_dir=cfg.data_cache_dir)
+    if stage == "sft":
+        from .sft import sft_target
+
+        split_kwargs["completion_fn"] = sft_target
+    train_set = data_mod.load_split(cfg.data, cfg.train_split, limit=cfg.max_train_samples, **split_kwargs)
+    eval_set = None
+    if cfg.eval_samples > 0 and data_mod.has_split(cfg.data, cfg.eval_split) and cfg.world_size == 1:
+        eval_set = data_mod.load_split(cfg.data, cfg.eval_split, limit=cfg.eval_samples,
+                                       **{k: v for k, v in split_kwargs.items() if k != "completion_fn"})
+
+    metrics = MetricsCallback(metrics_path, stage)
+    sigterm = SigtermCallback()
+    callbacks = [metrics, sigterm, PlotCallback(metrics_path, out / "curves.png")]
+    if cfg.progress:
+        callbacks.append(ProgressCallback(metrics, stage, console=console))
+
+    def evaluate(m):
+        from .heldout import evaluate_generation
+
+        return evaluate_generation(m, processor, eval_set, limit=cfg.eval_samples,
+                                   max_new_tokens=cfg.eval_max_new_tokens)
+
+    if eval_set is not None and cfg.eval_steps > 0:
+        callbacks.append(HeldoutCallback(cfg.eval_steps, evaluate, metrics))
+
+    if stage == "sft":
+        from .sft import build_sft_trainer
+
+        trainer = build_sft_trainer(cfg, model, processor, train_set, output_dir=stage_dir, callbacks=callbacks)
+    else:
+        from .grpo import build_grpo_trainer
+
+        def on_rollout(step: int, rows: list, summary: dict) -> None:
+            if _is_main():
+                append_jsonl(rollouts_path, {"stage": stage, "step": step, "rows": rows,
+                                             "image_tokens": summary.get("image_tokens_per_row"),
+                                             "features": summary.get("features_per_row")})
+
+        trainer = build_grpo_trainer(cfg, model, processor, train_set, output_dir=stage_dir, callbacks=callbacks,
+                                     on_rollout=on_rollout)
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress line, not stdout
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    steps = trainer.state.global_step
+    result.steps[stage] = steps
+    if sigterm.stopped:
+        result.checkpoint = last_checkpoint(stage_dir)
+        return "interrupted"
+
+    evaluation = None
+    if eval_set is not None and final:
+        evaluation = evaluate(trainer.model)
+        result.evaluation = evaluation
+        if _is_main():
+            append_jsonl(metrics_path, {"stage": stage, "step": steps, "eval_accuracy": evaluation["accuracy"],
+                                        "eval_format": evaluation["format"], "final": True})
+    provenance = {"base": cfg.base, "base_path": str(base_path), "method": cfg.method, "stage": stage,
+                  "peft": cfg.peft, "steps": dict(result.steps), "evaluation": evaluation}
+    merge_cfg = cfg if final else _merged(cfg)
+    write_final(trainer, processor, merge_cfg, base_path, target, provenance)
+    if _is_main():
+        if final:
+            _write_card(cfg, target, base_path, result)
+        plot_curves(metrics_path, out / "curves.png")
+        (stage_dir / DONE).write_text(json.dumps({"steps": steps, "weights": str(target),
+                                                  "evaluation": evaluation}), encoding="utf-8")
+    return "finished"
+
+
+def _merged(cfg: FinetuneConfig) -> FinetuneConfig:
+    """A warm-up stage always hands full (merged) weights to the next stage."""
+    from dataclasses import replace
+
+    return replace(cfg, merge=True)
+
+
+def _write_card(cfg: FinetuneConfig, final: Path, base_path: Path, result: RunResult) -> None:
+    from .data import manifest
+    from .modeling import PROVENANCE
+    from .run import model_card
+
+    info = json.loads((final / PROVENANCE).read_text(encoding="utf-8")) if (final / PROVENANCE).is_file() else {}
+    card = model_card(cfg.to_dict(), base=cfg.base, base_path=str(base_path), data=manifest(cfg.data),
+                      steps=result.steps, evaluation=result.evaluation, weights=info.get("weights", "full"))
+    (final / "README.md").write_text(card, encoding="utf-8")
+    (Path(cfg.output_dir) / "MODEL_CARD.md").write_text(card, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of each launched process: ``python -m tpru_agent.finetune.train --config FILE [--resume]``."""
+    parser = argparse.ArgumentParser(prog="python -m tpru_agent.finetune.train")
+    parser.add_argument("--config", required=True, help="a resolved config.yaml (written by tpru finetune)")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if _is_main() else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = train(resolve_config(args.config), resume=args.resume)
+    except TPRUError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    if result.status == "interrupted":
+        sys.stderr.write(f"interrupted: checkpoint {result.checkpoint}; resume with --resume\n")
+        return 143
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,307 @@
+"""The classic engine: TPRU's task calls answered from visual continuity alone, with no weights.
+
+How it works. Each image becomes three cheap OpenCV features: a pyramid of CIE Lab thumbnails (32, 16, 8 and 4
+px: where things are and what colour; the coarse levels make the distance grow with how far something moved), a
+pyramid of Canny edge density at the same sizes (shapes and their positions) and a 12x4x4 HSV colour histogram
+(global colour content). The distance between two frames is a weighted sum of the three L1 distances, so it is a
+metric (the triangle inequality holds), 0 for identical frames. A procedure is assumed to change the scene a
+little at each step, so neighbouring steps are close and the frames lie along a short path.
+
+- Ordering (``"ordering"``): the log-score of a permutation is minus the length of the path it draws through
+  the frame-distance matrix, divided by a temperature proportional to the mean pairwise distance (scale-free).
+  All label permutations are scored exhaustively (24 for TPRU's 4 frames). A path and its reverse have the same
+  length, so **a permutation and its reverse always get equal probability**: from frames alone the engine
+  cannot tell which end is the start, and it says so (no direction cue is used). Its best confidence for an
+  ordering is therefore 0.5; when answering (``generate``) it picks the first of the tied pair in the question's
+  answer order (``ABCD`` before ``DCBA``), which is a coin flip with respect to the truth.
+- Ordering as multiple choice (``"ordering_mcq"``): each permutation option scores as above; the "None" option
+  scores like a path ``none_order_margin`` mean-distances longer than the shortest path over all permutations,
+  so "None" wins when no option is close to the best path.
+- Next / previous frame (``"next"``, ``"previous"``): each candidate is placed at the target step among the
+  context steps. Its cost is (a) how much it lengthens the path between its neighbouring context steps
+  (``d(prev, c) + d(c, next) - d(prev, next)``, e.g. for TPRU's next-frame form between step 2 and the goal
+  step 4), or, with one neighbour only, how far its distance to that neighbour is from the typical per-step
+  distance; plus (b) ``order_weight`` times the violations of progress (a frame after step *b* should be farther
+  from any earlier context step *a* than *b* is, and so on for every pair of context steps). Costs are in units
+  of the typical per-step distance of the context. The "None" option scores as a candidate of cost
+  ``none_cost``: "None" wins when no candidate is close enough.
+
+What it cannot know. It does not read text: the description is ignored, so negative samples whose text
+contradicts the images (TPRU's cross-modal check) are beyond it, and it cannot tell a correct procedure from a
+smooth but wrong one. It has no notion of causality or goals (a drawer closing looks as continuous as one
+opening), only of visual change; scenes that change abruptly between steps (GUI page loads, camera cuts) break
+its continuity assumption; and candidates from another episode of the same scene can be closer than the true
+frame. Generation options (temperature, budget) are ignored: it is deterministic.
+
+Calibration. The default temperatures and the "None" thresholds were fitted on Meta-World expert episodes
+rendered with seed 100 (``benchmarks/classic_accuracy.py --calibrate``), which the accuracy benchmark (seed 0)
+does not use.
+
+Example:
+    >>> from tpru_agent import TPRU
+    >>> TPRU("classic").order_frames("examples/frames").answer      # doctest: +SKIP
+    'CADB'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..tasks.answer import extract_answer
+from ..tasks.question import Question
+from .base import GenerationOptions, Request
+
+#: Log-score of a continuation that is not a valid answer to the question (probability ~0, but finite so a
+#: softmax over scores stays defined).
+IMPOSSIBLE = -1e4
+
+
+@dataclass(frozen=True)
+class ClassicConfig:
+    """Feature weights, temperatures and "None" thresholds (see the module docstring for their meaning)."""
+
+    grid_sizes: tuple[int, ...] = (32, 16, 8, 4)
+    colour_weight: float = 1.0
+    edge_weight: float = 1.0
+    hist_weight: float = 0.5
+    order_temperature: float = 0.15
+    choice_temperature: float = 0.5
+    order_weight: float = 1.0
+    none_cost: float = 1.5
+    none_order_margin: float = 0.3
+    cache_size: int = 256
+
+
+class ClassicEngine:
+    """No-weights engine implementing the engine protocol from visual continuity (numpy + OpenCV).
+
+    Args:
+        config: a :class:`ClassicConfig`; ``None`` for the calibrated defaults.
+        **overrides: fields of :class:`ClassicConfig` to change.
+
+    Example:
+        >>> from tpru_agent.engines.classic import ClassicEngine
+        >>> ClassicEngine(none_cost=2.0).config.none_cost
+        2.0
+    """
+
+    name = "classic"
+
+    def __init__(self, config: ClassicConfig | None = None, **overrides):
+        import cv2  # a base dependency (opencv-python-headless); imported here to keep `import tpru_agent` light
+
+        self._cv2 = cv2
+        base = config or ClassicConfig()
+        unknown = set(overrides) - set(ClassicConfig.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown classic engine option(s) {sorted(unknown)}; valid options: "
+                              f"{', '.join(ClassicConfig.__dataclass_fields__)}")
+        self.config = ClassicConfig(**{**base.__dict__, **overrides})
+        self._cache: OrderedDict[bytes, tuple] = OrderedDict()
+
+    # ------------------------------------------------------------------ features and distances
+    def features(self, image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(Lab pyramid, edge-density pyramid, HSV histogram) of one PIL image, cached by content."""
+        cv2 = self._cv2
+        rgb = np.ascontiguousarray(np.asarray(image.convert("RGB") if hasattr(image, "convert") else image))
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ConfigError(f"the classic engine needs RGB images, got an array of shape {rgb.shape}")
+        key = hashlib.blake2b(rgb.tobytes(), digest_size=16).digest() + repr(rgb.shape).encode()
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        small = cv2.resize(rgb, (64, 64), interpolation=cv2.INTER_AREA)
+        lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float32) / 255.0
+        gray = cv2.cvtColor(cv2.resize(rgb, (128, 128), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
+        edges = cv2.Canny(cv2.GaussianBlur(gray, (3, 3), 0), 50, 150).astype(np.float32) / 255.0
+        hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
+        hist = cv2.calcHist([hsv], [0, 1, 2], None, [12, 4, 4], [0, 180, 0, 256, 0, 256]).ravel()
+        hist = hist / max(float(hist.sum()), 1.0)
+        feats = (self._pyramid(lab), self._pyramid(edges), hist.astype(np.float32))
+        self._cache[key] = feats
+        while len(self._cache) > self.config.cache_size:
+            self._cache.popitem(last=False)
+        return feats
+
+    def _pyramid(self, img: np.ndarray) -> np.ndarray:
+        """Area-averaged copies at each grid size, each level's values scaled so every level weighs the same.
+
+        Coarse levels make the distance grow smoothly with how far something moved (at a fine level an object
+        that moved more than its own size is simply "elsewhere").
+        """
+        cv2 = self._cv2
+        levels = []
+        for n in self.config.grid_sizes:
+            # the blur spreads each cell into its neighbours, so a shift by one cell is only a partial change
+            level = cv2.GaussianBlur(cv2.resize(img, (n, n), interpolation=cv2.INTER_AREA), (3, 3), 0).ravel()
+            levels.append(level / (level.size * len(self.config.grid_sizes)))
+        return np.concatenate(levels)
+
+    def distances(self, images: Sequence) -> np.ndarray:
+        """Symmetric matrix of frame distances (0 on the diagonal)."""
+        cfg = self.config
+        feats = [self.features(im) for im in images]
+        colour, edges, hist = (np.stack([f[k] for f in feats]).astype(np.float64) for k in range(3))
+
+        def l1(x: np.ndarray) -> np.ndarray:
+            return np.abs(x[:, None, :] - x[None, :, :]).sum(axis=2)
+
+        # pyramids: mean absolute difference averaged over levels; histograms: total variation (0..1)
+        return cfg.colour_weight * l1(colour) + cfg.edge_weight * l1(edges) + cfg.hist_weight * 0.5 * l1(hist)
+
+    # ------------------------------------------------------------------ answers -> log-scores
+    def answer_scores(self, request: Request) -> tuple[dict[str, float], dict]:
+        """Log-probability of every valid answer of the question, and the evidence used (for explanations)."""
+        q = request.question
+        if len(request.images) != q.n_images:
+            raise ConfigError(f"the question shows {q.n_images} images but the request carries "
+                              f"{len(request.images)}")
+        dist = self.distances(request.images)
+        if q.task == "ordering":
+            raw, info = self._ordering(q, dist)
+        elif q.task == "ordering_mcq":
+            raw, info = self._ordering_mcq(q, dist)
+        elif q.task in ("next", "previous"):
+            raw, info = self._choice(q, dist)
+        else:
+            raise ConfigError(f"the classic engine cannot answer task {q.task!r}")
+        top = max(raw.values())
+        log_z = top + math.log(sum(math.exp(v - top) for v in raw.values()))
+        info["dist"] = dist
+        return {k: v - log_z for k, v in raw.items()}, info
+
+    def _paths(self, labels: Sequence[str], dist: np.ndarray) -> dict[str, float]:
+        index = {label: i for i, label in enumerate(labels)}
+        return {"".join(p): float(sum(dist[index[a], index[b]] for a, b in zip(p, p[1:])))
+                for p in itertools.permutations(labels)}
+
+    @staticmethod
+    def _scale(dist: np.ndarray) -> float:
+        n = dist.shape[0]
+        mean = float(dist.sum() / max(n * (n - 1), 1))
+        return max(mean, 1e-6)
+
+    def _ordering(self, q: Question, dist: np.ndarray):
+        lengths = self._paths(q.labels, dist)
+        temp = self.config.order_temperature * self._scale(dist)
+        return {p: -length / temp for p, length in lengths.items()}, {"lengths": lengths}
+
+    def _ordering_mcq(self, q: Question, dist: np.ndarray):
+        labels = tuple(sorted({c for o in q.options if isinstance(o.value, str) for c in o.value}))
+        lengths = self._paths(labels, dist)
+        scale = self._scale(dist)
+        temp = self.config.order_temperature * scale
+        best = min(lengths.values())
+        scores = {}
+        for o in q.options:
+            length = best + self.config.none_order_margin * scale if o.value is None else lengths[o.value]
+            scores[o.letter] = -length / temp
+        return scores, {"lengths": lengths, "best": best}
+
+    def _choice(self, q: Question, dist: np.ndarray):
+        cfg = self.config
+        steps = list(q.context_steps)
+        n_ctx, t = len(steps), q.target_step
+        if t is None or n_ctx == 0:
+            raise ConfigError(f"a {q.task} question needs context steps and a target step")
+        ctx = dict(zip(steps, range(n_ctx)))
+        before = sorted(s for s in steps if s < t)
+        after = sorted(s for s in steps if s > t)
+        gaps = [(dist[ctx[a], ctx[b]] / (b - a)) for a, b in zip(sorted(steps), sorted(steps)[1:])]
+        cand_idx = [n_ctx + o.value for o in q.options if isinstance(o.value, int)]
+        if gaps:
+            step_dist = float(np.mean(gaps))
+        else:  # one context frame: the typical distance to the candidates stands in for a step
+            step_dist = float(np.median(dist[0, cand_idx])) if cand_idx else 1.0
+        step_dist = max(step_dist, 1e-6)
+        costs = {}
+        for o in q.options:
+            if not isinstance(o.value, int):
+                continue
+            c = n_ctx + o.value
+            costs[o.letter] = self._candidate_cost(dist, c, ctx, before, after, t, step_dist)
+        scores = {o.letter: -(cfg.none_cost if o.value is None else costs[o.letter]) / cfg.choice_temperature
+                  for o in q.options}
+        return scores, {"costs": costs, "step_dist": step_dist}
+
+    def _candidate_cost(self, dist, c, ctx, before, after, t, step_dist) -> float:
+        prev = before[-1] if before else None
+        nxt = after[0] if after else None
+        if prev is not None and nxt is not None:
+            local = dist[ctx[prev], c] + dist[c, ctx[nxt]] - dist[ctx[prev], ctx[nxt]]
+        else:
+            near = prev if prev is not None else nxt
+            local = abs(dist[ctx[near], c] - step_dist * abs(t - near))
+        violations = 0.0
+        # Progress: distances from a context step grow with the number of steps in between.
+        for a, b in itertools.combinations(sorted(ctx), 2):
+            da, db, dab = dist[ctx[a], c], dist[ctx[b], c], dist[ctx[a], ctx[b]]
+            if t > b:                   # a < b < t: c is farther from a than b is
+                violations += max(0.0, dab - da)
+            elif t < a:                 # t < a < b: c is farther from b than a is
+                violations += max(0.0, dab - db)
+            else:                       # a < t < b: c is no farther from either end than the ends are apart
+                violations += max(0.0, da - dab) + max(0.0, db - dab)
+        return float((local + self.config.order_weight * violations) / step_dist)
+
+    # ------------------------------------------------------------------ the engine protocol
+    def score(self, request: Request, continuations: Sequence[str], *, prefix: str = "") -> list[float]:
+        """Log-probability of each continuation (``"<answer>CABD</answer>"``); ``prefix`` is ignored.
+
+        Probabilities are normalised over the question's whole answer space, so a continuation's score does
+        not depend on which others are asked; an invalid answer scores :data:`IMPOSSIBLE`.
+        """
+        scores, _ = self.answer_scores(request)
+        out = []
+        for text in continuations:
+            answer = extract_answer(text)
+            if answer is None:
+                answer = text.strip()
+            out.append(scores.get(answer, IMPOSSIBLE))
+        return out
+
+    def generate(self, requests: Sequence[Request], options: GenerationOptions = GenerationOptions()) -> list[str]:
+        """``<think>`` with the distances behind the answer, then ``<answer>`` with the best-scoring answer."""
+        return [self._explain(request) for request in requests]
+
+    def _explain(self, request: Request) -> str:
+        q = request.question
+        scores, info = self.answer_scores(request)
+        best_score = max(scores.values())
+        best = next(a for a in q.answers() if scores[a] == best_score)  # ties: first in answer order
+        probs = {a: math.exp(s) for a, s in scores.items()}
+        dist = info["dist"]
+        if q.task == "ordering":
+            pairs = ", ".join(f"{a}-{b} {dist[i, j]:.3f}" for (i, a), (j, b)
+                              in itertools.combinations(enumerate(q.labels), 2))
+            rev = best[::-1]
+            text = (f"Frame distances: {pairs}. The shortest path through all frames is {'-'.join(best)} "
+                    f"(length {info['lengths'][best]:.3f}); its reverse {'-'.join(rev)} is equally short, and "
+                    f"the frames alone do not show which end is the start, so the direction is a guess "
+                    f"(probability {probs[best]:.2f} each).")
+        elif q.task == "ordering_mcq":
+            opts = ", ".join(f"{o.letter} {info['lengths'][o.value]:.3f}" for o in q.options if o.value)
+            text = (f"Path length of each option: {opts}; the shortest path over all orders is "
+                    f"{info['best']:.3f}. Best: {best} (probability {probs[best]:.2f}); a path and its reverse "
+                    "are equally short.")
+        else:
+            costs = ", ".join(f"{k} {v:.2f}" for k, v in info["costs"].items())
+            text = (f"Typical distance per step in the context: {info['step_dist']:.3f}. Continuity cost of each "
+                    f"candidate at step {q.target_step} (in steps): {costs}; the 'None' option wins above "
+                    f"{self.config.none_cost:.2f}. Best: {best} (probability {probs[best]:.2f}).")
+        return f"<think>{text} The text description is not checked.</think><answer>{best}</answer>"
+
+    def close(self) -> None:
+        """Drop the feature cache."""
+        self._cache.clear()
+
+
+__all__ = ["ClassicConfig", "ClassicEngine", "IMPOSSIBLE"]

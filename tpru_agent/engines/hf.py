@@ -1,0 +1,384 @@
+"""The transformers engine: Qwen2.5-VL (TPRU or base) in fp32 / bf16, or quantised with bitsandbytes.
+
+``score`` runs the prompt (images included) once, keeps its key/value cache, and runs only each candidate's own
+tokens on top of it, batched, so ranking 24 permutations costs about one extra short forward pass.
+
+Example:
+    >>> from tpru_agent.engines.hf import HFEngine
+    >>> engine = HFEngine("tpru-3b", quantization="4bit")          # doctest: +SKIP
+    >>> engine.score(request, ["<answer>A</answer>", "<answer>B</answer>"])   # doctest: +SKIP
+    [-0.41, -1.52]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import inspect
+import logging
+import os
+from typing import Sequence
+
+from .. import hub
+from ..errors import ConfigError, TPRUError, close_matches, require
+from ..tasks.question import IMAGE
+from .base import GenerationOptions, Request
+from .chat import common_prefix, expand_image_pads
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("4bit", "8bit")
+_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+           "fp16": "float16", "float16": "float16"}
+#: Key/value memory the candidate batch of one ``score`` call may take; more candidates are run in chunks.
+SCORE_CACHE_BYTES = {"cuda": 2 << 30, "mps": 1 << 30, "cpu": 1 << 30}
+
+
+def split_prompt(text: str, n_images: int) -> list[dict]:
+    """One user turn's content: text parts interleaved with ``{"type": "image"}`` at each ``<image>``.
+
+    Raises:
+        ConfigError: the placeholder count differs from ``n_images``.
+
+    Example:
+        >>> split_prompt("A: <image> B: <image>", 2)[1]
+        {'type': 'image'}
+    """
+    parts = text.split(IMAGE)
+    if len(parts) - 1 != n_images:
+        raise ConfigError(
+            f"the prompt has {len(parts) - 1} {IMAGE} placeholder(s) but {n_images} image(s) were given; "
+            f"put exactly one {IMAGE} in the text per image, in order"
+        )
+    content: list[dict] = []
+    for i, part in enumerate(parts):
+        if part:
+            content.append({"type": "text", "text": part})
+        if i < n_images:
+            content.append({"type": "image"})
+    return content
+
+
+def pick_device(device: str, torch) -> str:
+    """``"auto"`` -> cuda > mps > cpu; an explicit device is checked against what this machine has."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a torch device ({exc}); use 'auto', 'cpu', 'cuda', "
+                          "'cuda:1' or 'mps'") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but CUDA is not available here; use device='auto' "
+                          "or 'cpu'")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} was asked for but MPS is not available here; use device='auto'")
+    return str(device)
+
+
+def pick_dtype(dtype, device: str, torch):
+    """``"auto"`` -> bf16 on CUDA (fp16 before Ampere), fp32 elsewhere; ``fp32`` / ``bf16`` / ``fp16``; a dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name == "auto":
+        if not device.startswith("cuda"):
+            return torch.float32
+        # GPUs before Ampere (T4, V100) have no fast bf16: half precision is their native format.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use 'auto', 'fp32', 'bf16' or 'fp16'."
+                          + close_matches(name, _DTYPES))
+    return getattr(torch, _DTYPES[name])
+
+
+def check_quantization(quantization: str | None) -> str | None:
+    """``None`` / ``"none"`` -> ``None``; ``"4bit"`` / ``"8bit"`` kept; anything else is a :class:`ConfigError`."""
+    if quantization is None or str(quantization).lower() in {"none", ""}:
+        return None
+    q = str(quantization).lower()
+    if q not in QUANTIZATIONS:
+        raise ConfigError(f"quantization {quantization!r} is not supported by the hf engine; use None, '4bit' "
+                          "(bitsandbytes NF4) or '8bit' (bitsandbytes LLM.int8)." + close_matches(q, QUANTIZATIONS))
+    return q
+
+
+class HFEngine:
+    """Qwen2.5-VL through transformers: ``generate`` (batched, left padded) and cached-prefix ``score``.
+
+    Args:
+        model: alias (``"tpru-3b"``), Hub id or local folder (see :func:`tpru_agent.hub.locate`).
+        device: ``"auto"`` (cuda > mps > cpu) or a torch device string.
+        dtype: ``"auto"`` (bf16 on CUDA, fp32 elsewhere), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+        quantization: ``None``, ``"4bit"`` (NF4) or ``"8bit"`` (bitsandbytes, extra ``quant``).
+        attn_implementation: passed to transformers (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``).
+        revision, cache_dir, local_files_only: where Hub weights come from.
+        trust_remote_code: off unless asked; Qwen2.5-VL needs no remote code.
+        min_pixels, max_pixels: the processor's pixel budget (TPRU's by default), so frames already resized to
+            it by the caller are not resized again.
+        score_batch_size: candidates run together in one ``score`` forward; ``None`` sizes it from memory.
+
+    Raises:
+        ModelNotFoundError: the weights cannot be found (see :mod:`tpru_agent.hub`).
+        EngineUnavailableError: torch / transformers (extra ``hf``) or bitsandbytes (extra ``quant``) missing.
+        ConfigError: a bad device, dtype or quantization string.
+    """
+
+    name = "hf"
+
+    def __init__(self, model: str | os.PathLike, *, device: str = "auto", dtype="auto",
+                 quantization: str | None = None, attn_implementation: str | None = None,
+                 revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                 local_files_only: bool | None = None, trust_remote_code: bool = False,
+                 min_pixels: int = 16384, max_pixels: int = 36864, score_batch_size: int | None = None):
+        torch = require("torch", "hf", what="the hf engine")
+        transformers = require("transformers", "hf", what="the hf engine")
+        self.quantization = check_quantization(quantization)
+        if not 0 < min_pixels <= max_pixels:
+            raise ConfigError(f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
+        if score_batch_size is not None and score_batch_size < 1:
+            raise ConfigError(f"score_batch_size must be >= 1 or None, got {score_batch_size}")
+        if self.quantization:  # before any download: fail fast when the extra is missing
+            require("bitsandbytes", "quant", what=f"quantization={self.quantization!r}")
+        self.device = pick_device(device, torch)
+        self.dtype = pick_dtype(dtype, self.device, torch)
+        self.folder = hub.locate(model, revision=revision, cache=cache_dir, local_files_only=local_files_only)
+        self.score_batch_size = score_batch_size
+        kwargs = dict(dtype=self.dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+                      local_files_only=True, device_map={"": self.device})
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        if self.quantization:
+            kwargs["quantization_config"] = self._bnb_config(transformers)
+        log.info("loading %s from %s on %s (%s, quantization=%s)", model, self.folder, self.device, self.dtype,
+                 self.quantization)
+        self.model = transformers.AutoModelForImageTextToText.from_pretrained(self.folder, **kwargs).eval()
+        self.processor = transformers.AutoProcessor.from_pretrained(
+            self.folder, trust_remote_code=trust_remote_code, local_files_only=True,
+            size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+        self.processor.tokenizer.padding_side = "left"
+        self._torch = torch
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def _bnb_config(self, transformers):
+        """NF4 computes in the engine dtype (bf16 on CUDA, fp32 on CPU by default); int8 is LLM.int8."""
+        if self.quantization == "4bit":
+            return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_compute_dtype=self.dtype,
+                                                   bnb_4bit_use_double_quant=True)
+        # bitsandbytes logs "inputs will be cast ... to float16" on every int8 matmul unless inputs are fp16.
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_int8_cast_notice)
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+
+    # ------------------------------------------------------------------ prompts
+    def chat_text(self, request: Request, *, reply: str = "") -> str:
+        """The templated conversation for ``request`` up to the assistant turn, followed by ``reply``."""
+        content = split_prompt(request.text, len(request.images))
+        messages = [{"role": "user", "content": content}]
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text + reply
+
+    def _live(self):
+        if self.model is None:
+            raise TPRUError("this HFEngine was closed; create a new one")
+        return self.model
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, requests: Sequence[Request], options: GenerationOptions = GenerationOptions()) -> list[str]:
+        """One reply per request (new text only, special tokens removed), batched with left padding.
+
+        Greedy when ``options.temperature == 0``, else sampling with ``temperature`` / ``top_p`` (seeded by
+        ``options.seed`` without touching the global random state).
+        """
+        model, torch = self._live(), self._torch
+        if options.max_new_tokens < 1 or options.temperature < 0 or not 0 < options.top_p <= 1:
+            raise ConfigError(f"invalid generation options {options}: need max_new_tokens >= 1, temperature >= 0 "
+                              "and 0 < top_p <= 1")
+        if not requests:
+            return []
+        texts = [self.chat_text(r) for r in requests]
+        images = [im for r in requests for im in r.images]
+        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        inputs = inputs.to(model.device)
+        tok = self.processor.tokenizer
+        eos = model.generation_config.eos_token_id
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+        im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end not in eos:
+            eos.append(im_end)
+        # Explicit values override the release's generation_config (Qwen ships sampling defaults and a
+        # repetition penalty): what the caller's options say is what runs, on every engine alike.
+        kwargs = dict(max_new_tokens=options.max_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                      repetition_penalty=1.0)
+        if options.temperature > 0:
+            kwargs.update(do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode(), self._seeded(options.seed if options.temperature > 0 else None):
+            out = model.generate(**inputs, **kwargs)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return tok.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    @contextlib.contextmanager
+    def _seeded(self, seed: int | None):
+        """Seed torch for one call inside a forked random state (the caller's RNG stays as it was)."""
+        if seed is None:
+            yield
+            return
+        torch = self._torch
+        kind = torch.device(self.device).type
+        with torch.random.fork_rng(devices=[] if kind == "cpu" else None,
+                                   device_type="cuda" if kind == "cpu" else kind):
+            torch.manual_seed(seed)
+            yield
+
+    # ------------------------------------------------------------------ score
+    def score(self, request: Request, continuations: Sequence[str], *, prefix: str = "") -> list[float]:
+        """Log-probability of each continuation as the assistant reply after ``prefix``.
+
+        The shared part (prompt, images, ``prefix`` and whatever tokens every candidate starts with) runs once;
+        each candidate's remaining tokens run on its cached keys and values. A value is the sum of the log-probs
+        of the candidate's tokens after the longest token prefix shared by every candidate and by the bare
+        prompt + ``prefix`` (tokens, not characters: Qwen glues ``>A`` into one token).
+
+        Raises:
+            ConfigError: repeated continuations, or a placeholder / image count mismatch.
+        """
+        model, torch = self._live(), self._torch
+        conts = list(continuations)
+        if not conts:
+            return []
+        repeated = sorted({c for c in conts if conts.count(c) > 1})
+        if repeated:
+            raise ConfigError(f"continuations must be distinct; repeated: {repeated[:5]}")
+        prompt = self.chat_text(request, reply=prefix)
+        images = list(request.images)
+        vision = self.processor(text=[prompt], images=images or None, return_tensors="pt") if images else None
+        expanded = self._expand_images(prompt, vision)
+        tok = self.processor.tokenizer
+        seqs = [tok(expanded + c, add_special_tokens=False)["input_ids"] for c in conts]
+        bare = tok(expanded, add_special_tokens=False)["input_ids"]
+        shared = common_prefix([*seqs, bare])
+        shared = min(shared, min(len(s) for s in seqs) - 1)  # every candidate keeps >= 1 scored token
+        if shared < 1:
+            raise ConfigError("the prompt is empty: nothing to condition the continuations on")
+        image_id = model.config.image_token_id
+        if any(image_id in s[shared:] for s in seqs):
+            raise ConfigError(f"a continuation contains the image token {self.processor.image_token!r}; "
+                              "continuations must be plain text")
+        with torch.inference_mode():
+            first_logp, cache, delta = self._run_prefix(seqs[0][:shared], vision)
+            rests = [s[shared:] for s in seqs]
+            totals = [float(first_logp[r[0]]) for r in rests]
+            order = [i for i in range(len(rests)) if len(rests[i]) > 1]
+            chunk = self._chunk_size(cache, len(order))
+            for start in range(0, len(order), chunk):
+                idx = order[start:start + chunk]
+                for i, value in zip(idx, self._run_rests([rests[i] for i in idx], cache, shared, delta)):
+                    totals[i] += value
+        return totals
+
+    def _expand_images(self, prompt: str, vision) -> str:
+        """The prompt with each image's single pad token repeated as the processor does (one per merged patch)."""
+        if vision is None:
+            return prompt
+        merge = self.processor.image_processor.merge_size ** 2
+        counts = [int(t.prod()) // merge for t in vision["image_grid_thw"]]
+        return expand_image_pads(prompt, counts, self.processor.image_token)
+
+    def _run_prefix(self, ids: list[int], vision):
+        """Forward the shared prefix once: log-probs of the next token, the cache and the M-RoPE offset."""
+        torch, model = self._torch, self.model
+        from transformers import DynamicCache
+
+        input_ids = torch.tensor([ids], device=model.device)
+        extra = {}
+        if vision is not None:
+            grid = vision["image_grid_thw"].to(model.device)
+            extra = dict(pixel_values=vision["pixel_values"].to(model.device, model.dtype), image_grid_thw=grid)
+            mm_types = (input_ids == model.config.image_token_id).int()
+            position_ids, delta = model.model.get_rope_index(input_ids, mm_token_type_ids=mm_types,
+                                                             image_grid_thw=grid)
+        else:
+            position_ids = torch.arange(len(ids), device=model.device).view(1, 1, -1).expand(3, 1, -1)
+            delta = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                    **{self._cache_kw: cache}, **extra)
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        return first, cache, delta
+
+    def _chunk_size(self, cache, n: int) -> int:
+        if self.score_batch_size:
+            return self.score_batch_size
+        per_copy = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+                       if t is not None) if hasattr(cache, "layers") else 0
+        budget = SCORE_CACHE_BYTES.get(self._torch.device(self.device).type, 1 << 30)
+        return max(1, min(max(n, 1), budget // max(per_copy, 1)))
+
+    def _run_rests(self, rests: list[list[int]], cache, shared: int, delta) -> list[float]:
+        """Sum of log-probs of tokens 1.. of each rest (token 0 comes from the prefix), right padded."""
+        torch, model = self._torch, self.model
+        width = max(len(r) for r in rests) - 1
+        pad = self.processor.tokenizer.pad_token_id or 0
+        inputs = torch.tensor([r[:-1] + [pad] * (width - len(r) + 1) for r in rests], device=model.device)
+        batch = len(rests)
+        positions = torch.arange(shared, shared + width, device=model.device) + delta.reshape(-1)[0]
+        position_ids = positions.view(1, 1, -1).expand(3, batch, -1)
+        local = copy.deepcopy(cache)
+        local.batch_repeat_interleave(batch)
+        # Right padding needs no mask: a causal model never lets a real token see the pads after it.
+        out = model(input_ids=inputs, position_ids=position_ids, use_cache=True, **{self._cache_kw: local})
+        logp = torch.log_softmax(out.logits.float(), dim=-1)
+        values = []
+        for b, rest in enumerate(rests):
+            targets = torch.tensor(rest[1:], device=model.device)
+            values.append(float(logp[b, torch.arange(len(rest) - 1, device=model.device), targets].sum()))
+        return values
+
+    # ------------------------------------------------------------------ housekeeping
+    def info(self) -> dict:
+        """What is loaded: parameters, memory footprint (bytes), device, dtype, quantization, model folder."""
+        model = self._live()
+        return {
+            "engine": self.name,
+            "model": str(self.folder),
+            "parameters": int(model.num_parameters()),
+            "memory_bytes": int(model.get_memory_footprint()),
+            "device": str(model.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "quantization": self.quantization,
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        }
+
+    def close(self) -> None:
+        """Free the model (and the GPU memory it held). Later calls raise."""
+        if getattr(self, "model", None) is None:
+            return
+        self.model = None
+        self.processor = None
+        gc.collect()
+        torch = self._torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "HFEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"HFEngine({str(self.folder)!r}, device={self.device!r}, quantization={self.quantization!r})"
+
+
+def _drop_int8_cast_notice(record: logging.LogRecord) -> bool:
+    return "inputs will be cast" not in str(record.msg)
+
+
+__all__ = ["HFEngine", "QUANTIZATIONS", "check_quantization", "pick_device", "pick_dtype", "split_prompt"]

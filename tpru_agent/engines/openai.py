@@ -1,0 +1,451 @@
+"""Any OpenAI-compatible server as an engine: ``tpru serve`` (this package), vLLM, SGLang.
+
+``generate`` sends one chat completion per request (images as PNG data URLs, one ``image_url`` part per
+``<image>`` placeholder, in order). ``score`` needs log-probabilities; three methods, picked per server:
+
+- ``"tpru"`` (``tpru serve``): the ``tpru_score`` request field (see :mod:`tpru_agent.server`) returns each
+  continuation's exact log-probability from the served engine's own ``score``: identical numbers to running the
+  engine locally. Detected from ``GET /v1/models`` (``owned_by: "tpru-agent"``).
+- ``"top_logprobs"`` (vLLM, SGLang; single-letter answers): one request whose assistant turn is prefilled up to the
+  answer (``continue_final_message: true, add_generation_prompt: false``), ``max_tokens: 1``, ``logprobs: true``,
+  ``top_logprobs: 20``; each option's value is the log-prob of the first token that only its continuation starts
+  with. The prefill is cut at a Qwen pre-token boundary: Qwen glues ``>A`` into one token, so the prefill ends with
+  ``<answer`` (not ``<answer>``) and the options are read from the tokens ``>A``, ``>B``, ... An option missing from
+  the top list gets the lowest listed log-prob (an upper bound).
+- ``"prompt_logprobs"`` (vLLM; any answer, e.g. ``CABD`` permutations): one request per continuation with the whole
+  continuation prefilled, ``max_tokens: 1``, ``prompt_logprobs: 0``, ``return_token_ids: true``; the value is the
+  sum of the log-probs of the prompt tokens that overlap the continuation (vLLM's prefix cache makes the shared
+  prompt cheap). Exact up to a term shared by every continuation.
+
+``"auto"`` (default) uses ``tpru`` on ``tpru serve``, else ``top_logprobs`` for single-letter answers and
+``prompt_logprobs`` otherwise (also when ``top_logprobs`` finds no option token). What a server must support:
+``tpru serve``: nothing more; vLLM >= 0.6: all of the above (``--max-logprobs`` >= 20, the default);
+a server without ``continue_final_message`` (or one that ignores it) cannot score: use ``mode="reason"`` results'
+raw text only, or serve the model with ``tpru serve``.
+
+Serving TPRU-3B with vLLM for this engine (images at the TPRU pixel budget, up to 7 per prompt)::
+
+    vllm serve Stephengzk/TPRU-3B --served-model-name tpru-3b \\
+        --limit-mm-per-prompt '{"image": 7}' \\
+        --mm-processor-kwargs '{"min_pixels": 16384, "max_pixels": 36864}' \\
+        --max-model-len 8192 --host 127.0.0.1 --port 8000
+
+    # then, in Python:
+    TPRU("tpru-3b", engine="openai", base_url="http://127.0.0.1:8000/v1").order_frames(frames, mode="fast")
+
+(``--limit-mm-per-prompt`` takes JSON in current vLLM; releases before 0.10 spelled it ``image=7``.) Without the
+two multimodal flags vLLM accepts one image per prompt and reserves memory for ~16k-token images.
+
+Example:
+    >>> from tpru_agent import TPRU
+    >>> model = TPRU("tpru-3b", engine="openai", base_url="http://127.0.0.1:8000/v1")   # doctest: +SKIP
+    >>> model.verify_step(history, frame, mode="fast").confidence                         # doctest: +SKIP
+    0.93
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import math
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+from urllib.parse import urlsplit
+
+from ..errors import ConfigError, EngineUnavailableError, ModelNotFoundError, TPRUError, require
+from ..tasks.question import IMAGE, Question
+from .base import GenerationOptions, Request
+
+log = logging.getLogger(__name__)
+
+SCORE_METHODS = ("auto", "tpru", "top_logprobs", "prompt_logprobs")
+#: ``owned_by`` of the models ``tpru serve`` lists; how the engine knows it may send ``tpru_score``.
+TPRU_OWNER = "tpru-agent"
+_RETRY_STATUS = {429, 502, 503, 504}
+# Qwen2's pre-tokenizer split (transformers' PRETOKENIZE_REGEX) with \p{L} / \p{N} spelled for Python's re.
+_PRETOKEN = re.compile(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[^\r\n\w]|_)?[^\W\d_]+|\d| ?(?:[^\s\w]|_)+[\r\n]*"
+                       r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+class ServerError(TPRUError, RuntimeError):
+    """The server answered with an error, or with a body this engine cannot read. ``status`` / ``body`` kept."""
+
+    def __init__(self, message: str, *, status: int | None = None, body: Any = None):
+        self.status = status
+        self.body = body
+        super().__init__(message)
+
+
+def image_data_url(image, *, fmt: str = "png", quality: int = 90) -> str:
+    """A PIL image as a ``data:image/...;base64,`` URL (PNG is lossless: the server sees the same pixels)."""
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    else:
+        image.save(buf, format="PNG", compress_level=1)
+    return f"data:image/{fmt};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def question_payload(question: Question) -> dict:
+    """The structured question as JSON (``tpru serve`` rebuilds it, so engines that read it, e.g. classic, work)."""
+    return {"task": question.task, "problem": question.problem, "n_images": question.n_images,
+            "labels": list(question.labels), "options": [[o.letter, o.value] for o in question.options],
+            "context_steps": list(question.context_steps), "target_step": question.target_step,
+            "description": question.description}
+
+
+def user_content(request: Request, *, fmt: str = "png") -> list[dict]:
+    """OpenAI content parts: text pieces with one ``image_url`` part at each ``<image>`` placeholder."""
+    pieces = request.text.split(IMAGE)
+    if len(pieces) - 1 != len(request.images):
+        raise ConfigError(f"the prompt has {len(pieces) - 1} {IMAGE} placeholder(s) but {len(request.images)} "
+                          f"image(s) were given; put exactly one {IMAGE} in the text per image")
+    parts: list[dict] = []
+    for i, piece in enumerate(pieces):
+        if piece:
+            parts.append({"type": "text", "text": piece})
+        if i < len(request.images):
+            parts.append({"type": "image_url", "image_url": {"url": image_data_url(request.images[i], fmt=fmt)}})
+    return parts
+
+
+def pretoken_split(text: str, at: int) -> int:
+    """Start of the Qwen pre-token that contains character ``at`` of ``text`` (``at`` itself at a boundary)."""
+    for match in _PRETOKEN.finditer(text):
+        if match.start() <= at < match.end():
+            return match.start()
+    return at
+
+
+def common_prefix(texts: Sequence[str]) -> int:
+    """Length of the longest character prefix every text shares."""
+    first = texts[0]
+    n = min(len(t) for t in texts)
+    for i in range(n):
+        if any(t[i] != first[i] for t in texts[1:]):
+            return i
+    return n
+
+
+def match_top_logprobs(remainders: Sequence[str], top: Sequence[tuple[str, float]]) -> list[float | None]:
+    """Log-prob of each remainder's first token, read from one position's top list.
+
+    A listed token counts for a remainder when the remainder starts with it and no other remainder does (tokens
+    shared by several remainders say nothing about which one follows). Several such tokens add up (log-sum-exp).
+
+    Example:
+        >>> match_top_logprobs([">A</answer>", ">B</answer>"], [(">B", -0.1), (">", -3.0), (">A", -2.5)])
+        [-2.5, -0.1]
+    """
+    out: list[float | None] = []
+    for i, rem in enumerate(remainders):
+        hits = [lp for tok, lp in top if tok and rem.startswith(tok)
+                and not any(other.startswith(tok) for j, other in enumerate(remainders) if j != i)]
+        out.append(None if not hits else max(hits) + math.log(sum(math.exp(h - max(hits)) for h in hits)))
+    return out
+
+
+def continuation_logprob(prompt_logprobs: list, token_ids: list[int] | None, n_chars: int) -> float:
+    """Sum of the log-probs of the trailing prompt tokens that cover the last ``n_chars`` characters (vLLM shape).
+
+    ``prompt_logprobs`` is vLLM's list (``None`` first, then ``{token_id: {"logprob", "rank", "decoded_token"}}``
+    per prompt token); ``token_ids`` picks the prompt token out of each entry when an entry lists several.
+    """
+    total, covered = 0.0, 0
+    for pos in range(len(prompt_logprobs) - 1, -1, -1):
+        if covered >= n_chars:
+            break
+        entry = prompt_logprobs[pos]
+        if not entry:
+            raise ServerError(f"prompt_logprobs has no entry at position {pos}: the continuation covers the whole "
+                              "prompt", body=None)
+        if token_ids is not None and str(token_ids[pos]) in entry:
+            item = entry[str(token_ids[pos])]
+        elif len(entry) == 1:
+            item = next(iter(entry.values()))
+        else:
+            raise ServerError("prompt_logprobs lists several tokens per position and no prompt_token_ids came "
+                              "back; the server must support return_token_ids (vLLM >= 0.10)")
+        total += float(item["logprob"])
+        covered += len(item.get("decoded_token") or "")
+    if covered < n_chars:
+        raise ServerError(f"prompt_logprobs cover {covered} characters, fewer than the continuation's {n_chars}")
+    return total
+
+
+class OpenAIEngine:
+    """Engine over an OpenAI-compatible HTTP server.
+
+    Args:
+        model: the served model name (``tpru serve --served-model-name`` / ``vllm serve --served-model-name``);
+            ``None`` takes the first model the server lists.
+        base_url: server URL, e.g. ``http://127.0.0.1:8000/v1`` (``/v1`` is added to a bare host).
+        api_key: bearer token; defaults to the ``TPRU_API_KEY`` environment variable (never to other keys).
+        timeout: seconds per HTTP request (generation of a long chain of thought can take minutes).
+        score_method: ``"auto"``, ``"tpru"``, ``"top_logprobs"`` or ``"prompt_logprobs"`` (see the module doc).
+        top_logprobs: how many alternatives the ``top_logprobs`` method asks for (vLLM and ``tpru serve`` allow
+            up to 20 unless started with a larger ``--max-logprobs``).
+        image_format: ``"png"`` (lossless, default) or ``"jpeg"`` (smaller uploads, slightly different pixels).
+        concurrency: requests in flight at once for batched ``generate`` and ``prompt_logprobs`` scoring.
+        max_retries: retries on connection errors and HTTP 429 / 502 / 503 / 504 (exponential back-off).
+        headers: extra HTTP headers sent with every request.
+
+    Raises:
+        EngineUnavailableError: httpx (extra ``serve``) is not installed.
+        ConfigError: a bad option value.
+    """
+
+    name = "openai"
+
+    def __init__(self, model: str | None = None, *, base_url: str = "http://127.0.0.1:8000/v1",
+                 api_key: str | None = None, timeout: float = 600.0, score_method: str = "auto",
+                 top_logprobs: int = 20, image_format: str = "png", concurrency: int = 8, max_retries: int = 2,
+                 headers: dict[str, str] | None = None):
+        httpx = require("httpx", "serve", what="the openai engine")
+        if score_method not in SCORE_METHODS:
+            raise ConfigError(f"score_method must be one of {SCORE_METHODS}, got {score_method!r}")
+        if image_format not in ("png", "jpeg"):
+            raise ConfigError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
+        if top_logprobs < 1 or concurrency < 1 or max_retries < 0 or timeout <= 0:
+            raise ConfigError("need top_logprobs >= 1, concurrency >= 1, max_retries >= 0 and timeout > 0")
+        self.base_url = normalize_base_url(base_url)
+        self.model = model
+        self.score_method = score_method
+        self.top_logprobs = top_logprobs
+        self.image_format = image_format
+        self.max_retries = max_retries
+        key = api_key if api_key is not None else os.environ.get("TPRU_API_KEY")
+        hdrs = {"Authorization": f"Bearer {key}"} if key else {}
+        hdrs.update(headers or {})
+        self._client = httpx.Client(base_url=self.base_url, headers=hdrs, timeout=timeout,
+                                    limits=httpx.Limits(max_connections=max(concurrency, 4)))
+        self._httpx = httpx
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tpru-openai")
+        self._lock = threading.Lock()
+        self._models: list[dict] | None = None
+
+    # ------------------------------------------------------------------ HTTP
+    def _post(self, path: str, payload: dict) -> dict:
+        return self._request("POST", path, payload)
+
+    def _request(self, method: str, path: str, payload: dict | None = None) -> dict:
+        httpx = self._httpx
+        for attempt in range(self.max_retries + 1):
+            try:
+                resp = self._client.request(method, path, json=payload)
+            except httpx.TimeoutException as exc:
+                raise ServerError(f"{method} {self.base_url}{path} timed out ({exc}); raise timeout= for long "
+                                  "generations") from exc
+            except httpx.TransportError as exc:
+                if attempt < self.max_retries:
+                    time.sleep(0.5 * 2 ** attempt)
+                    continue
+                raise EngineUnavailableError(
+                    f"cannot reach the server at {self.base_url} ({type(exc).__name__}: {exc}); start it with "
+                    "`tpru serve --model ...` (or vLLM, see tpru_agent.engines.openai) or fix base_url") from exc
+            if resp.status_code in _RETRY_STATUS and attempt < self.max_retries:
+                time.sleep(float(resp.headers.get("retry-after", 0.5 * 2 ** attempt)))
+                continue
+            return self._read(resp, method, path)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read(self, resp, method: str, path: str) -> dict:
+        what = f"{method} {path}"
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if resp.status_code >= 400:
+            message = _error_message(body) or resp.text[:300]
+            where = f"{what} on {self.base_url} answered HTTP {resp.status_code}: {message}"
+            if resp.status_code in (401, 403):
+                raise ConfigError(f"{where}. Pass api_key= (or set TPRU_API_KEY) to the server's key")
+            if resp.status_code == 404 and "model" in message.lower() and path != "/models":
+                raise ModelNotFoundError(f"{where}. Served models: {self.served_models()}")
+            if resp.status_code in (400, 413, 422):
+                raise ConfigError(where)
+            raise ServerError(where, status=resp.status_code, body=body)
+        if not isinstance(body, dict):
+            raise ServerError(f"{what} on {self.base_url} did not answer a JSON object", status=resp.status_code)
+        return body
+
+    # ------------------------------------------------------------------ server facts
+    def _listing(self) -> list[dict]:
+        with self._lock:
+            if self._models is None:
+                try:
+                    data = self._request("GET", "/models").get("data")
+                    self._models = [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+                except ServerError:  # a server without /models: nothing known, not fatal
+                    self._models = []
+            return self._models
+
+    def served_models(self) -> list[str]:
+        """Model names the server lists (``GET /v1/models``)."""
+        return [str(m.get("id")) for m in self._listing()]
+
+    def is_tpru_server(self) -> bool:
+        """True when the server is ``tpru serve`` (it answers the ``tpru_score`` extension)."""
+        return any(m.get("owned_by") == TPRU_OWNER for m in self._listing())
+
+    def _model_name(self) -> str:
+        if self.model is None:
+            names = self.served_models()
+            if not names:
+                raise ConfigError(f"no model name given and {self.base_url}/models lists none; pass model=")
+            self.model = names[0]
+        return self.model
+
+    # ------------------------------------------------------------------ payloads
+    def _payload(self, request: Request, assistant: str | None = None, **fields: Any) -> dict:
+        messages: list[dict] = [{"role": "user", "content": user_content(request, fmt=self.image_format)}]
+        if assistant is not None:
+            messages.append({"role": "assistant", "content": assistant})
+            fields.update(continue_final_message=True, add_generation_prompt=False)
+        payload = {"model": self._model_name(), "messages": messages, **fields}
+        if self.is_tpru_server():
+            payload["tpru_question"] = question_payload(request.question)
+        return {k: v for k, v in payload.items() if v is not None}
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, requests: Sequence[Request], options: GenerationOptions = GenerationOptions()) -> list[str]:
+        """One chat completion per request, sent concurrently; the assistant text of each."""
+        def one(request: Request) -> str:
+            body = self._post("/chat/completions", self._payload(
+                request, max_tokens=options.max_new_tokens, temperature=options.temperature,
+                top_p=options.top_p, seed=options.seed))
+            return _message_text(body)
+
+        if len(requests) == 1:
+            return [one(requests[0])]
+        return list(self._pool.map(one, requests))
+
+    # ------------------------------------------------------------------ score
+    def score(self, request: Request, continuations: Sequence[str], *, prefix: str = "") -> list[float]:
+        """Log-probability of each continuation after ``prefix`` (see the module doc for the three methods)."""
+        conts = list(continuations)
+        if not conts:
+            return []
+        if len(set(conts)) != len(conts):
+            raise ConfigError(f"continuations must be distinct; repeated: {sorted({c for c in conts if conts.count(c) > 1})[:5]}")
+        method = self.score_method
+        if method == "auto":
+            method = "tpru" if self.is_tpru_server() else self._fallback_method(conts, prefix)
+        if method == "tpru":
+            return self._score_tpru(request, conts, prefix)
+        if method == "top_logprobs":
+            values = self._score_top(request, conts, prefix)
+            if values is not None:
+                return values
+            if self.score_method == "top_logprobs":
+                raise ServerError("no option token appeared among the top log-probs: the answers do not start "
+                                  "with distinct single tokens here; use score_method='prompt_logprobs'")
+            log.debug("top_logprobs found no option token; falling back to prompt_logprobs")
+        return self._score_prompt(request, conts, prefix)
+
+    @staticmethod
+    def _fallback_method(conts: list[str], prefix: str) -> str:
+        split = _split(conts, prefix)
+        # A short distinguishing pre-token (">A") is one token in Qwen's vocabulary; permutations are not.
+        longest = max(len(_first_pretoken((prefix + c)[split:])) for c in conts)
+        return "top_logprobs" if len(conts) > 1 and longest <= 3 else "prompt_logprobs"
+
+    def _score_tpru(self, request: Request, conts: list[str], prefix: str) -> list[float]:
+        body = self._post("/chat/completions", self._payload(
+            request, max_tokens=1, tpru_score={"continuations": conts, "prefix": prefix}))
+        values = (body.get("tpru_score") or {}).get("logprobs")
+        if not isinstance(values, list) or len(values) != len(conts):
+            raise ServerError(f"{self.base_url} did not answer tpru_score (is it `tpru serve`?); use "
+                              "score_method='auto'", body=body)
+        return [float(v) for v in values]
+
+    def _score_top(self, request: Request, conts: list[str], prefix: str) -> list[float] | None:
+        split = _split(conts, prefix)
+        fill = (prefix + conts[0])[:split]
+        body = self._post("/chat/completions", self._payload(
+            request, assistant=fill, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=self.top_logprobs))
+        try:
+            first = body["choices"][0]["logprobs"]["content"][0]
+            top = [(str(t["token"]), float(t["logprob"])) for t in first["top_logprobs"]]
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ServerError(f"{self.base_url} answered no top_logprobs ({exc}); does it support logprobs with "
+                              "continue_final_message?", body=body) from exc
+        values = match_top_logprobs([(prefix + c)[split:] for c in conts], top)
+        if all(v is None for v in values):
+            return None
+        floor = min(lp for _, lp in top)
+        return [floor if v is None else v for v in values]
+
+    def _score_prompt(self, request: Request, conts: list[str], prefix: str) -> list[float]:
+        def one(cont: str) -> float:
+            body = self._post("/chat/completions", self._payload(
+                request, assistant=prefix + cont, max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                return_token_ids=True))
+            plp = body.get("prompt_logprobs")
+            if not isinstance(plp, list):
+                raise ServerError(f"{self.base_url} answered no prompt_logprobs; the prompt_logprobs method needs "
+                                  "vLLM (or tpru serve)", body=body)
+            return continuation_logprob(plp, body.get("prompt_token_ids"), len(cont))
+
+        return list(self._pool.map(one, conts))
+
+    # ------------------------------------------------------------------ lifecycle
+    def info(self) -> dict:
+        """Server URL, model name and the score method in use."""
+        return {"engine": self.name, "base_url": self.base_url, "model": self.model,
+                "score_method": self.score_method, "tpru_server": self.is_tpru_server()}
+
+    def close(self) -> None:
+        """Close the HTTP connections and the request threads."""
+        self._pool.shutdown(wait=False)
+        self._client.close()
+
+    def __repr__(self) -> str:
+        return f"OpenAIEngine(model={self.model!r}, base_url={self.base_url!r})"
+
+
+def normalize_base_url(url: str) -> str:
+    """``http://host:8000`` -> ``http://host:8000/v1``; a URL with a path is kept (without a trailing ``/``)."""
+    parts = urlsplit(str(url).strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"base_url must be an http(s) URL like http://127.0.0.1:8000/v1, got {url!r}")
+    path = parts.path.rstrip("/")
+    return f"{parts.scheme}://{parts.netloc}{path or '/v1'}"
+
+
+def _split(conts: list[str], prefix: str) -> int:
+    """Where the prefill ends: the start of the pre-token in which the continuations first differ."""
+    at = len(prefix) + common_prefix(conts)
+    return min(pretoken_split(prefix + c, at) for c in conts)
+
+
+def _first_pretoken(text: str) -> str:
+    match = _PRETOKEN.match(text)
+    return match.group(0) if match else text
+
+
+def _message_text(body: dict) -> str:
+    try:
+        content = body["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ServerError(f"the chat completion has no choices[0].message.content ({exc})", body=body) from exc
+    return content or ""
+
+
+def _error_message(body: Any) -> str:
+    if isinstance(body, dict):
+        err = body.get("error", body.get("detail", body.get("message")))
+        if isinstance(err, dict):
+            return str(err.get("message", err))
+        if err is not None:
+            return str(err)
+    return ""
+
+
+__all__ = ["OpenAIEngine", "SCORE_METHODS", "ServerError", "continuation_logprob", "image_data_url",
+           "match_top_logprobs", "normalize_base_url", "pretoken_split", "question_payload", "user_content"]
