@@ -48,7 +48,7 @@ class LoadReport:
                 f"p90 {self.p90_ms:.0f} ms, p99 {self.p99_ms:.0f} ms, max {self.max_ms:.0f} ms")
 
 
-def frame_urls(count: int = 3, size: tuple[int, int] = (196, 168)) -> list[str]:
+def frame_urls(count: int = 3, size: tuple[int, int] = (168, 112)) -> list[str]:
     """Data URLs of small distinct frames inside the TPRU pixel budget (no model needed to make them)."""
     import base64
     import io

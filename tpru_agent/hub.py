@@ -105,6 +105,7 @@ def locate(name: str | os.PathLike, *, revision: str | None = None, cache: str |
     snapshot_download = require("huggingface_hub", "hf", what="loading model weights").snapshot_download
 
     only_local = offline() if local_files_only is None else local_files_only
+    cache = cache or cache_dir()  # read the environment now, not at huggingface_hub's import
     try:
         folder = snapshot_download(ref.target, revision=revision, cache_dir=cache, allow_patterns=ALLOW_PATTERNS,
                                    local_files_only=True)

@@ -1,0 +1,115 @@
+"""The ``tpru`` command through click's runner and as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from tpru_agent.cli.main import cli
+
+from conftest import synthetic_frames
+
+
+@pytest.fixture(scope="module")
+def frame_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("frames")
+    for name, image in zip(["c.png", "a.png", "d.png", "b.png"], synthetic_frames(4)):
+        image.save(folder / name)
+    return folder
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def test_order_json_on_the_tiny_checkpoint(tiny_checkpoint, frame_dir, tmp_path):
+    sheet = tmp_path / "sheet.png"
+    result = run("order", frame_dir, "--model", tiny_checkpoint, "--mode", "fast", "--json", "--sheet", sheet)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert sorted(data["order"]) == [0, 1, 2, 3] and data["engine"] == "hf" and data["mode"] == "fast"
+    assert [Path(f).name for f in data["frames"]] == ["a.png", "b.png", "c.png", "d.png"]
+    with Image.open(sheet) as im:
+        assert im.width > 4 * 100
+
+
+def test_order_table(tiny_checkpoint, frame_dir):
+    result = run("order", frame_dir / "a.png", frame_dir / "b.png", "--model", tiny_checkpoint, "--mode", "fast")
+    assert result.exit_code == 0
+    assert "Temporal order" in result.stdout and "confidence" in result.stdout
+
+
+def test_choice_verbs(tiny_checkpoint, frame_dir):
+    f = {n: str(frame_dir / f"{n}.png") for n in "abcd"}
+    nxt = run("next", "-H", f"{f['a']},{f['b']}", "-c", f["c"], "-c", f["d"], "--model", tiny_checkpoint,
+              "--mode", "fast", "--json")
+    assert nxt.exit_code == 0, nxt.output
+    data = json.loads(nxt.stdout)
+    assert set(data["options"]) == {"A", "B", "C"} and len(data["candidates"]) == 2
+    prev = run("prev", "-L", f"{f['b']},{f['c']}", "-c", f["a"], "--model", tiny_checkpoint, "--mode", "fast")
+    assert prev.exit_code == 0 and "Previous step" in prev.stdout
+    ver = run("verify", f["c"], "-H", f["a"], "-H", f["b"], "--model", tiny_checkpoint, "--mode", "fast", "--json")
+    assert ver.exit_code in (0, 2)
+    assert json.loads(ver.stdout)["ok"] == (ver.exit_code == 0)
+
+
+def test_bad_input_is_one_red_line(frame_dir, tmp_path):
+    missing = tmp_path / "nope.png"
+    result = run("order", missing, frame_dir / "a.png", "--model", "classic")
+    assert result.exit_code == 1
+    assert result.stderr.count("error:") == 1 and "nope.png" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_unknown_model_and_strict_offline(frame_dir, tmp_path):
+    result = run("order", frame_dir, "--model", "tpru-9b")
+    assert result.exit_code == 1 and "Did you mean" in result.stderr
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    strict = run("order", frame_dir, "--strict", env=env)
+    assert strict.exit_code == 1 and "Stephengzk/TPRU-3B" in strict.stderr
+
+
+def test_default_model_falls_back_to_classic_with_a_warning(frame_dir, tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    result = run("order", frame_dir, "--json", env=env)
+    assert result.exit_code == 0, result.output
+    assert "falling back" in result.stderr and "classic" in result.stderr
+    assert json.loads(result.stdout)["engine"] == "classic"
+
+
+def test_env_and_models():
+    env = run("env", "--json")
+    assert env.exit_code == 0
+    facts = json.loads(env.stdout)
+    assert facts["engines"]["hf"] is True and facts["devices"]["cpu"] is True
+    models = run("models", "--json")
+    names = [m["name"] for m in json.loads(models.stdout)["models"]]
+    assert "tpru-3b" in names and "classic" in names
+
+
+def test_subprocess_help_imports_no_torch_and_verbose_traceback(tmp_path):
+    code = "import sys; from tpru_agent.cli.main import cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    helped = subprocess.run(["tpru", "--help"], capture_output=True, text=True, env=env)
+    assert helped.returncode == 0 and "order" in helped.stdout
+    bad = subprocess.run(["tpru", "-v", "order", str(tmp_path / "x.png"), str(tmp_path / "y.png"), "--model",
+                          "classic"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and "Traceback" in bad.stderr and "FrameError" in bad.stderr
+
+
+def test_subprocess_order_classic(frame_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["tpru", "order", str(frame_dir), "--model", "classic", "--json"], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["engine"] == "classic" and sorted(data["order"]) == [0, 1, 2, 3]
