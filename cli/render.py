@@ -42,7 +42,8 @@ def _timing_text(timings: dict[str, float]) -> str:
 
 def show_order(result, names: list[str]) -> None:
     """Frames in predicted order with the confidence and timings."""
-    table = Table(title=f"Temporal order  (engine {result.engine}, mode {result.mode})", title_justify="left")
+    console.print(f"[bold]Temporal order[/]  [dim](engine {result.engine}, mode {result.mode})[/]", highlight=False)
+    table = Table()
     table.add_column("step", justify="right")
     table.add_column("frame")
     table.add_column("input #", justify="right")
@@ -61,7 +62,8 @@ def show_order(result, names: list[str]) -> None:
 
 def show_choice(result, names: list[str], title: str) -> None:
     """A multiple-choice answer with every option's probability."""
-    table = Table(title=f"{title}  (engine {result.engine}, mode {result.mode})", title_justify="left")
+    console.print(f"[bold]{title}[/]  [dim](engine {result.engine}, mode {result.mode})[/]", highlight=False)
+    table = Table()
     table.add_column("option")
     table.add_column("candidate")
     table.add_column("probability", justify="right")

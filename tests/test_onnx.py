@@ -130,8 +130,8 @@ def test_prefill_logits_and_cached_decode_step_match_pytorch(hf, ort):
     with torch.inference_mode():
         ref = model(**inputs, cache=cache, use_cache=True)
         nxt = torch.tensor([[int(ref.logits[0, -1].argmax())]])
-        ref_step = model(input_ids=nxt, attention_mask=torch.ones(1, ids.shape[1] + 1, dtype=torch.long),
-                         cache=cache, use_cache=True)
+        step_pos = (ids.shape[1] + model.model.rope_deltas).view(1, 1, 1).expand(3, 1, 1)  # transformers' own delta
+        ref_step = model(input_ids=nxt, position_ids=step_pos, cache=cache, use_cache=True)
     id_list = ids[0].tolist()
     feats, _ = ort._vision(frames)
     positions, delta = rope_index(id_list, ort.image_id, [ort.grid] * 4, ort.merge)

@@ -11,6 +11,7 @@ prefilled assistant turn with ``model.generate``. Other engines answer these fie
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .engines.base import GenerationOptions, Request
 
@@ -25,6 +26,20 @@ class Trace:
     tops: dict[int, list[tuple[int, float]]]  # position -> top-k (token id, log-prob) predicted for that position
     ranks: dict[int, int]
     next_top: list[tuple[int, float]]  # top-k after the last token
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins -> bytes (the inverse of GPT-2's ``bytes_to_unicode``)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
 
 
 class TokenAccess:
@@ -121,12 +136,17 @@ class TokenAccess:
         return text, (not hit_eos and len(new) >= options.max_new_tokens)
 
     # ------------------------------------------------------------------ OpenAI / vLLM shapes
-    def entry(self, token_id: int, logprob: float, with_bytes: bool = True) -> dict:
-        text = self.token_text(token_id)
-        entry = {"token": text, "logprob": logprob}
-        if with_bytes:
-            entry["bytes"] = list(text.encode("utf-8"))
-        return entry
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of a token (a piece of a multi-byte character stays a piece, as OpenAI's ``bytes``)."""
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        table = _byte_decoder()
+        if isinstance(piece, str) and piece and all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+        return self.token_text(token_id).encode("utf-8")
+
+    def entry(self, token_id: int, logprob: float) -> dict:
+        """One OpenAI logprob item: ``token``, ``logprob``, ``bytes``."""
+        return {"token": self.token_text(token_id), "logprob": logprob, "bytes": list(self.token_bytes(token_id))}
 
     def content_logprobs(self, trace: Trace, top_k: int) -> list[dict]:
         """OpenAI ``choices[0].logprobs.content`` for the traced tokens."""
