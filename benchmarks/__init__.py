@@ -61,12 +61,13 @@ def timed(fn: Callable[[], object], *, repeats: int = 20, warmup: int = 2,
         if sync:
             sync()
         samples.append((time.perf_counter() - t0) * 1000)
-    return {"p50_ms": percentile(samples, 50), "p95_ms": percentile(samples, 95), "mean_ms": sum(samples) / len(samples),
-            "min_ms": min(samples), "max_ms": max(samples), "repeats": float(repeats)}
+    return {"p50_ms": percentile(samples, 50), "p95_ms": percentile(samples, 95),
+            "mean_ms": sum(samples) / len(samples), "min_ms": min(samples), "max_ms": max(samples),
+            "repeats": float(repeats)}
 
 
 def workdir(args=None) -> Path:
-    """Scratch and cache folder of the suite: ``args.workdir``, ``$TPRU_BENCH_DIR``, or ``~/.cache/tpru-agent/bench``."""
+    """The suite's scratch / cache folder: ``args.workdir``, ``$TPRU_BENCH_DIR``, or ``~/.cache/tpru-agent/bench``."""
     chosen = getattr(args, "workdir", None) or os.environ.get("TPRU_BENCH_DIR")
     path = Path(chosen) if chosen else Path.home() / ".cache" / "tpru-agent" / "bench"
     path.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime as _dt
 import difflib
 import importlib
@@ -114,8 +115,31 @@ def record(name: str, row: dict, results: Path = RESULTS) -> None:
     cells = [row["date"], row["machine"], row["setup"], row["versions"], f"`{row['command']}`",
              "; ".join(f"{k}={_fmt(v)}" for k, v in row["figures"].items())]
     line = "| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |"
-    text = results.read_text(encoding="utf-8") if results.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
+    with _locked(results):
+        text = results.read_text(encoding="utf-8") if results.exists() else "# Benchmark results\n"
+        lines = _insert(text.splitlines(), marker, header, line, name)
+        tmp = results.with_name(f".{results.name}.{os.getpid()}.tmp")
+        tmp.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
+        os.replace(tmp, results)
+
+
+@contextlib.contextmanager
+def _locked(results: Path):
+    """An exclusive lock per RESULTS.md (a file in the temp folder), so concurrent runs never drop a row."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(str(results.resolve()).encode()).hexdigest()[:12]
+    with open(Path(tempfile.gettempdir()) / f"tpru-bench-{key}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _insert(lines: list[str], marker: str, header: str, line: str, name: str) -> list[str]:
     if marker in lines:
         at = lines.index(marker) + 1
         while at < len(lines) and not lines[at].startswith("|"):
@@ -125,9 +149,7 @@ def record(name: str, row: dict, results: Path = RESULTS) -> None:
         lines.insert(at, line)
     else:
         lines += ["", f"## {name}", "", marker, header, line]
-    tmp = results.with_name(f".{results.name}.{os.getpid()}.tmp")
-    tmp.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
-    os.replace(tmp, results)
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -225,13 +247,16 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m benchmarks") -
                              "error": "the module defines no run(args)"}
         else:
             log.info("running %s", name)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             results[name] = run_one(name, args)
+            results[name]["load1_before"] = load
         show(name, results[name])
         failed |= results[name]["status"] == "failed"
         if results[name]["status"] == "ok" and not args.no_record:
             row = {"date": _dt.date.today().isoformat(), "machine": machine(), "versions": versions(),
                    "setup": f"size {args.size}, device {args.device}, threads {args.threads}, "
-                            f"repeats {args.repeats}" + (", quick" if args.quick else ""),
+                            f"repeats {args.repeats}" + (", quick" if args.quick else "")
+                            + f", load avg {results[name]['load1_before']:.1f} before",
                    "command": command, "figures": results[name]["figures"]}
             record(name, row, Path(args.results))
     if args.json_out:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -43,6 +44,12 @@ def write_episodes(root: Path, episodes: int, frames: int, size=(640, 480)) -> N
             img.save(folder / f"frame_{f:03d}.jpg", quality=90)
 
 
+def _cpu() -> float:
+    """User + system CPU seconds of this process and its finished children (the worker processes)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 class Timer:
     """Build progress that records when each phase starts."""
 
@@ -71,9 +78,11 @@ def main() -> None:
         cfg = BuildConfig(sources=(f"frames:{src},domain=robot",), out=str(Path(tmp) / "out"), workers=args.workers,
                           samples_per_episode=args.samples_per_episode)
         timer = Timer()
+        cpu0 = _cpu()
         start = time.perf_counter()
         result = build(cfg, progress=timer)
         wall = time.perf_counter() - start
+        cpu = _cpu() - cpu0
         render = dict(timer.marks).get("render", start + wall)
         size = sum(p.stat().st_size for p in result.out.rglob("*.parquet"))
     samples = sum(result.manifest["samples"].values())
@@ -81,7 +90,10 @@ def main() -> None:
           f"{args.samples_per_episode} samples/episode, {os.cpu_count()} cpus")
     print(f"ingest+plan {render - start:.1f} s, render {start + wall - render:.1f} s, total {wall:.1f} s, "
           f"{samples} samples, {size / 1e6:.1f} MB")
-    print(f"samples/min: {samples / wall * 60:.0f}  (goal >= 2000)")
+    print(f"samples/min: {samples / wall * 60:.0f} wall-clock  (goal >= 2000; load average now "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus)")
+    print(f"cpu {cpu:.1f} s ({cpu / samples * 1000:.0f} ms/sample): {samples / (cpu / 2) * 60:.0f} samples/min on 2 "
+          "otherwise idle cores")
     sys.stdout.flush()
 
 

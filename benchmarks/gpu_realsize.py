@@ -44,8 +44,8 @@ REAL_SHAPES = {
                          num_key_value_heads=4, vocab_size=152064), out_hidden_size=3584, tie_word_embeddings=False),
 }
 #: The vision tower is the same in both releases.
-REAL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, fullatt_block_indexes=[7, 15, 23, 31],
-                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, tokens_per_second=2)
+REAL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                   fullatt_block_indexes=[7, 15, 23, 31], patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, tokens_per_second=2)
 GOAL_VERIFY_P50_MS = 25.0
 _STAMP = "tpru_realsize.json"
 _RECIPE = 1

@@ -2,7 +2,9 @@
 
 Either point it at a running server (``--base-url``) or let it start one (``--model DIR``, or ``--tiny`` to build
 the tiny random checkpoint and serve that). Workloads: ``verify`` (``POST /v1/verify`` in fast mode: 2 history
-frames + 1 observation, one scoring pass each) and ``mix`` (alternating ``GET /health`` and fast verify).
+frames + 1 observation, one scoring pass each) and ``mix`` (alternating ``GET /health`` and fast verify). As in a
+robot loop the history stays and the observation changes: ``--distinct`` observation frames are cycled (default:
+a new one per request, so the engine's image cache only helps with the history).
 
 Example:
     OMP_NUM_THREADS=1 python benchmarks/server_load.py --tiny --requests 1000 --concurrency 16
@@ -49,7 +51,7 @@ class LoadReport:
 
 
 def frame_urls(count: int = 3, size: tuple[int, int] = (168, 112)) -> list[str]:
-    """Data URLs of small distinct frames inside the TPRU pixel budget (no model needed to make them)."""
+    """Data URLs of ``count`` distinct small frames inside the TPRU pixel budget (no model needed to make them)."""
     import base64
     import io
 
@@ -62,8 +64,10 @@ def frame_urls(count: int = 3, size: tuple[int, int] = (168, 112)) -> list[str]:
         img = np.zeros((height, width, 3), np.uint8)
         img[..., 0] = xx * 255 // (width - 1)
         img[..., 1] = yy * 255 // (height - 1)
-        img[..., 2] = 40 + 50 * i
-        img[height // 3: height // 3 + 40, 8 + 50 * i: 48 + 50 * i] = (255, 30 * i, 255)
+        img[..., 2] = (40 + 50 * i) % 256
+        x0 = 8 + (50 * i) % (width - 48)
+        img[height // 3: height // 3 + 40, x0: x0 + 40] = (255, (30 * i) % 256, 255)
+        img[:4, :4, 0] = np.frombuffer(i.to_bytes(16, "little"), np.uint8).reshape(4, 4)  # unique per i
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="PNG")
         urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
@@ -71,11 +75,11 @@ def frame_urls(count: int = 3, size: tuple[int, int] = (168, 112)) -> list[str]:
 
 
 async def _run(base_url: str, workload: str, requests: int, concurrency: int, api_key: str | None,
-               timeout: float) -> LoadReport:
+               timeout: float, distinct: int) -> LoadReport:
     import httpx
 
-    urls = frame_urls(3)
-    verify = {"history": urls[:2], "observation": urls[2], "mode": "fast"}
+    urls = frame_urls(2 + distinct)
+    history, observations = urls[:2], urls[2:]
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     latencies: list[float] = []
     statuses: dict[str, int] = {}
@@ -89,7 +93,8 @@ async def _run(base_url: str, workload: str, requests: int, concurrency: int, ap
             if workload == "mix" and i % 2 == 0:
                 resp = await client.get(f"{root}/health")
             else:
-                resp = await client.post(f"{root}/v1/verify", json=verify, headers=headers)
+                body = {"history": history, "observation": observations[i % distinct], "mode": "fast"}
+                resp = await client.post(f"{root}/v1/verify", json=body, headers=headers)
             key = str(resp.status_code)
             ok = resp.status_code == 200 and isinstance(resp.json(), dict)
             if ok and "confidence" not in resp.json() and "status" not in resp.json():
@@ -118,11 +123,15 @@ async def _run(base_url: str, workload: str, requests: int, concurrency: int, ap
 
 
 def run_load(base_url: str, *, workload: str = "verify", requests: int = 1000, concurrency: int = 16,
-             api_key: str | None = None, timeout: float = 120.0) -> LoadReport:
-    """Drive a running server and report. Only the given URL is contacted."""
+             api_key: str | None = None, timeout: float = 120.0, distinct: int | None = None) -> LoadReport:
+    """Drive a running server and report. Only the given URL is contacted.
+
+    ``distinct`` observation frames are cycled (default: one per request).
+    """
     if workload not in ("verify", "mix"):
         raise ValueError(f"workload must be 'verify' or 'mix', got {workload!r}")
-    return asyncio.run(_run(base_url, workload, requests, concurrency, api_key, timeout))
+    distinct = max(1, requests if distinct is None else distinct)
+    return asyncio.run(_run(base_url, workload, requests, concurrency, api_key, timeout, distinct))
 
 
 def free_port() -> int:
@@ -172,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", choices=["verify", "mix"], default="verify")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--distinct", type=int, default=None,
+                        help="distinct observation frames to cycle (default: one per request)")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -189,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             proc = start_server(model, port=port, extra=extra)
             base = f"http://127.0.0.1:{port}"
         report = run_load(base, workload=args.workload, requests=args.requests, concurrency=args.concurrency,
-                          api_key=args.api_key)
+                          api_key=args.api_key, distinct=args.distinct)
     finally:
         if proc is not None:
             stop_server(proc)

@@ -68,8 +68,9 @@ class _Progress:
     def __enter__(self) -> "_Progress":
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
-                            TimeRemainingColumn(), console=render.err_console, transient=True)
+        self.bar = Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[acc]}"), TimeRemainingColumn(), console=render.err_console,
+                            transient=True)
         self.task = self.bar.add_task("eval", total=None, acc="")
         self.right = 0
         self.bar.__enter__()
@@ -130,7 +131,10 @@ def _dist(counts: dict) -> str:
               help="List this many items whose correctness changed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def compare_cmd(report_a, report_b, show, as_json):
-    """Compare two runs (their report.json files) item by item, with McNemar's paired test."""
+    """Compare two runs (their report.json files) item by item, with McNemar's paired test.
+
+    "A only" / "B only" count the items only that run got right; McNemar's p-values come from them.
+    """
     from tpru_agent.finetune.eval_report import compare_reports
 
     diff = compare_reports(report_a, report_b)
@@ -138,13 +142,13 @@ def compare_cmd(report_a, report_b, show, as_json):
         render.emit_json(diff)
         return
     rows = []
-    for name, d in [("overall", diff["overall"]), *[(f"task {k}", v) for k, v in diff["per_task"].items()]]:
+    for name, d in [("overall", diff["overall"]), *diff["per_task"].items()]:
         rows.append([name, str(d["n"]), f"{100 * (d['a']['value'] or 0):.1f}", f"{100 * (d['b']['value'] or 0):.1f}",
                      f"{100 * (d['diff'] or 0):+.1f}", str(d["a_only_right"]), str(d["b_only_right"]),
                      f"{d['p_exact']:.3g}", f"{d['p_mid']:.3g}"])
-    render.show_table(f"A = {diff['a']['model']} ({diff['a']['mode']})   B = {diff['b']['model']} ({diff['b']['mode']})",
-                      ["group", "paired n", "A %", "B %", "B - A", "only A right", "only B right", "McNemar p",
-                       "mid-p"], rows)
+    a, b = diff["a"], diff["b"]
+    render.show_table(f"A = {a['model']} ({a['mode']})   B = {b['model']} ({b['mode']})",
+                      ["group", "n", "A %", "B %", "B-A", "A only", "B only", "p exact", "mid-p"], rows)
     if diff["only_a"] or diff["only_b"]:
         render.warn(f"{diff['only_a']} item(s) only in A and {diff['only_b']} only in B are left out of the pairing")
     p = diff["overall"]["p_mid"]
@@ -154,8 +158,8 @@ def compare_cmd(report_a, report_b, show, as_json):
     if show and diff["changed"]:
         render.show_table(f"Items whose correctness changed ({diff['changed_count']})",
                           ["id", "task", "truth", "A", "B"],
-                          [[c["id"], c["task"], c["answer"], _mark(c["a"], c["a_correct"]), _mark(c["b"], c["b_correct"])]
-                           for c in diff["changed"][:show]])
+                          [[c["id"], c["task"], c["answer"], _mark(c["a"], c["a_correct"]),
+                            _mark(c["b"], c["b_correct"])] for c in diff["changed"][:show]])
 
 
 def _mark(prediction, correct: bool) -> str:

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 #: Bumped whenever the builder's output for the same inputs changes (recorded in the manifest).
 BUILDER_VERSION = "1"
 #: What a build owns in its output folder (``samples.png`` is where ``tpru data show`` draws by default).
-OWNED = {"train", "test", "manifest.json", ".work", "samples.png"}
+OWNED = {"train", "test", "manifest.json", ".work", ".lock", "samples.png"}
 
 
 @dataclass
@@ -168,9 +168,7 @@ class BuildResult:
     already_done: bool = False
 
 
-def _prepare(cfg: BuildConfig) -> Path:
-    out = Path(cfg.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+def _prepare(cfg: BuildConfig, out: Path) -> None:
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OWNED)
     if foreign:
         raise ConfigError(f"output folder {str(out)!r} holds other files ({foreign[:4]}); pick an empty or new folder")
@@ -187,14 +185,13 @@ def _prepare(cfg: BuildConfig) -> Path:
         if not cfg.overwrite:
             raise ConfigError(f"{str(out)!r} holds a build with other settings; pass --overwrite to replace it, "
                               "or pick another --out")
-        for name in OWNED:
+        for name in OWNED - {".lock"}:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     (work / "units").mkdir(parents=True, exist_ok=True)
     for tmp in out.rglob(".*.tmp"):
         tmp.unlink(missing_ok=True)             # leftovers of a killed run (never renamed into place)
     write_json(stamp, {"fingerprint": cfg.fingerprint(), "settings": cfg.settings()})
-    return out
 
 
 def _pool(workers: int):
@@ -242,18 +239,25 @@ def build(cfg: BuildConfig, *, progress: Progress | None = None) -> BuildResult:
         ConfigError: bad settings or sources, or ``out`` holds something else.
     """
     progress = progress or Progress()
-    out = _prepare(cfg)
-    manifest_path = out / "manifest.json"
-    if manifest_path.is_file():
-        shutil.rmtree(out / ".work", ignore_errors=True)
-        return BuildResult(out, json.loads(manifest_path.read_text()), already_done=True)
-    lock = open(out / ".work" / "lock", "w")
+    out = Path(cfg.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    # An OS lock (released when the process dies, SIGKILL included): one build per folder at a time.
+    lock = open(out / ".lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
+        lock.close()
         raise ConfigError(f"another build is writing {str(out)!r}; wait for it or pick another --out") from exc
     try:
-        return _build_locked(cfg, out, progress)
+        _prepare(cfg, out)
+        manifest_path = out / "manifest.json"
+        if manifest_path.is_file():
+            shutil.rmtree(out / ".work", ignore_errors=True)
+            (out / ".lock").unlink(missing_ok=True)
+            return BuildResult(out, json.loads(manifest_path.read_text()), already_done=True)
+        result = _build_locked(cfg, out, progress)
+        (out / ".lock").unlink(missing_ok=True)   # a finished dataset folder holds only the dataset
+        return result
     finally:
         lock.close()
 
@@ -270,7 +274,7 @@ def _build_locked(cfg: BuildConfig, out: Path, progress: Progress) -> BuildResul
         done = sum(Path(path_of[u.key]).is_file() for u in mine)
         progress.advance(f"source{i}", done, "cached" if done else "")
     todo = [(u, prefixes[u.source], path_of[u.key]) for u in units if not Path(path_of[u.key]).is_file()]
-    with_pool = _pool(min(cfg.workers, max(len(todo), 1)))
+    with_pool = _pool(cfg.workers)   # worker processes start on the first job only
     try:
         _run_jobs(with_pool, ingest_unit, todo,
                   lambda job, r: progress.advance(f"source{job[0].source}", 1, f"{r['episodes']} episodes"))

@@ -167,6 +167,13 @@ class FinetuneConfig:
         if self.prompts_per_rollout % self.prompts_per_update:
             raise ConfigError(f"prompts_per_rollout ({self.prompts_per_rollout}) must be a multiple of "
                               f"prompts_per_update ({self.prompts_per_update}): each rollout feeds whole updates")
+        from .rewards import REWARDS
+
+        if not self.rewards:
+            raise ConfigError(f"rewards is empty; use one or more of {', '.join(REWARDS)} (or 'package.module:function')")
+        for name in self.rewards:
+            if name not in REWARDS and ":" not in name:
+                _choice("rewards", name, tuple(REWARDS))
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards")
         if self.num_nodes > 1 and not self.main_process_ip:

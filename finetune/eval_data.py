@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tpru_agent.errors import ConfigError, FrameError, require
-from tpru_agent.tasks import IMAGE, LETTERS, NONE_TEXT, TASKS, Option, Question
+from tpru_agent.tasks import IMAGE, LETTERS, TASKS, Option, Question
 
 from .tpru_format import decode_image, parquet_files
 
@@ -226,7 +226,10 @@ def content_id(problem: str, answer: str, cells, root: Path | None) -> str:
     """A stable id from the row's text, answer and image bytes (16 hex digits)."""
     digest = hashlib.sha1(problem.encode() + b"\0" + answer.encode())
     for i, cell in enumerate(cells):
-        data = _cell_bytes(cell, root, f"image {i}")
+        try:
+            data = _cell_bytes(cell, root, f"image {i}")
+        except FrameError:  # a missing image file: the row still gets an id, and fails when it is evaluated
+            data = None
         digest.update(hashlib.sha1(data if data is not None else repr(cell).encode()).digest())
     return digest.hexdigest()[:16]
 
@@ -364,5 +367,4 @@ def open_dataset(path: str | Path, *, split: str = "auto") -> EvalDataset:
     return EvalDataset(path, split=split)
 
 
-__all__ = ["EvalDataset", "EvalRow", "NONE_TEXT", "content_id", "open_dataset", "parse_options",
-           "question_from_problem"]
+__all__ = ["EvalDataset", "EvalRow", "content_id", "open_dataset", "parse_options", "question_from_problem"]

@@ -15,12 +15,14 @@ all run the same way. A parse failure (``ParseError``) counts as a wrong answer 
 
 Example:
     >>> from tpru_agent.finetune.evaluate import EvalConfig, run_eval
-    >>> report = run_eval(EvalConfig(model="tpru-3b", data="TPRU-test", mode="fast", out="runs/tpru3b"))  # doctest: +SKIP
-    >>> report["accuracy"]["value"], report["accuracy"]["ci95"]                                            # doctest: +SKIP
+    >>> config = EvalConfig(model="tpru-3b", data="TPRU-test", mode="fast", out="runs/tpru3b")
+    >>> report = run_eval(config)                                          # doctest: +SKIP
+    >>> report["accuracy"]["value"], report["accuracy"]["ci95"]            # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -91,6 +93,9 @@ class EvalConfig:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if self.debias < 1:
             raise ConfigError(f"debias must be >= 1, got {self.debias}")
+        if self.debias > 1 and self.mode != "fast":
+            raise ConfigError(f"debias={self.debias} averages scored answers, which only fast mode has; pass "
+                              "mode='fast' (--mode fast) or drop debias")
         if self.bins < 1:
             raise ConfigError(f"bins must be >= 1, got {self.bins}")
 
@@ -288,7 +293,10 @@ def run_eval(config: EvalConfig, *, model=None, progress: Progress | None = None
     report = eval_report.summarize(records, bins=config.bins)
     report.update(eval_report.header(config, tpru, dataset.describe(), skipped, wall_s))
     if config.plots and records:
-        report["plots"] = eval_report.write_plots(report, out)
+        if importlib.util.find_spec("matplotlib") is None:
+            log.warning("matplotlib is not installed: no plots (pip install 'tpru-agent[finetune]')")
+        else:
+            report["plots"] = eval_report.write_plots(report, out)
     write_json(report, out / REPORT_FILE)
     return report
 

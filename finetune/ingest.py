@@ -89,7 +89,7 @@ def ingest_unit(unit: Unit, prefix: str, path: str) -> dict:
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        pq.write_table(table, tmp, compression="none")
+        pq.write_table(table, tmp, compression="none", row_group_size=1)   # one episode per row group
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -116,21 +116,27 @@ def read_unit(path: Path, unit: Unit, first_gid: int) -> tuple[list[EpisodeRecor
 
 
 class FrameStore:
-    """PNG bytes of cached frames, by (unit file, row, frame), keeping the last few unit files in memory."""
+    """PNG bytes of cached frames by (unit file, row, frame); reads one episode (one row group) at a time and keeps
+    the most recent ``capacity`` episodes in memory."""
 
-    def __init__(self, capacity: int = 16):
+    def __init__(self, capacity: int = 96):
         self.capacity = capacity
-        self._cache: OrderedDict[str, list] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int], list] = OrderedDict()
+        self._files: dict[str, object] = {}
 
     def get(self, path: str, row: int, frame: int) -> bytes:
         """The PNG bytes of one frame."""
-        frames = self._cache.get(path)
+        key = (path, row)
+        frames = self._cache.get(key)
         if frames is None:
-            pq = require("pyarrow.parquet", "finetune", what="building TPRU data")
-            frames = pq.read_table(path, columns=["frames"]).column("frames").to_pylist()
-            self._cache[path] = frames
+            parquet = self._files.get(path)
+            if parquet is None:
+                pq = require("pyarrow.parquet", "finetune", what="building TPRU data")
+                parquet = self._files[path] = pq.ParquetFile(path)
+            frames = parquet.read_row_group(row, columns=["frames"]).column("frames")[0].as_py()
+            self._cache[key] = frames
             if len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
         else:
-            self._cache.move_to_end(path)
-        return frames[row][frame]
+            self._cache.move_to_end(key)
+        return frames[frame]

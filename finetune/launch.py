@@ -71,7 +71,7 @@ def check_launchable(cfg: FinetuneConfig) -> None:
     """Fail early, naming the fix, when the launch cannot work here."""
     import importlib.util
 
-    if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"--deepspeed {cfg.deepspeed} needs the 'deepspeed' package: pip install deepspeed")
     if cfg.peft == "qlora" and cfg.deepspeed == "zero3":
         raise ConfigError("QLoRA with ZeRO-3 is not supported here: use --deepspeed zero2 or no --deepspeed")
+    if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"--deepspeed {cfg.deepspeed} needs the 'deepspeed' package: pip install deepspeed")

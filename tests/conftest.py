@@ -60,7 +60,7 @@ def synthetic_frames(count: int = 4, size: tuple[int, int] = (196, 168)) -> list
         img = np.zeros((height, width, 3), dtype=np.uint8)
         img[..., 0] = (xx * 255 // max(width - 1, 1)).astype(np.uint8)
         img[..., 1] = (yy * 255 // max(height - 1, 1)).astype(np.uint8)
-        img[..., 2] = 40 + 50 * i
+        img[..., 2] = (40 + 50 * i) % 256
         side = height // 4
         x0 = 8 + i * (width - side - 16) // max(count - 1, 1)
         img[height // 3: height // 3 + side, x0: x0 + side] = (255 - 60 * i, 30 * i, 255)

@@ -254,10 +254,29 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path):
         subprocess.run(_cli(*args, "-o", str(out)), check=True, capture_output=True, timeout=120)
         for name, data in reference.items():
             assert (out / name).read_bytes() == data, (name, kills)
-        assert not list(out.rglob(".*.tmp")) and not (out / ".work").exists()
+        assert not list(out.rglob(".*.tmp")) and not (out / ".work").exists() and not (out / ".lock").exists()
     interrupted = [state for _, code, state in kills if code == -signal.SIGKILL and state != "done"]
     assert len(interrupted) >= 4, kills
     assert any(s.startswith("ingest") for s in interrupted) and any(s.startswith("render") for s in interrupted), kills
+
+
+def test_cli_build_with_config_file_and_flags(source, tmp_path):
+    from click.testing import CliRunner
+
+    from tpru_agent.cli.main import cli
+
+    config = tmp_path / "build.yaml"
+    config.write_text(f"sources: ['frames:{source / 'gui'}']\nsamples_per_episode: 2\nseed: 1\n")
+    out = tmp_path / "o"
+    done = CliRunner().invoke(cli, ["data", "build", "--config", str(config), "--seed", "3", "-o", str(out), "--json"])
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.stdout)
+    settings = json.loads((out / "manifest.json").read_text())["settings"]
+    assert settings["seed"] == 3 and settings["samples_per_episode"] == 2        # flags override the file
+    assert sum(summary["samples"].values()) == 8 - sum(summary["skips"].values())
+    config.write_text("sources: ['frames:x']\nsample_per_episode: 2\n")
+    bad = CliRunner().invoke(cli, ["data", "build", "--config", str(config), "-o", str(tmp_path / "p")])
+    assert bad.exit_code == 1 and "Did you mean 'samples_per_episode'" in bad.stderr
 
 
 def test_cli_show_and_errors(built, tmp_path):

@@ -64,7 +64,8 @@ def test_calibration_and_percentile():
     assert ece == pytest.approx(0.4 * 0.45 + 0.4 * 0.35 + 0.2 * 0.15)
     assert [b.n for b in bins] == [0, 1, 0, 0, 0, 0, 2, 0, 0, 2]
     assert calibration([1.0], [True], n_bins=4)[1][-1].n == 1  # confidence 1.0 falls in the last bin
-    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5 and percentile([1.0, 2.0, 3.0, 4.0, 5.0], 95) == pytest.approx(4.8)
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 95) == pytest.approx(4.8)
     with pytest.raises(ConfigError):
         calibration([1.2], [True])
 
@@ -137,12 +138,14 @@ def oracle_rows(n_episodes: int, seed: int = 0) -> list[TPRURow]:
         domain = ("robot", "gui")[ep % 2]
         perm = rng.sample([1, 2, 3, 4], 4)
         q = ordering.build(4)
-        rows.append(TPRURow(q.problem, tuple(encode_png(frame(s)) for s in perm),
-                            "".join(label for _, label in sorted(zip(perm, q.labels))), "ordering", domain, False, f"e{ep}"))
+        truth = "".join(label for _, label in sorted(zip(perm, q.labels)))
+        rows.append(TPRURow(q.problem, tuple(encode_png(frame(s)) for s in perm), truth, "ordering", domain, False,
+                            f"e{ep}"))
         negative = ep % 3 == 0
         cands = rng.sample([5, 6, 7] + ([8] if negative else [3]), 4)
         q = next_frame.build(2, 4, with_goal=True, none_position=rng.randrange(5))
-        answer = q.none_letter if negative else next(o.letter for o in q.options if o.value is not None and cands[o.value] == 3)
+        answer = q.none_letter if negative else next(o.letter for o in q.options
+                                                     if o.value is not None and cands[o.value] == 3)
         rows.append(TPRURow(q.problem, tuple(encode_png(frame(s)) for s in [1, 2, 4, *cands]), answer, "next", domain,
                             negative, f"e{ep}"))
         cands = rng.sample([5, 6, 7, 1], 4)
@@ -181,7 +184,8 @@ def test_layouts_and_ids(dataset, tmp_path):
     table = table.append_column("id", pa.array(["q1", "q2", "q3"]))
     pq.write_table(table.drop(["task", "negative"]), tmp_path / "ids.parquet")
     got = list(open_dataset(tmp_path / "ids.parquet"))
-    assert [r.id for r in got] == ["q1", "q2", "q3"] and [r.question().task for r in got] == ["ordering", "next", "previous"]
+    assert [r.id for r in got] == ["q1", "q2", "q3"]
+    assert [r.question().task for r in got] == ["ordering", "next", "previous"]  # inferred: no task column
 
 
 def test_saved_datasets_folder(dataset, tmp_path):
@@ -286,7 +290,8 @@ def test_compare_runs_with_mcnemar(dataset, tmp_path):
     run_eval(EvalConfig(model="oracle", data=str(dataset), out=str(tmp_path / "b"), mode="fast", plots=False),
              model=TPRU(engine=PixelOracle()))
     diff = compare_reports(tmp_path / "a" / "report.json", tmp_path / "b")
-    a = {json.loads(x)["id"]: json.loads(x)["correct"] for x in (tmp_path / "a" / "items.jsonl").read_text().splitlines()}
+    lines = (tmp_path / "a" / "items.jsonl").read_text().splitlines()
+    a = {json.loads(x)["id"]: json.loads(x)["correct"] for x in lines}
     only_b = sum(not ok for ok in a.values())  # the oracle is always right
     overall = diff["overall"]
     assert overall["n"] == 12 and overall["a_only_right"] == 0 and overall["b_only_right"] == only_b
@@ -312,3 +317,10 @@ def test_cli_eval_run(dataset, tmp_path):
     bad = CliRunner().invoke(cli, ["eval", "run", "-m", "classic", "-d", str(dataset), "-o", str(tmp_path / "c"),
                                    "--mode", "reason", "--limit", "3"])
     assert bad.exit_code == 1 and "other settings" in bad.output
+
+
+@pytest.mark.parametrize("bad", [dict(data=""), dict(mode="slow"), dict(limit=0), dict(debias=2, mode="reason"),
+                                 dict(bins=0)])
+def test_config_checks_name_the_problem(bad):
+    with pytest.raises(ConfigError):
+        EvalConfig(**{"data": "somewhere", **bad}).check()

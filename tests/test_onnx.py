@@ -306,6 +306,23 @@ def test_cli_export_int8_with_external_data(tmp_path, tiny_checkpoint, ort, requ
     assert again.exit_code == 1 and "already exists" in again.output
 
 
+def test_save_graph_gathers_spilled_weights_into_one_file(tmp_path, onnx_dir):
+    """Graphs over 2 GB come out of the exporter with one file per weight; they are gathered into <graph>.data."""
+    import onnx
+
+    from tpru_agent.export import _save_graph
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    graph = onnx.load(str(onnx_dir / "embed.onnx"))
+    onnx.save_model(graph, str(raw / "embed.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    assert len(list(raw.iterdir())) > 1
+    info = _save_graph(raw / "embed.onnx", tmp_path / "embed.onnx", None)
+    assert info["data"] == [] and not list(raw.iterdir())  # small: weights back inside the graph
+    assert info["bytes"] == (tmp_path / "embed.onnx").stat().st_size > 500_000
+
+
 def test_engine_runs_without_torch(onnx_dir):
     """The onnx engine itself needs no torch / transformers (frames already at the export size)."""
     code = (
@@ -314,7 +331,7 @@ def test_engine_runs_without_torch(onnx_dir):
         "from tpru_agent.engines.onnx import ONNXEngine\n"
         "from tpru_agent.engines.base import Request\n"
         "from tpru_agent.tasks import ordering, render_prompt, continuation\n"
-        f"e = ONNXEngine({str(onnx_dir)!r}, threads=1)\n"
+        f"e = ONNXEngine({str(onnx_dir)!r}, threads=1, image_cache=0)\n"
         "frames = [Image.fromarray(np.full((168, 196, 3), 40 * i, np.uint8)) for i in range(4)]\n"
         "q = ordering.build(4)\n"
         "s = e.score(Request(q, render_prompt(q.problem), tuple(frames)), [continuation(a) for a in q.answers()])\n"

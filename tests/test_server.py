@@ -408,6 +408,31 @@ def test_reason_mode_end_to_end(oracle_server, mode):
         assert order.raw.startswith("<think>")
 
 
+def test_full_queue_answers_503():
+    import asyncio
+
+    from tpru_agent.server import ServerConfig, create_app
+
+    app = create_app(TPRU(engine=PixelOracle()), ServerConfig(max_queue=1))
+    worker, gate = app.state.worker, threading.Event()
+    worker.submit(gate.wait)
+    time.sleep(0.05)
+    worker.submit(lambda: None)  # one running, one waiting: the queue is full
+    body = {"history": [URL, URL], "observation": URL, "mode": "fast"}
+
+    async def post():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.post("/v1/verify", json=body)
+
+    try:
+        resp = asyncio.run(post())
+    finally:
+        gate.set()
+        worker.close()
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+    assert resp.json()["error"]["code"] == "queue_full"
+
+
 def test_serve_help_is_light():
     from click.testing import CliRunner
 

@@ -177,7 +177,7 @@ def export_onnx(model: str | os.PathLike, out: str | os.PathLike, *, int8: bool 
 
     step(f"loading {model} (float32, eager attention)")
     hf_model = transformers.AutoModelForImageTextToText.from_pretrained(
-        source, dtype=torch.float32, attn_implementation="eager").eval()
+        source, dtype=torch.float32, attn_implementation="eager", use_safetensors=True, local_files_only=True).eval()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     os.chmod(tmp, 0o755)

@@ -119,6 +119,9 @@ class TPRU:
             kind = "classic" if ref.kind == "classic" else "onnx" if ref.is_onnx else "hf"
         if kind == "classic":
             return create_engine("classic", None)
+        if kind in ("onnx", "openai") and kwargs.get("quantization"):
+            raise ConfigError(f"quantization={kwargs['quantization']!r} applies to the hf engine only; for ONNX "
+                              "export with `tpru export --int8`, for a server quantise on the server side")
         if kind == "openai":
             kwargs = {k: v for k, v in kwargs.items() if k not in {"quantization", "device", "dtype"}}
         if kind == "onnx":
@@ -296,6 +299,18 @@ class TPRU:
         return timings
 
     # ---------------------------------------------------------------- lifecycle
+    def export(self, out: str | os.PathLike, *, format: str = "onnx", int8: bool = False,
+               frame_size: str | tuple[int, int] | None = None, overwrite: bool = False):
+        """Export this model's weights for another runtime (``format="onnx"``: vision / embedding / decoder graphs).
+
+        Returns the export folder, which ``TPRU(folder)`` loads with the onnx engine.
+        """
+        if format != "onnx":
+            raise ConfigError(f"export format must be 'onnx', got {format!r}")
+        from .export import export_onnx
+
+        return export_onnx(self.model_name, out, int8=int8, frame_size=frame_size, overwrite=overwrite)
+
     def info(self) -> dict[str, Any]:
         """What is loaded: engine, model, load time, and the engine's own facts (parameters, memory...)."""
         facts = self.engine.info() if hasattr(self.engine, "info") else {}

@@ -1,6 +1,7 @@
 """``tpru serve``: a TPRU model behind an OpenAI-compatible HTTP API plus task routes (FastAPI + uvicorn).
 
-Routes (JSON in, JSON out; every refusal is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx):
+Routes (JSON in, JSON out; every error is ``{"error": {"message", "type", "param", "code"}}``: 4xx for requests
+the server refuses, 5xx for failures on its side, never a traceback):
 
 - ``GET /health``: status, model, engine, queue depth, counters (no key needed).
 - ``GET /v1/models``: the served name, ``owned_by: "tpru-agent"`` (how clients detect the extensions below).
@@ -24,6 +25,7 @@ Routes (JSON in, JSON out; every refusal is ``{"error": {"message", "type", "par
   ``POST /v1/previous`` ``{"later": [...], "candidates": [...], "description"?, "mode"?, "none_position"?}``,
   ``POST /v1/verify`` ``{"history": [...], "observation": img, "goal"?, "distractors"?, "description"?, "mode"?}``:
   the facade's result as ``to_dict()`` JSON. ``img`` is a data URL or bare base64 (never a path or a URL).
+  A reason-mode answer that does not parse is a 422 (``type: "parse_error"``, the raw text in the message).
 
 Safety: binds 127.0.0.1 unless told otherwise; ``--api-key`` (or ``TPRU_API_KEY``) requires
 ``Authorization: Bearer KEY`` on ``/v1/*``; bodies over ``--max-body-mb`` get 413; one model thread runs every
@@ -147,13 +149,13 @@ def create_app(model, config: ServerConfig | None = None):
     return app
 
 
-async def run_model(app, call: Callable[[], Any] | None = None, *, future=None) -> Any:
-    """Queue ``call`` on the model thread (or await ``future``) and map failures to HTTP errors."""
+async def run_model(app, call: Callable[[], Any] | None = None, *, submit: Callable[[], Any] | None = None) -> Any:
+    """Queue ``call`` on the model thread (or queue a job with ``submit()``), await it, map failures to HTTP errors."""
     from .server_chat import ClientError
     from .server_worker import QueueFullError, WorkerClosedError
 
     try:
-        fut = future if future is not None else app.state.worker.submit(call)
+        fut = submit() if submit is not None else app.state.worker.submit(call)
     except QueueFullError as exc:
         raise ClientError(503, str(exc), kind="server_busy", code="queue_full", headers={"Retry-After": "1"}) from exc
     except WorkerClosedError as exc:
@@ -184,6 +186,9 @@ def validation_body(errors: list[dict]) -> dict:
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return _error("the request body is not valid JSON: " + str(first.get("ctx", {}).get("error", "")),
+                      code="invalid_json")
+    if tuple(first.get("loc", ())) == ("body",):
+        return _error("the request body must be one JSON object (sent with Content-Type: application/json)",
                       code="invalid_json")
     loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""

@@ -65,7 +65,7 @@ class VerifyBody(_Task):
     distractors: _ImageList | None = None
 
 
-async def _decode(app, values, name: str, *, single: bool = False, budget=None):
+async def _decode(values, name: str, *, single: bool = False, budget=None):
     """Decode image references off the event loop (a list, or one reference when ``single``)."""
     if values is None:
         return None
@@ -96,7 +96,7 @@ def add_routes(app) -> None:
     @app.post("/v1/order")
     async def order(body: OrderBody) -> dict:
         images_ok(body.frames)
-        frames = await _decode(app, body.frames, "frames")
+        frames = await _decode(body.frames, "frames")
         result = await run_model(app, partial(state.tpru.order_frames, frames, description=body.description,
                                               mode=body.mode))
         return result.to_dict()
@@ -104,9 +104,9 @@ def add_routes(app) -> None:
     @app.post("/v1/next")
     async def next_frame(body: NextBody) -> dict:
         images_ok(body.history, body.candidates, body.goal)
-        history = await _decode(app, body.history, "history")
-        candidates = await _decode(app, body.candidates, "candidates")
-        goal = await _decode(app, body.goal, "goal", single=True)
+        history = await _decode(body.history, "history")
+        candidates = await _decode(body.candidates, "candidates")
+        goal = await _decode(body.goal, "goal", single=True)
         result = await run_model(app, partial(state.tpru.predict_next, history, candidates, goal=goal,
                                               description=body.description, mode=body.mode,
                                               none_position=body.none_position))
@@ -115,8 +115,8 @@ def add_routes(app) -> None:
     @app.post("/v1/previous")
     async def previous(body: PreviousBody) -> dict:
         images_ok(body.later, body.candidates)
-        later = await _decode(app, body.later, "later")
-        candidates = await _decode(app, body.candidates, "candidates")
+        later = await _decode(body.later, "later")
+        candidates = await _decode(body.candidates, "candidates")
         result = await run_model(app, partial(state.tpru.review_previous, later, candidates,
                                               description=body.description, mode=body.mode,
                                               none_position=body.none_position))
@@ -125,10 +125,10 @@ def add_routes(app) -> None:
     @app.post("/v1/verify")
     async def verify(body: VerifyBody) -> dict:
         images_ok(body.history, body.observation, body.goal, body.distractors)
-        history = await _decode(app, body.history, "history")
-        observation = await _decode(app, body.observation, "observation", single=True)
-        goal = await _decode(app, body.goal, "goal", single=True)
-        distractors = await _decode(app, body.distractors, "distractors")
+        history = await _decode(body.history, "history")
+        observation = await _decode(body.observation, "observation", single=True)
+        goal = await _decode(body.goal, "goal", single=True)
+        distractors = await _decode(body.distractors, "distractors")
         result = await run_model(app, partial(state.tpru.verify_step, history, observation, goal=goal,
                                               distractors=distractors, description=body.description,
                                               mode=body.mode))
@@ -143,14 +143,14 @@ def add_routes(app) -> None:
                               "(see GET /v1/models)", param="model", code="model_not_found", kind="not_found_error")
         call = parse_chat(body, tpru.options, max_images=state.config.max_images,
                           max_logprobs=state.config.max_logprobs)
-        images = await _decode(app, call.image_refs, "image_url", budget=tpru.budget)
+        images = await _decode(call.image_refs, "image_url", budget=tpru.budget)
         request = Request(build_question(body.tpru_question, call.text, len(images)), call.text, tuple(images))
         if body.tpru_score is not None:
             return await _score(app, request, body)
         wants_tokens = (call.prefill is not None or body.logprobs or body.prompt_logprobs is not None
                         or body.return_token_ids)
         if not wants_tokens:
-            text = await run_model(app, future=_submit(state.worker.submit_generate, request, call.options))
+            text = await run_model(app, submit=partial(state.worker.submit_generate, request, call.options))
             return completion(state.served, text)
         tokens = TokenAccess.of(tpru.engine)
         if tokens is None:
@@ -158,15 +158,6 @@ def add_routes(app) -> None:
                               f"token access, which the served engine ({tpru.engine_name}) does not give; use "
                               "the tpru_score field to score continuations", code="unsupported_by_engine")
         return await run_model(app, partial(_token_call, tokens, tpru.engine, request, call, body, state.served))
-
-
-def _submit(submit, *args):
-    from .server_worker import QueueFullError
-
-    try:
-        return submit(*args)
-    except QueueFullError as exc:
-        raise ClientError(503, str(exc), kind="server_busy", code="queue_full", headers={"Retry-After": "1"}) from exc
 
 
 async def _score(app, request: Request, body: ChatBody) -> dict:

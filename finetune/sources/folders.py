@@ -51,7 +51,7 @@ def list_episodes(root: str | Path) -> list[str]:
 
 
 def folder_episodes(root: str | Path, *, episodes: Sequence[str] | None = None, domain: str | None = None,
-                    description: str | None = None, task: str | None = None, max_frames: int = 32,
+                    description: str | None = None, task: str | None = None, max_frames: int = 16,
                     min_frames: int = 4, on_skip: SkipFn | None = None) -> Iterator[Episode]:
     """Yield one :class:`Episode` per episode folder, frames resized to the TPRU pixel budget.
 

@@ -167,13 +167,21 @@ def _rng(seed: int, task: str, index: int, attempt: int, salt: int) -> np.random
 
 
 def _set_task(env, task: str, rng: np.random.Generator) -> np.ndarray:
-    from metaworld import Task, env_dict
+    """Draw the object/goal positions the way Meta-World does (its resets reject invalid layouts), then freeze them.
 
-    space = env._random_reset_space
-    rand_vec = rng.uniform(space.low, space.high, size=space.low.size)
-    data = dict(env_dict.ML1_ARGS_KWARGS[task]["kwargs"])
-    data.pop("task_id", None)
-    data.update(rand_vec=rand_vec, env_cls=type(env), partially_observable=False)
+    Sampling the reset space uniformly is not enough: several envs (box-close, assembly...) loop in ``reset``
+    until the sampled vector is valid, forever when it is frozen to an invalid one.
+    """
+    from metaworld import Task
+
+    env._freeze_rand_vec = False
+    env.seeded_rand_vec = True
+    env._set_task_called = True
+    env.seed(int(rng.integers(2**31 - 1)))
+    env._set_task_inner()
+    env.reset()
+    rand_vec = np.array(env._last_rand_vec, dtype=np.float64)
+    data = {"rand_vec": rand_vec, "env_cls": type(env), "partially_observable": False}
     env.set_task(Task(env_name=task, data=pickle.dumps(data)))
     return rand_vec
 

@@ -109,7 +109,7 @@ def video_episodes(paths: str | Path | Sequence[str | Path], *, frames: int = 16
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
     videos = [v for item in items for v in list_videos(item)]
     for video in videos:
-        episode_id = video.stem if len(videos) == 1 else f"{video.parent.name}/{video.stem}"
+        episode_id = f"{video.parent.name}/{video.stem}"   # the same however the videos are chunked into units
         meta = _sidecar(video)
         try:
             raw = read_video(video, video_frames=frames * oversample)

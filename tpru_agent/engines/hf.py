@@ -3,6 +3,11 @@
 ``score`` runs the prompt (images included) once, keeps its key/value cache, and runs only each candidate's own
 tokens on top of it, batched, so ranking 24 permutations costs about one extra short forward pass.
 
+Across calls, a content-keyed prefix cache (:mod:`tpru_agent.engines.prefix_cache`) keeps the key/values of the
+prompts already run and the visual features of the frames already seen: a new prompt starts from its longest
+cached prefix (same tokens, same images) and a frame is encoded once. Results equal the uncached ones (within
+float noise); ``prefix_cache_mb=0`` turns it off.
+
 Example:
     >>> from tpru_agent.engines.hf import HFEngine
     >>> engine = HFEngine("tpru-3b", quantization="4bit")          # doctest: +SKIP
@@ -13,18 +18,21 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import inspect
 import logging
 import os
+import threading
 from typing import Sequence
+
+import numpy as np
 
 from .. import hub
 from ..errors import ConfigError, TPRUError, close_matches, require
 from ..tasks.question import IMAGE
 from .base import GenerationOptions, Request
 from .chat import common_prefix, expand_image_pads
+from .prefix_cache import PrefixCache, Span, fork, image_key, kv_nbytes, tensors_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +129,10 @@ class HFEngine:
         min_pixels, max_pixels: the processor's pixel budget (TPRU's by default), so frames already resized to
             it by the caller are not resized again.
         score_batch_size: candidates run together in one ``score`` forward; ``None`` sizes it from memory.
+        prefix_cache_mb: memory (MiB, on the model's device) for the prefix key/value cache and the per-frame
+            visual features reused across calls; 0 disables it. A 4-frame prompt of Qwen2.5-VL-3B takes ~15 MiB.
+        ignore_eos: decode every one of ``max_new_tokens`` (fixed-length timing runs; a random model may stop at
+            any token or never).
 
     Raises:
         ModelNotFoundError: the weights cannot be found (see :mod:`tpru_agent.hub`).
@@ -134,7 +146,8 @@ class HFEngine:
                  quantization: str | None = None, attn_implementation: str | None = None,
                  revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                  local_files_only: bool | None = None, trust_remote_code: bool = False,
-                 min_pixels: int = 16384, max_pixels: int = 36864, score_batch_size: int | None = None):
+                 min_pixels: int = 16384, max_pixels: int = 36864, score_batch_size: int | None = None,
+                 prefix_cache_mb: float = 512, ignore_eos: bool = False):
         torch = require("torch", "hf", what="the hf engine")
         transformers = require("transformers", "hf", what="the hf engine")
         self.quantization = check_quantization(quantization)
@@ -142,12 +155,15 @@ class HFEngine:
             raise ConfigError(f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
         if score_batch_size is not None and score_batch_size < 1:
             raise ConfigError(f"score_batch_size must be >= 1 or None, got {score_batch_size}")
+        if not prefix_cache_mb >= 0:
+            raise ConfigError(f"prefix_cache_mb must be >= 0 (0 disables the prefix cache), got {prefix_cache_mb}")
         if self.quantization:  # before any download: fail fast when the extra is missing
             require("bitsandbytes", "quant", what=f"quantization={self.quantization!r}")
         self.device = pick_device(device, torch)
         self.dtype = pick_dtype(dtype, self.device, torch)
         self.folder = hub.locate(model, revision=revision, cache=cache_dir, local_files_only=local_files_only)
         self.score_batch_size = score_batch_size
+        self.ignore_eos = ignore_eos
         kwargs = dict(dtype=self.dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
                       local_files_only=True, device_map={"": self.device})
         if attn_implementation:
@@ -164,6 +180,10 @@ class HFEngine:
         self._torch = torch
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
+        # One model call at a time: the cache bookkeeping and generate's M-RoPE offset (model.model.rope_deltas)
+        # are shared state. The server already serialises its calls on one thread; this guards direct users.
+        self._lock = threading.RLock()
 
     def _bnb_config(self, transformers):
         """NF4 computes in the engine dtype (bf16 on CUDA, fp32 on CPU by default); int8 is LLM.int8."""
@@ -193,7 +213,8 @@ class HFEngine:
         """One reply per request (new text only, special tokens removed), batched with left padding.
 
         Greedy when ``options.temperature == 0``, else sampling with ``temperature`` / ``top_p`` (seeded by
-        ``options.seed`` without touching the global random state).
+        ``options.seed`` without touching the global random state). A lone request starts from the prefix cache,
+        and leaves its prompt + reply there (a ``score`` after the reasoning then runs only the answer).
         """
         model, torch = self._live(), self._torch
         if options.max_new_tokens < 1 or options.temperature < 0 or not 0 < options.top_p <= 1:
@@ -201,28 +222,49 @@ class HFEngine:
                               "and 0 < top_p <= 1")
         if not requests:
             return []
-        texts = [self.chat_text(r) for r in requests]
-        images = [im for r in requests for im in r.images]
-        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-        inputs = inputs.to(model.device)
         tok = self.processor.tokenizer
-        eos = model.generation_config.eos_token_id
+        eos = [] if self.ignore_eos else model.generation_config.eos_token_id
         eos = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
         im_end = tok.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end not in eos:
+        if not self.ignore_eos and isinstance(im_end, int) and im_end not in eos:
             eos.append(im_end)
         # Explicit values override the release's generation_config (Qwen ships sampling defaults and a
         # repetition penalty): what the caller's options say is what runs, on every engine alike.
-        kwargs = dict(max_new_tokens=options.max_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+        kwargs = dict(max_new_tokens=options.max_new_tokens, eos_token_id=eos or None, pad_token_id=tok.pad_token_id,
                       repetition_penalty=1.0)
         if options.temperature > 0:
             kwargs.update(do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        with torch.inference_mode(), self._seeded(options.seed if options.temperature > 0 else None):
+        seed = options.seed if options.temperature > 0 else None
+        with self._lock, torch.inference_mode(), self._seeded(seed):
+            if len(requests) == 1 and self.prefix_cache.enabled:
+                return [self._generate_cached(requests[0], kwargs)]
+            texts = [self.chat_text(r) for r in requests]
+            images = [im for r in requests for im in r.images]
+            inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+            inputs = inputs.to(model.device)
             out = model.generate(**inputs, **kwargs)
         new = out[:, inputs["input_ids"].shape[1]:]
         return tok.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _generate_cached(self, request: Request, kwargs: dict) -> str:
+        """Prefill all but the prompt's last token from the prefix cache, then let ``model.generate`` decode."""
+        torch, model, tok = self._torch, self.model, self.processor.tokenizer
+        visual = self._visual(request.images)
+        ids = tok(self._expand(self.chat_text(request), visual), add_special_tokens=False)["input_ids"]
+        _, cache, delta = self._prefill(ids[:-1], visual)
+        work = fork(cache)
+        # generate continues from a filled cache: the uncached last token and every new one sit at text position
+        # + delta (Qwen2.5-VL's M-RoPE offset after the images), which it reads from model.model.rope_deltas.
+        model.model.rope_deltas = delta
+        input_ids = torch.tensor([ids], device=model.device)
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             **{self._cache_kw: work}, **kwargs)
+        full = out[0].tolist()
+        kept = work.get_seq_length()
+        self.prefix_cache.put(np.asarray(full[:kept]), self._spans(full[:kept], visual), work)
+        return tok.decode(full[len(ids):], skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     @contextlib.contextmanager
     def _seeded(self, seed: int | None):
@@ -241,10 +283,11 @@ class HFEngine:
     def score(self, request: Request, continuations: Sequence[str], *, prefix: str = "") -> list[float]:
         """Log-probability of each continuation as the assistant reply after ``prefix``.
 
-        The shared part (prompt, images, ``prefix`` and whatever tokens every candidate starts with) runs once;
-        each candidate's remaining tokens run on its cached keys and values. A value is the sum of the log-probs
-        of the candidate's tokens after the longest token prefix shared by every candidate and by the bare
-        prompt + ``prefix`` (tokens, not characters: Qwen glues ``>A`` into one token).
+        The shared part (prompt, images, ``prefix`` and whatever tokens every candidate starts with) runs once,
+        from the longest prefix already in the prefix cache; each candidate's remaining tokens run on its cached
+        keys and values. A value is the sum of the log-probs of the candidate's tokens after the longest token
+        prefix shared by every candidate and by the bare prompt + ``prefix`` (tokens, not characters: Qwen glues
+        ``>A`` into one token).
 
         Raises:
             ConfigError: repeated continuations, or a placeholder / image count mismatch.
@@ -257,22 +300,20 @@ class HFEngine:
         if repeated:
             raise ConfigError(f"continuations must be distinct; repeated: {repeated[:5]}")
         prompt = self.chat_text(request, reply=prefix)
-        images = list(request.images)
-        vision = self.processor(text=[prompt], images=images or None, return_tensors="pt") if images else None
-        expanded = self._expand_images(prompt, vision)
-        tok = self.processor.tokenizer
-        seqs = [tok(expanded + c, add_special_tokens=False)["input_ids"] for c in conts]
-        bare = tok(expanded, add_special_tokens=False)["input_ids"]
-        shared = common_prefix([*seqs, bare])
-        shared = min(shared, min(len(s) for s in seqs) - 1)  # every candidate keeps >= 1 scored token
-        if shared < 1:
-            raise ConfigError("the prompt is empty: nothing to condition the continuations on")
-        image_id = model.config.image_token_id
-        if any(image_id in s[shared:] for s in seqs):
-            raise ConfigError(f"a continuation contains the image token {self.processor.image_token!r}; "
-                              "continuations must be plain text")
-        with torch.inference_mode():
-            first_logp, cache, delta = self._run_prefix(seqs[0][:shared], vision)
+        with self._lock, torch.inference_mode():
+            visual = self._visual(request.images)
+            expanded = self._expand(prompt, visual)
+            tok = self.processor.tokenizer
+            seqs = [tok(expanded + c, add_special_tokens=False)["input_ids"] for c in conts]
+            bare = tok(expanded, add_special_tokens=False)["input_ids"]
+            shared = common_prefix([*seqs, bare])
+            shared = min(shared, min(len(s) for s in seqs) - 1)  # every candidate keeps >= 1 scored token
+            if shared < 1:
+                raise ConfigError("the prompt is empty: nothing to condition the continuations on")
+            if any(model.config.image_token_id in s[shared:] for s in seqs):
+                raise ConfigError(f"a continuation contains the image token {self.processor.image_token!r}; "
+                                  "continuations must be plain text")
+            first_logp, cache, delta = self._prefill(seqs[0][:shared], visual)
             rests = [s[shared:] for s in seqs]
             totals = [float(first_logp[r[0]]) for r in rests]
             order = [i for i in range(len(rests)) if len(rests[i]) > 1]
@@ -283,41 +324,80 @@ class HFEngine:
                     totals[i] += value
         return totals
 
-    def _expand_images(self, prompt: str, vision) -> str:
-        """The prompt with each image's single pad token repeated as the processor does (one per merged patch)."""
-        if vision is None:
-            return prompt
-        merge = self.processor.image_processor.merge_size ** 2
-        counts = [int(t.prod()) // merge for t in vision["image_grid_thw"]]
-        return expand_image_pads(prompt, counts, self.processor.image_token)
+    # ------------------------------------------------------------------ cached prefill
+    def _visual(self, images) -> list[tuple[str, object, tuple[int, int, int]]]:
+        """``(content key, visual tokens [n, hidden], grid (t, h, w))`` per image; only unseen frames are encoded."""
+        keys = [image_key(im) for im in images]
+        found = {key: self.prefix_cache.feature(key) for key in dict.fromkeys(keys)}
+        missing = [key for key, value in found.items() if value is None]
+        if missing:
+            model = self.model
+            pixels = self.processor.image_processor(images=[images[keys.index(k)] for k in missing],
+                                                    return_tensors="pt")
+            grid = pixels["image_grid_thw"].to(model.device)
+            feats = model.model.get_image_features(pixels["pixel_values"].to(model.device, model.dtype),
+                                                   grid).pooler_output
+            for key, feat, thw in zip(missing, feats, grid.tolist()):
+                found[key] = (feat, tuple(thw))
+                self.prefix_cache.put_feature(key, found[key], tensors_nbytes([feat]))
+        return [(key, *found[key]) for key in keys]
 
-    def _run_prefix(self, ids: list[int], vision):
-        """Forward the shared prefix once: log-probs of the next token, the cache and the M-RoPE offset."""
+    def _expand(self, prompt: str, visual) -> str:
+        """The prompt with each image's single pad token repeated once per visual token, as the processor does."""
+        return expand_image_pads(prompt, [len(feat) for _, feat, _ in visual], self.processor.image_token)
+
+    def _spans(self, ids: Sequence[int], visual) -> list[Span]:
+        """Where each image's tokens sit in ``ids`` (images in order), with the image's content key."""
+        at = np.flatnonzero(np.asarray(ids) == self.model.config.image_token_id)
+        spans, used = [], 0
+        for key, feat, _ in visual:
+            n = len(feat)
+            if used + n > len(at) or at[used + n - 1] - at[used] != n - 1:
+                raise ConfigError(f"the prompt's image tokens do not match its {len(visual)} image(s)")
+            spans.append((int(at[used]), int(at[used]) + n, key))
+            used += n
+        if used != len(at):
+            raise ConfigError(f"the prompt has {len(at)} image tokens for {used} visual tokens")
+        return spans
+
+    def _prefill(self, ids: list[int], visual):
+        """Forward ``ids`` from the longest cached prefix: next-token log-probs, the cache and the M-RoPE offset.
+
+        Positions come from ``get_rope_index`` over the whole of ``ids`` (text advances all three axes; an image
+        takes (t, row, column) offsets from its start), so the part run here continues the cached part exactly.
+        """
         torch, model = self._torch, self.model
         from transformers import DynamicCache
 
         input_ids = torch.tensor([ids], device=model.device)
-        extra = {}
-        if vision is not None:
-            grid = vision["image_grid_thw"].to(model.device)
-            extra = dict(pixel_values=vision["pixel_values"].to(model.device, model.dtype), image_grid_thw=grid)
+        spans = self._spans(ids, visual)
+        if visual:
+            grid = torch.tensor([thw for _, _, thw in visual], device=model.device)
             mm_types = (input_ids == model.config.image_token_id).int()
-            position_ids, delta = model.model.get_rope_index(input_ids, mm_token_type_ids=mm_types,
-                                                             image_grid_thw=grid)
+            positions, delta = model.model.get_rope_index(input_ids, mm_token_type_ids=mm_types, image_grid_thw=grid)
         else:
-            position_ids = torch.arange(len(ids), device=model.device).view(1, 1, -1).expand(3, 1, -1)
+            positions = torch.arange(len(ids), device=model.device).view(1, 1, -1).expand(3, 1, -1)
             delta = torch.zeros(1, 1, dtype=torch.long, device=model.device)
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=1,
-                    **{self._cache_kw: cache}, **extra)
-        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-        return first, cache, delta
+        key = np.asarray(ids, dtype=np.int64)
+        reused, stored = self.prefix_cache.lookup(key, spans)
+        reused = min(reused, len(ids) - 1)  # run >= 1 token: its logits score the continuations' first token
+        cache = fork(stored, reused) if stored is not None and reused > 0 else DynamicCache(config=model.config)
+        reused = reused if stored is not None else 0
+        embeds = model.get_input_embeddings()(input_ids[:, reused:])
+        for (start, end, _), (_, feat, _) in zip(spans, visual):
+            lo = max(start, reused)
+            if lo < end:
+                embeds[0, lo - reused:end - reused] = feat[lo - start:].to(embeds.dtype)
+        out = model(inputs_embeds=embeds, position_ids=positions[..., reused:], use_cache=True, logits_to_keep=1,
+                    **{self._cache_kw: cache})
+        self.prefix_cache.count(reused, len(ids) - reused)
+        self.prefix_cache.put(key, spans, cache)
+        return torch.log_softmax(out.logits[0, -1].float(), dim=-1), cache, delta
 
     def _chunk_size(self, cache, n: int) -> int:
         if self.score_batch_size:
             return self.score_batch_size
-        per_copy = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-                       if t is not None) if hasattr(cache, "layers") else 0
+        per_copy = kv_nbytes(cache)
         budget = SCORE_CACHE_BYTES.get(self._torch.device(self.device).type, 1 << 30)
         return max(1, min(max(n, 1), budget // max(per_copy, 1)))
 
@@ -330,7 +410,7 @@ class HFEngine:
         batch = len(rests)
         positions = torch.arange(shared, shared + width, device=model.device) + delta.reshape(-1)[0]
         position_ids = positions.view(1, 1, -1).expand(3, batch, -1)
-        local = copy.deepcopy(cache)
+        local = fork(cache)  # the prefix cache keeps `cache`: repeat and extend a copy
         local.batch_repeat_interleave(batch)
         # Right padding needs no mask: a causal model never lets a real token see the pads after it.
         out = model(input_ids=inputs, position_ids=position_ids, use_cache=True, **{self._cache_kw: local})
@@ -342,6 +422,13 @@ class HFEngine:
         return values
 
     # ------------------------------------------------------------------ housekeeping
+    def cache_info(self) -> dict:
+        """The prefix cache: budget and bytes used, entries, hits, tokens reused vs run, evictions."""
+        return self.prefix_cache.info()
+
+    def clear_cache(self) -> None:
+        """Forget cached prefixes and visual features (e.g. between timed runs); the counters are kept."""
+        self.prefix_cache.clear()
     def info(self) -> dict:
         """What is loaded: parameters, memory footprint (bytes), device, dtype, quantization, model folder."""
         model = self._live()
@@ -354,6 +441,7 @@ class HFEngine:
             "dtype": str(self.dtype).removeprefix("torch."),
             "quantization": self.quantization,
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
+            "prefix_cache_bytes": self.prefix_cache.budget,
         }
 
     def close(self) -> None:
@@ -362,6 +450,7 @@ class HFEngine:
             return
         self.model = None
         self.processor = None
+        self.prefix_cache.clear()
         gc.collect()
         torch = self._torch
         if torch.cuda.is_available():

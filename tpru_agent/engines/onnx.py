@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -99,6 +100,8 @@ class ONNXEngine:
         tokenizers = require("tokenizers", "onnx", what="the onnx engine")
         if score_batch_size is not None and score_batch_size < 1:
             raise ConfigError(f"score_batch_size must be >= 1 or None, got {score_batch_size}")
+        if image_cache < 0:
+            raise ConfigError(f"image_cache must be >= 0 (frames kept), got {image_cache}")
         self.folder = _folder(model)
         self.manifest = read_manifest(self.folder)
         if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
@@ -121,6 +124,7 @@ class ONNXEngine:
         self._images: OrderedDict[str, np.ndarray] = OrderedDict()
         self._last: tuple | None = None  # (ids, image keys, key/value arrays) of the last prefill
         self._warned_resize = False
+        self._lock = threading.RLock()  # the caches are shared state: one call at a time (e.g. under a server)
 
     def _setup_ids(self) -> None:
         m = self.manifest
@@ -166,13 +170,15 @@ class ONNXEngine:
         for image in images:
             pixels = self._pixels(image)
             key = hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()
-            if key in self._images:
-                self._images.move_to_end(key)
-            else:
-                self._images[key] = self.sessions["vision"].run(None, {"pixels": pixels})[0]
+            feat = self._images.get(key)
+            if feat is None:
+                feat = self._live()["vision"].run(None, {"pixels": pixels})[0]
+                self._images[key] = feat
                 while len(self._images) > self._image_cache_size:
                     self._images.popitem(last=False)
-            feats.append(self._images[key])
+            else:
+                self._images.move_to_end(key)
+            feats.append(feat)
             keys.append(key)
         return feats, tuple(keys)
 
@@ -230,6 +236,10 @@ class ONNXEngine:
 
         Greedy when ``options.temperature == 0``, else nucleus sampling seeded by ``options.seed``.
         """
+        with self._lock:
+            return self._generate(requests, options)
+
+    def _generate(self, requests: Sequence[Request], options: GenerationOptions) -> list[str]:
         self._live()
         rng = np.random.default_rng(options.seed)
         replies = []
@@ -263,8 +273,11 @@ class ONNXEngine:
         Raises:
             ConfigError: repeated continuations, or a placeholder / image count mismatch.
         """
+        with self._lock:
+            return self._score(request, list(continuations), prefix)
+
+    def _score(self, request: Request, conts: list[str], prefix: str) -> list[float]:
         self._live()
-        conts = list(continuations)
         if not conts:
             return []
         repeated = sorted({c for c in conts if conts.count(c) > 1})

@@ -1,4 +1,4 @@
-"""Any OpenAI-compatible server as an engine: ``tpru serve`` (this package), vLLM, SGLang.
+"""Any OpenAI-compatible server as an engine: ``tpru serve`` (this package) or vLLM.
 
 ``generate`` sends one chat completion per request (images as PNG data URLs, one ``image_url`` part per
 ``<image>`` placeholder, in order). ``score`` needs log-probabilities; three methods, picked per server:
@@ -6,7 +6,7 @@
 - ``"tpru"`` (``tpru serve``): the ``tpru_score`` request field (see :mod:`tpru_agent.server`) returns each
   continuation's exact log-probability from the served engine's own ``score``: identical numbers to running the
   engine locally. Detected from ``GET /v1/models`` (``owned_by: "tpru-agent"``).
-- ``"top_logprobs"`` (vLLM, SGLang; single-letter answers): one request whose assistant turn is prefilled up to the
+- ``"top_logprobs"`` (vLLM; single-letter answers): one request whose assistant turn is prefilled up to the
   answer (``continue_final_message: true, add_generation_prompt: false``), ``max_tokens: 1``, ``logprobs: true``,
   ``top_logprobs: 20``; each option's value is the log-prob of the first token that only its continuation starts
   with. The prefill is cut at a Qwen pre-token boundary: Qwen glues ``>A`` into one token, so the prefill ends with
@@ -19,22 +19,27 @@
 
 ``"auto"`` (default) uses ``tpru`` on ``tpru serve``, else ``top_logprobs`` for single-letter answers and
 ``prompt_logprobs`` otherwise (also when ``top_logprobs`` finds no option token). What a server must support:
-``tpru serve``: nothing more; vLLM >= 0.6: all of the above (``--max-logprobs`` >= 20, the default);
-a server without ``continue_final_message`` (or one that ignores it) cannot score: use ``mode="reason"`` results'
-raw text only, or serve the model with ``tpru serve``.
+``generate`` needs only chat completions with ``image_url`` parts. ``score`` needs, on ``tpru serve``, nothing
+more; elsewhere the vLLM chat fields ``continue_final_message`` / ``add_generation_prompt``, ``logprobs`` /
+``top_logprobs`` (``--max-logprobs`` >= 20, vLLM's default) and, for answers longer than one token,
+``prompt_logprobs`` and ``return_token_ids``. A server without prefilled assistant turns cannot score: serve the
+model with ``tpru serve`` instead (it also answers the vLLM fields above when its engine is hf).
 
 Serving TPRU-3B with vLLM for this engine (images at the TPRU pixel budget, up to 7 per prompt)::
 
     vllm serve Stephengzk/TPRU-3B --served-model-name tpru-3b \\
-        --limit-mm-per-prompt '{"image": 7}' \\
+        --limit-mm-per-prompt '{"image": 7, "video": 0}' \\
         --mm-processor-kwargs '{"min_pixels": 16384, "max_pixels": 36864}' \\
         --max-model-len 8192 --host 127.0.0.1 --port 8000
 
     # then, in Python:
     TPRU("tpru-3b", engine="openai", base_url="http://127.0.0.1:8000/v1").order_frames(frames, mode="fast")
 
-(``--limit-mm-per-prompt`` takes JSON in current vLLM; releases before 0.10 spelled it ``image=7``.) Without the
-two multimodal flags vLLM accepts one image per prompt and reserves memory for ~16k-token images.
+Current vLLM reads ``--limit-mm-per-prompt`` as JSON (or dotted: ``--limit-mm-per-prompt.image 7``); the old
+``image=7`` form was deprecated in 2025 and is now rejected. ``max_pixels`` keeps each frame at ~47 visual tokens
+as in training, and lets vLLM's memory profiling reserve space for 7 small images instead of a few huge ones
+(Qwen2.5-VL's processor default allows ~16k tokens per image); ``"video": 0`` skips reserving video memory.
+``tpru serve`` is the same API for one process without vLLM (``tpru serve --model tpru-3b``).
 
 Example:
     >>> from tpru_agent import TPRU
@@ -45,21 +50,29 @@ Example:
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
-import math
 import os
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
-from urllib.parse import urlsplit
 
-from ..errors import ConfigError, EngineUnavailableError, ModelNotFoundError, TPRUError, require
-from ..tasks.question import IMAGE, Question
+from ..errors import ConfigError, EngineUnavailableError, ModelNotFoundError, require
 from .base import GenerationOptions, Request
+from .openai_protocol import (
+    ServerError,
+    continuation_logprob,
+    error_message,
+    first_pretoken,
+    image_data_url,
+    match_top_logprobs,
+    message_text,
+    normalize_base_url,
+    prefill_split,
+    pretoken_split,
+    question_payload,
+    user_content,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,115 +80,6 @@ SCORE_METHODS = ("auto", "tpru", "top_logprobs", "prompt_logprobs")
 #: ``owned_by`` of the models ``tpru serve`` lists; how the engine knows it may send ``tpru_score``.
 TPRU_OWNER = "tpru-agent"
 _RETRY_STATUS = {429, 502, 503, 504}
-# Qwen2's pre-tokenizer split (transformers' PRETOKENIZE_REGEX) with \p{L} / \p{N} spelled for Python's re.
-_PRETOKEN = re.compile(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[^\r\n\w]|_)?[^\W\d_]+|\d| ?(?:[^\s\w]|_)+[\r\n]*"
-                       r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-class ServerError(TPRUError, RuntimeError):
-    """The server answered with an error, or with a body this engine cannot read. ``status`` / ``body`` kept."""
-
-    def __init__(self, message: str, *, status: int | None = None, body: Any = None):
-        self.status = status
-        self.body = body
-        super().__init__(message)
-
-
-def image_data_url(image, *, fmt: str = "png", quality: int = 90) -> str:
-    """A PIL image as a ``data:image/...;base64,`` URL (PNG is lossless: the server sees the same pixels)."""
-    buf = io.BytesIO()
-    if fmt == "jpeg":
-        image.convert("RGB").save(buf, format="JPEG", quality=quality)
-    else:
-        image.save(buf, format="PNG", compress_level=1)
-    return f"data:image/{fmt};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def question_payload(question: Question) -> dict:
-    """The structured question as JSON (``tpru serve`` rebuilds it, so engines that read it, e.g. classic, work)."""
-    return {"task": question.task, "problem": question.problem, "n_images": question.n_images,
-            "labels": list(question.labels), "options": [[o.letter, o.value] for o in question.options],
-            "context_steps": list(question.context_steps), "target_step": question.target_step,
-            "description": question.description}
-
-
-def user_content(request: Request, *, fmt: str = "png") -> list[dict]:
-    """OpenAI content parts: text pieces with one ``image_url`` part at each ``<image>`` placeholder."""
-    pieces = request.text.split(IMAGE)
-    if len(pieces) - 1 != len(request.images):
-        raise ConfigError(f"the prompt has {len(pieces) - 1} {IMAGE} placeholder(s) but {len(request.images)} "
-                          f"image(s) were given; put exactly one {IMAGE} in the text per image")
-    parts: list[dict] = []
-    for i, piece in enumerate(pieces):
-        if piece:
-            parts.append({"type": "text", "text": piece})
-        if i < len(request.images):
-            parts.append({"type": "image_url", "image_url": {"url": image_data_url(request.images[i], fmt=fmt)}})
-    return parts
-
-
-def pretoken_split(text: str, at: int) -> int:
-    """Start of the Qwen pre-token that contains character ``at`` of ``text`` (``at`` itself at a boundary)."""
-    for match in _PRETOKEN.finditer(text):
-        if match.start() <= at < match.end():
-            return match.start()
-    return at
-
-
-def common_prefix(texts: Sequence[str]) -> int:
-    """Length of the longest character prefix every text shares."""
-    first = texts[0]
-    n = min(len(t) for t in texts)
-    for i in range(n):
-        if any(t[i] != first[i] for t in texts[1:]):
-            return i
-    return n
-
-
-def match_top_logprobs(remainders: Sequence[str], top: Sequence[tuple[str, float]]) -> list[float | None]:
-    """Log-prob of each remainder's first token, read from one position's top list.
-
-    A listed token counts for a remainder when the remainder starts with it and no other remainder does (tokens
-    shared by several remainders say nothing about which one follows). Several such tokens add up (log-sum-exp).
-
-    Example:
-        >>> match_top_logprobs([">A</answer>", ">B</answer>"], [(">B", -0.1), (">", -3.0), (">A", -2.5)])
-        [-2.5, -0.1]
-    """
-    out: list[float | None] = []
-    for i, rem in enumerate(remainders):
-        hits = [lp for tok, lp in top if tok and rem.startswith(tok)
-                and not any(other.startswith(tok) for j, other in enumerate(remainders) if j != i)]
-        out.append(None if not hits else max(hits) + math.log(sum(math.exp(h - max(hits)) for h in hits)))
-    return out
-
-
-def continuation_logprob(prompt_logprobs: list, token_ids: list[int] | None, n_chars: int) -> float:
-    """Sum of the log-probs of the trailing prompt tokens that cover the last ``n_chars`` characters (vLLM shape).
-
-    ``prompt_logprobs`` is vLLM's list (``None`` first, then ``{token_id: {"logprob", "rank", "decoded_token"}}``
-    per prompt token); ``token_ids`` picks the prompt token out of each entry when an entry lists several.
-    """
-    total, covered = 0.0, 0
-    for pos in range(len(prompt_logprobs) - 1, -1, -1):
-        if covered >= n_chars:
-            break
-        entry = prompt_logprobs[pos]
-        if not entry:
-            raise ServerError(f"prompt_logprobs has no entry at position {pos}: the continuation covers the whole "
-                              "prompt", body=None)
-        if token_ids is not None and str(token_ids[pos]) in entry:
-            item = entry[str(token_ids[pos])]
-        elif len(entry) == 1:
-            item = next(iter(entry.values()))
-        else:
-            raise ServerError("prompt_logprobs lists several tokens per position and no prompt_token_ids came "
-                              "back; the server must support return_token_ids (vLLM >= 0.10)")
-        total += float(item["logprob"])
-        covered += len(item.get("decoded_token") or "")
-    if covered < n_chars:
-        raise ServerError(f"prompt_logprobs cover {covered} characters, fewer than the continuation's {n_chars}")
-    return total
 
 
 class OpenAIEngine:
@@ -261,7 +165,7 @@ class OpenAIEngine:
         except ValueError:
             body = None
         if resp.status_code >= 400:
-            message = _error_message(body) or resp.text[:300]
+            message = error_message(body) or resp.text[:300]
             where = f"{what} on {self.base_url} answered HTTP {resp.status_code}: {message}"
             if resp.status_code in (401, 403):
                 raise ConfigError(f"{where}. Pass api_key= (or set TPRU_API_KEY) to the server's key")
@@ -319,7 +223,7 @@ class OpenAIEngine:
             body = self._post("/chat/completions", self._payload(
                 request, max_tokens=options.max_new_tokens, temperature=options.temperature,
                 top_p=options.top_p, seed=options.seed))
-            return _message_text(body)
+            return message_text(body)
 
         if len(requests) == 1:
             return [one(requests[0])]
@@ -332,7 +236,8 @@ class OpenAIEngine:
         if not conts:
             return []
         if len(set(conts)) != len(conts):
-            raise ConfigError(f"continuations must be distinct; repeated: {sorted({c for c in conts if conts.count(c) > 1})[:5]}")
+            repeated = sorted({c for c in conts if conts.count(c) > 1})
+            raise ConfigError(f"continuations must be distinct; repeated: {repeated[:5]}")
         method = self.score_method
         if method == "auto":
             method = "tpru" if self.is_tpru_server() else self._fallback_method(conts, prefix)
@@ -350,9 +255,9 @@ class OpenAIEngine:
 
     @staticmethod
     def _fallback_method(conts: list[str], prefix: str) -> str:
-        split = _split(conts, prefix)
+        split = prefill_split(conts, prefix)
         # A short distinguishing pre-token (">A") is one token in Qwen's vocabulary; permutations are not.
-        longest = max(len(_first_pretoken((prefix + c)[split:])) for c in conts)
+        longest = max(len(first_pretoken((prefix + c)[split:])) for c in conts)
         return "top_logprobs" if len(conts) > 1 and longest <= 3 else "prompt_logprobs"
 
     def _score_tpru(self, request: Request, conts: list[str], prefix: str) -> list[float]:
@@ -365,7 +270,7 @@ class OpenAIEngine:
         return [float(v) for v in values]
 
     def _score_top(self, request: Request, conts: list[str], prefix: str) -> list[float] | None:
-        split = _split(conts, prefix)
+        split = prefill_split(conts, prefix)
         fill = (prefix + conts[0])[:split]
         body = self._post("/chat/completions", self._payload(
             request, assistant=fill, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=self.top_logprobs))
@@ -407,44 +312,6 @@ class OpenAIEngine:
 
     def __repr__(self) -> str:
         return f"OpenAIEngine(model={self.model!r}, base_url={self.base_url!r})"
-
-
-def normalize_base_url(url: str) -> str:
-    """``http://host:8000`` -> ``http://host:8000/v1``; a URL with a path is kept (without a trailing ``/``)."""
-    parts = urlsplit(str(url).strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"base_url must be an http(s) URL like http://127.0.0.1:8000/v1, got {url!r}")
-    path = parts.path.rstrip("/")
-    return f"{parts.scheme}://{parts.netloc}{path or '/v1'}"
-
-
-def _split(conts: list[str], prefix: str) -> int:
-    """Where the prefill ends: the start of the pre-token in which the continuations first differ."""
-    at = len(prefix) + common_prefix(conts)
-    return min(pretoken_split(prefix + c, at) for c in conts)
-
-
-def _first_pretoken(text: str) -> str:
-    match = _PRETOKEN.match(text)
-    return match.group(0) if match else text
-
-
-def _message_text(body: dict) -> str:
-    try:
-        content = body["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError) as exc:
-        raise ServerError(f"the chat completion has no choices[0].message.content ({exc})", body=body) from exc
-    return content or ""
-
-
-def _error_message(body: Any) -> str:
-    if isinstance(body, dict):
-        err = body.get("error", body.get("detail", body.get("message")))
-        if isinstance(err, dict):
-            return str(err.get("message", err))
-        if err is not None:
-            return str(err)
-    return ""
 
 
 __all__ = ["OpenAIEngine", "SCORE_METHODS", "ServerError", "continuation_logprob", "image_data_url",

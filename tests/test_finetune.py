@@ -1,0 +1,327 @@
+"""GRPO / SFT on the tiny Qwen2.5-VL with multi-image prompts: full, LoRA, QLoRA, the batch guard, SIGTERM + resume.
+
+Every run uses 4-image ordering prompts (mixed with 3-image ordering and 7-image next-frame prompts), the real
+TRL trainers and the real model class on CPU. A random model scores 0 on the exact-match TPRU reward, so the runs
+add the dense ``label_density`` reward to get nonzero advantages and gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+
+from PIL import Image, ImageDraw  # noqa: E402
+
+from tpru_agent.finetune.config import resolve_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bar_frame(step: int, steps: int = 4, hue: int = 0, size: int = 112) -> Image.Image:
+    """A bar that grows with time: frame ``step`` of a ``steps``-step procedure."""
+    image = Image.new("RGB", (size, size), (20, 20, 20))
+    draw = ImageDraw.Draw(image)
+    height = int(size * (step + 1) / (steps + 1))
+    draw.rectangle([16, size - height, size - 16, size - 4], fill=(200, 60 + hue, 40 + 2 * step * 20))
+    return image
+
+
+def write_dataset(root: Path, *, n_train: int = 12, n_test: int = 4, seed: int = 0) -> Path:
+    """A TPRU-layout dataset: 4- and 3-frame ordering and 7-image next-frame questions over growing bars."""
+    from tpru_agent.finetune.tpru_format import TPRURow, encode_png, write_parquet
+    from tpru_agent.tasks import next_frame, ordering
+
+    rng = random.Random(seed)
+
+    def rows(n: int, tag: str) -> list:
+        out = []
+        for i in range(n):
+            kind = ("ordering4", "ordering3", "next")[i % 3]
+            if kind.startswith("ordering"):
+                k = int(kind[-1])
+                order = list(range(k))
+                rng.shuffle(order)
+                frames = [bar_frame(t, k, hue=10 * i) for t in order]
+                answer = "".join("ABCD"[order.index(t)] for t in range(k))
+                q = ordering.build(k)
+            else:
+                q = next_frame.build(2, 4, with_goal=True, none_position=-1)
+                candidates = [bar_frame(2, hue=10 * i), bar_frame(0, hue=90), bar_frame(3, hue=120), bar_frame(1, hue=150)]
+                rng.shuffle(candidates)
+                truth = next(j for j, c in enumerate(candidates) if c.tobytes() == bar_frame(2, hue=10 * i).tobytes())
+                frames = [bar_frame(0, hue=10 * i), bar_frame(1, hue=10 * i), bar_frame(3, hue=10 * i)] + candidates
+                answer = "ABCD"[truth]
+                kind = "next"
+            out.append(TPRURow(q.problem, tuple(encode_png(f) for f in frames), answer,
+                               task="ordering" if kind.startswith("ordering") else "next", domain="synthetic",
+                               episode_id=f"{tag}-{i}"))
+        return out
+
+    write_parquet(rows(n_train, "train"), root / "train" / "part-0.parquet")
+    write_parquet(rows(n_test, "test"), root / "test" / "part-0.parquet")
+    (root / "manifest.json").write_text(json.dumps({"builder": "tests", "seed": seed}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("tpru-data"))
+
+
+def tiny_config(tiny: Path, data: Path, out: Path, **overrides):
+    """The smallest run that still exercises everything: 1 prompt x 4 rollouts per step, 16-token completions."""
+    values = dict(base=str(tiny), data=str(data), output_dir=str(out), num_generations=4,
+                  per_device_train_batch_size=4, prompts_per_rollout=1, prompts_per_update=1, max_completion_length=16,
+                  max_steps=2, save_steps=1, learning_rate=1e-3, rewards=["tpru", "label_density"], eval_samples=2,
+                  eval_max_new_tokens=8, device="cpu", progress=False, lora_r=4, lora_alpha=8, sft_batch_size=2,
+                  data_cache_dir=str(out.parent / "datasets-cache"))
+    values.update(overrides)
+    return resolve_config(overrides=values)
+
+
+def tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def changed_keys(a: dict, b: dict) -> set[str]:
+    assert a.keys() == b.keys()
+    return {k for k in a if not bool((a[k] == b[k]).all())}
+
+
+#: Saved checkpoints use the Hub key layout (``visual.*``, ``model.layers.*``); the in-memory one nests them.
+VISION_KEY = re.compile(r"^(model\.)?visual\.")
+LM_PROJECTION_KEY = re.compile(r"^model\.(language_model\.)?layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\."
+                               r"(weight|bias)$")
+
+
+def records(path: Path, key: str | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if key is None or key in r]
+
+
+def answers(final: Path, frames) -> None:
+    """The weights load in the SDK and answer an ordering question."""
+    from tpru_agent import TPRU
+
+    result = TPRU(final).order_frames(frames, mode="fast")
+    assert sorted(result.order) == [0, 1, 2, 3]
+    assert 0.0 < result.confidence <= 1.0 and result.engine == "hf"
+
+
+# ----------------------------------------------------------------------------------------------- full fine-tune
+@pytest.fixture(scope="module")
+def full_run(tiny_checkpoint, dataset, tmp_path_factory):
+    """GRPO, full fine-tuning with the KL term (the paper's beta), 4 steps, a checkpoint every 2."""
+    from tpru_agent.finetune.train import train
+
+    out = tmp_path_factory.mktemp("full") / "run"
+    cfg = tiny_config(tiny_checkpoint, dataset, out, max_steps=4, save_steps=2, beta=0.01)
+    result = train(cfg)
+    return cfg, result
+
+
+def test_full_grpo_changes_the_weights_with_real_gradients(full_run, tiny_checkpoint):
+    cfg, result = full_run
+    assert result.status == "finished" and result.steps == {"grpo": 4}
+    changed = changed_keys(tensors(result.final), tensors(tiny_checkpoint))
+    assert any(VISION_KEY.match(k) for k in changed)      # the vision tower trains (paper: not frozen)
+    assert any(LM_PROJECTION_KEY.match(k) for k in changed)
+    steps = records(Path(cfg.output_dir) / "metrics.jsonl", "grad_norm")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert any(r["grad_norm"] > 0 and r["reward_std"] > 0 for r in steps)  # not only weight decay
+    assert any(r["kl"] > 0 for r in steps)                 # the reference model is in the loss
+    assert all("accuracy" in r and "format" in r for r in steps)
+
+
+def test_full_grpo_writes_checkpoints_curves_config_and_card(full_run):
+    cfg, result = full_run
+    out = Path(cfg.output_dir)
+    assert sorted(p.name for p in (out / "grpo").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "grpo" / "checkpoint-4" / "trainer_state.json").is_file()
+    assert resolve_config(out / "config.yaml") == cfg
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    card = (result.final / "README.md").read_text()
+    assert str(cfg.base) in card and "grpo 4" in card and "Held-out accuracy" in card and '"builder": "tests"' in card
+    assert result.evaluation["n"] == 2 and 0.0 <= result.evaluation["accuracy"] <= 1.0
+    assert not list(result.final.glob("*.bin"))  # safetensors only
+    provenance = json.loads((result.final / "tpru_finetune.json").read_text())
+    assert provenance["weights"] == "full" and provenance["steps"] == {"grpo": 4}
+
+
+def test_every_rollout_batch_passed_the_multimodal_check(full_run, dataset):
+    """The batches the trainer really built: one image-token block per image, features == tokens, 4+ images."""
+    cfg, _ = full_run
+    rollouts = records(Path(cfg.output_dir) / "rollouts.jsonl")
+    assert [r["step"] for r in rollouts] == [0, 1, 2, 3]
+    from tpru_agent.finetune.tpru_format import read_parquet
+
+    rows = list(read_parquet(dataset / "train"))
+    for r in rollouts:
+        [row_id] = r["rows"]
+        n_images = len(rows[row_id].images)
+        assert len(r["image_tokens"]) == cfg.num_generations
+        assert r["image_tokens"] == r["features"]              # image tokens in the prompt == image features
+        assert r["image_tokens"][0] % n_images == 0 and r["image_tokens"][0] >= 4 * n_images
+    assert any(len(rows[r["rows"][0]].images) >= 4 for r in rollouts)
+
+
+def test_full_grpo_weights_load_in_the_sdk_and_answer(full_run, frames4):
+    answers(full_run[1].final, frames4)
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(full_run):
+    from tpru_agent.errors import ConfigError
+    from tpru_agent.finetune.train import train
+
+    cfg, _ = full_run
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg)
+    again = train(cfg, resume=True)  # a finished run resumes as a no-op
+    assert again.status == "finished" and again.steps == {"grpo": 4}
+
+
+def test_batch_guard_stops_right_padded_prompts(tiny_checkpoint, tmp_path):
+    """Prompts of different lengths in one rollout with a right-padding processor: caught before training."""
+    from tpru_agent.finetune.data import load_split
+    from tpru_agent.finetune.grpo import BatchCheckError, build_grpo_trainer
+    from tpru_agent.finetune.modeling import load_model, load_processor
+
+    data = write_dataset(tmp_path / "d", n_train=2, n_test=1)   # a 4-frame and a 3-frame ordering question
+    cfg = tiny_config(tiny_checkpoint, data, tmp_path / "run", num_generations=2, prompts_per_rollout=2,
+                      prompts_per_update=2, per_device_train_batch_size=4, beta=0.0, max_steps=1)
+    processor = load_processor(tiny_checkpoint, cfg)
+    processor.tokenizer.padding_side = "right"               # the known failure mode
+    trainer = build_grpo_trainer(cfg, load_model(tiny_checkpoint, cfg), processor,
+                                 load_split(data, "train", cache_dir=cfg.data_cache_dir), output_dir=tmp_path / "o")
+    with pytest.raises(BatchCheckError, match="mm_token_type_ids do not mark the image tokens"):
+        trainer.train()
+    processor.tokenizer.padding_side = "left"
+    trainer = build_grpo_trainer(cfg, load_model(tiny_checkpoint, cfg), processor,
+                                 load_split(data, "train", cache_dir=cfg.data_cache_dir), output_dir=tmp_path / "o2")
+    trainer.train()
+    summary = trainer.last_batch_summary
+    assert sorted(summary["images_per_row"]) == [3, 3, 4, 4]   # both prompts, 2 rollouts each
+    assert summary["image_tokens_per_row"] == summary["features_per_row"]
+    assert len(set(summary["image_tokens_per_row"])) == 2      # different lengths: padding was exercised
+
+
+# ----------------------------------------------------------------------------------------------- PEFT
+def test_lora_trains_only_the_language_model_and_merges(tiny_checkpoint, dataset, tmp_path, frames4):
+    from tpru_agent.finetune.train import train
+
+    cfg = tiny_config(tiny_checkpoint, dataset, tmp_path / "run", peft="lora", beta=0.0, max_steps=3)
+    result = train(cfg)
+    assert result.status == "finished"
+    ckpt = tmp_path / "run" / "grpo" / "checkpoint-3"
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    changed = changed_keys(tensors(result.final), tensors(tiny_checkpoint))
+    assert changed, "LoRA merged into the base must change the weights"
+    assert all(LM_PROJECTION_KEY.match(k) for k in changed), changed
+    assert not any(VISION_KEY.match(k) for k in changed)  # the vision MLP's gate/up/down_proj are left alone
+    answers(result.final, frames4)
+
+
+@pytest.mark.slow
+def test_qlora_trains_on_a_4bit_base_and_merges_into_full_weights(tiny_checkpoint, dataset, tmp_path, frames4):
+    from tpru_agent.finetune.train import train
+
+    cfg = tiny_config(tiny_checkpoint, dataset, tmp_path / "run", peft="qlora", beta=0.0, max_steps=2, eval_samples=0)
+    result = train(cfg)
+    steps = records(tmp_path / "run" / "metrics.jsonl", "grad_norm")
+    assert any(r["grad_norm"] > 0 for r in steps)
+    base = tensors(tiny_checkpoint)
+    final = tensors(result.final)
+    assert final.keys() == base.keys()                    # plain full-precision weights, no 4-bit leftovers
+    assert all(final[k].dtype == base[k].dtype for k in base)
+    changed = changed_keys(final, base)
+    assert changed and all(LM_PROJECTION_KEY.match(k) for k in changed)
+    answers(result.final, frames4)
+
+
+@pytest.mark.slow
+def test_unmerged_adapter_is_saved_with_processor_and_note(tiny_checkpoint, dataset, tmp_path):
+    from tpru_agent.finetune.train import train
+
+    cfg = tiny_config(tiny_checkpoint, dataset, tmp_path / "run", peft="lora", merge=False, beta=0.0, max_steps=1,
+                      eval_samples=0)
+    final = train(cfg).final
+    adapter = json.loads((final / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_checkpoint)
+    assert (final / "adapter_model.safetensors").is_file() and (final / "chat_template.jinja").is_file()
+    assert "LoRA adapter" in (final / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------- SFT warm-up
+@pytest.mark.slow
+def test_sft_then_grpo_runs_both_stages_and_hands_over_weights(tiny_checkpoint, dataset, tmp_path, frames4):
+    from tpru_agent.finetune.train import train
+
+    cfg = tiny_config(tiny_checkpoint, dataset, tmp_path / "run", method="sft+grpo", beta=0.0, max_steps=2,
+                      sft_max_steps=2, sft_learning_rate=1e-3, eval_samples=0)
+    result = train(cfg)
+    assert result.steps == {"sft": 2, "grpo": 2}
+    warm = tmp_path / "run" / "sft" / "model"
+    assert changed_keys(tensors(warm), tensors(tiny_checkpoint))
+    assert changed_keys(tensors(result.final), tensors(warm))
+    stages = {r["stage"] for r in records(tmp_path / "run" / "metrics.jsonl", "loss")}
+    assert stages == {"sft", "grpo"}
+    assert json.loads((tmp_path / "run" / "final" / "tpru_finetune.json").read_text())["base_path"] == str(warm)
+    answers(result.final, frames4)
+
+
+# ----------------------------------------------------------------------------------------------- faults
+def _launch(config: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "tpru_agent.finetune.train", "--config", str(config), *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_steps_and_data(full_run, tmp_path):
+    """A real subprocess killed mid-run (SIGTERM), then resumed: same step count and data order as uninterrupted."""
+    reference_cfg, _ = full_run
+    out = tmp_path / "run"
+    cfg = resolve_config(overrides={**reference_cfg.to_dict(), "output_dir": str(out)})
+    config = cfg.save(tmp_path / "config.yaml")
+    proc = _launch(config)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and records(metrics, "grad_norm"):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert "resume with --resume" in err
+    saved = sorted((out / "grpo").glob("checkpoint-*"))
+    assert saved and not (out / "final").exists()
+    stopped_at = int(saved[-1].name.split("-")[1])
+    assert 1 <= stopped_at < cfg.max_steps
+
+    proc = _launch(config, "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    state = json.loads((out / "grpo" / f"checkpoint-{cfg.max_steps}" / "trainer_state.json").read_text())
+    assert state["global_step"] == cfg.max_steps
+    assert [r["step"] for r in records(metrics, "grad_norm")] == list(range(1, cfg.max_steps + 1))
+    ref_rows = [r["rows"] for r in records(Path(reference_cfg.output_dir) / "rollouts.jsonl")]
+    assert [r["rows"] for r in records(out / "rollouts.jsonl")] == ref_rows   # same data, same order
+    assert (out / "final" / "model.safetensors").is_file()

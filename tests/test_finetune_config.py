@@ -1,0 +1,380 @@
+"""Fine-tuning config, presets, launch commands, CLI parsing, data conversion and the batch guard (no training)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tpru_agent.errors import ConfigError
+from tpru_agent.finetune.config import (MODEL_SHAPES, PRESET_BUDGET_GIB, PRESETS, FinetuneConfig,
+                                        estimate_memory_gib, resolve_config)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_follow_the_paper_recipe():
+    cfg = FinetuneConfig(data="d")
+    paper = {"method": "grpo", "num_generations": 5, "temperature": 1.0, "top_p": 0.99, "beta": 0.01,
+             "learning_rate": 1e-6, "lr_scheduler_type": "constant", "weight_decay": 0.01, "max_grad_norm": 1.0,
+             "num_train_epochs": 2.0, "max_completion_length": 1024, "prompts_per_rollout": 256,
+             "prompts_per_update": 128, "min_pixels": 16384, "max_pixels": 36864, "freeze_vision": False,
+             "rewards": ["tpru"], "peft": "none"}
+    assert {k: getattr(cfg, k) for k in paper} == paper
+    assert cfg.bf16 is None  # auto: bf16 on a GPU that has it
+    assert cfg.generation_batch_size == 1280  # 256 prompts x 5 rollouts
+    assert cfg.gradient_accumulation_steps == 128  # 640 completions per update / 5 per micro-batch
+
+
+def test_resolution_order_is_defaults_then_preset_then_yaml_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: 24gb\ndata: d\nlearning_rate: 2.0e-6\npeft: lora\nseed: 3\n")
+    cfg = resolve_config(path, {"seed": 7, "beta": None})
+    assert cfg.gradient_checkpointing is True   # from the preset
+    assert cfg.peft == "lora"                   # YAML beats the preset's qlora
+    assert cfg.learning_rate == 2e-6            # YAML beats the default
+    assert cfg.seed == 7                        # the flag beats YAML
+    assert cfg.beta == 0.01                     # a flag left unset (None) changes nothing
+    assert resolve_config(overrides={"data": "d", "preset": "80gb"}).peft == "none"
+
+
+@pytest.mark.parametrize("source, key, hint", [
+    ("yaml", "lerning_rate", "learning_rate"),
+    ("flags", "num_generation", "num_generations"),
+    ("flags", "bta", "beta"),
+])
+def test_unknown_keys_fail_with_a_close_match(tmp_path, source, key, hint):
+    path = None
+    overrides = {"data": "d"}
+    if source == "yaml":
+        path = tmp_path / "c.yaml"
+        path.write_text(f"data: d\n{key}: 1\n")
+    else:
+        overrides[key] = "1"
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'. Did you mean '{hint}'"):
+        resolve_config(path, overrides)
+
+
+@pytest.mark.parametrize("key, raw, value", [
+    ("learning_rate", "1e-6", 1e-6),            # YAML 1.1 reads 1e-6 as a string
+    ("max_steps", "12", 12),
+    ("max_steps", 12.0, 12),
+    ("bf16", "false", False),
+    ("bf16", "null", None),
+    ("gradient_checkpointing", "yes", True),
+    ("rewards", "tpru,tpru_partial", ["tpru", "tpru_partial"]),
+    ("reward_weights", "1,0.5", [1.0, 0.5]),
+    ("preset", "none", None),
+    ("peft", "none", "none"),                   # a string value, not null: peft is not nullable
+    ("max_train_samples", "~", None),
+])
+def test_values_are_coerced_to_the_field_type(key, raw, value):
+    overrides = {"data": "d", key: raw}
+    if key == "reward_weights":
+        overrides["rewards"] = ["tpru", "label_density"]
+    assert getattr(resolve_config(overrides=overrides), key) == value
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"max_steps": "many"}, "max_steps must be int"),
+    ({"max_steps": 2.5}, "max_steps must be int"),
+    ({"method": "ppo"}, "method must be one of grpo, sft, sft\\+grpo"),
+    ({"peft": "lroa"}, "Did you mean 'lora'"),
+    ({"num_generations": 1}, "num_generations must be >= 2"),
+    ({"per_device_train_batch_size": 3}, "not a multiple of per_device_train_batch_size"),
+    ({"prompts_per_rollout": 100, "prompts_per_update": 64}, "must be a multiple of prompts_per_update"),
+    ({"min_pixels": 50000}, "min_pixels \\(50000\\) is above max_pixels"),
+    ({"top_p": 0}, "top_p must be in"),
+    ({"num_nodes": 2}, "main_process_ip"),
+    ({"reward_weights": "1,2"}, "reward_weights has 2 values for 1 rewards"),
+    ({"data": ""}, "data is not set"),
+    ({"rewards": ""}, "rewards is empty"),
+    ({"rewards": "tpru,tpru_parital"}, "Did you mean 'tpru_partial'"),
+])
+def test_invalid_values_name_the_key_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(overrides={"data": "d", **overrides})
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = resolve_config(overrides={"data": "d", "peft": "lora", "learning_rate": 3e-6, "rewards": "tpru_partial"})
+    path = cfg.save(tmp_path / "run" / "config.yaml")
+    assert resolve_config(path) == cfg
+    assert yaml.safe_load(path.read_text())["learning_rate"] == 3e-6
+
+
+@pytest.mark.parametrize("name, base, deepspeed", [("tpru-3b", "qwen2.5-vl-3b", "zero2"),
+                                                    ("tpru-7b", "qwen2.5-vl-7b", "zero3")])
+def test_examples_reproduce_the_paper_recipe(name, base, deepspeed):
+    cfg = resolve_config(REPO / "examples" / f"{name}.yaml", {"data": "d"})
+    assert (cfg.base, cfg.deepspeed, cfg.num_gpus, cfg.method, cfg.peft) == (base, deepspeed, 8, "grpo", "none")
+    assert (cfg.num_generations, cfg.temperature, cfg.top_p, cfg.beta) == (5, 1.0, 0.99, 0.01)
+    assert (cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm, cfg.num_train_epochs) == (1e-6, 0.01, 1.0, 2.0)
+    assert cfg.bf16 is True and cfg.freeze_vision is False and cfg.max_completion_length == 1024
+    # 256 prompts per rollout and 128 per update over 8 GPUs: 640 completions per update
+    assert cfg.per_device_train_batch_size * cfg.world_size * cfg.gradient_accumulation_steps == 640
+    assert cfg.generation_batch_size == 1280
+
+
+@pytest.mark.parametrize("size", ["3b", "7b"])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_fit_their_budget_by_the_written_estimate(size, preset):
+    settings = PRESETS[preset]
+    est = estimate_memory_gib(**MODEL_SHAPES[size], peft=settings["peft"], beta=0.01,
+                              gradient_checkpointing=settings["gradient_checkpointing"],
+                              batch=settings["per_device_train_batch_size"])
+    budget = PRESET_BUDGET_GIB[preset]
+    if size == "7b" and preset == "80gb":  # documented: the 7B full fine-tune needs ZeRO-3 over 2+ GPUs
+        assert est["total"] > budget
+        sharded = estimate_memory_gib(**MODEL_SHAPES[size], peft="none", beta=0.01, gradient_checkpointing=True,
+                                      batch=5, world_size=2, zero3=True)
+        assert sharded["total"] < budget
+    else:
+        assert est["total"] < budget
+    assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"))
+
+
+def test_estimate_orders_the_methods_sensibly():
+    shape = MODEL_SHAPES["3b"]
+    total = {p: estimate_memory_gib(**shape, peft=p, beta=0.01, gradient_checkpointing=True, batch=5)["total"]
+             for p in ("none", "lora", "qlora")}
+    assert total["qlora"] < total["lora"] < total["none"]
+    no_ckpt = estimate_memory_gib(**shape, peft="lora", beta=0.01, gradient_checkpointing=False, batch=5)
+    assert no_ckpt["activations"] > 5 * estimate_memory_gib(**shape, peft="lora", beta=0.01,
+                                                             gradient_checkpointing=True, batch=5)["activations"]
+
+
+# ----------------------------------------------------------------------------------------------- launch
+@pytest.mark.parametrize("overrides, processes, config_name", [
+    ({"num_gpus": 4}, 4, "ddp.yaml"),
+    ({"num_gpus": 8, "deepspeed": "zero2"}, 8, "zero2.yaml"),
+    ({"num_gpus": 8, "num_nodes": 2, "node_rank": 1, "main_process_ip": "10.0.0.1", "deepspeed": "zero3"}, 16,
+     "zero3.yaml"),
+])
+def test_launch_command_is_what_accelerate_parses(overrides, processes, config_name):
+    from accelerate.commands.launch import launch_command_parser
+
+    from tpru_agent.finetune.launch import launch_command
+
+    cfg = resolve_config(overrides={"data": "d", **overrides})
+    cmd = launch_command(cfg, "run/config.yaml", resume=True, python="python3")
+    assert cmd[:3] == ["python3", "-m", "accelerate.commands.launch"]
+    args = launch_command_parser().parse_args(cmd[3:])
+    assert args.num_processes == processes
+    assert args.num_machines == cfg.num_nodes and args.machine_rank == cfg.node_rank
+    assert Path(args.config_file).name == config_name and Path(args.config_file).is_file()
+    assert args.module and args.training_script == "tpru_agent.finetune.train"
+    assert args.training_script_args == ["--config", "run/config.yaml", "--resume"]
+    assert (args.main_process_ip == "10.0.0.1") == (cfg.num_nodes > 1)
+
+
+@pytest.mark.parametrize("name, kind, stage", [("ddp", "MULTI_GPU", None), ("zero2", "DEEPSPEED", 2),
+                                              ("zero3", "DEEPSPEED", 3)])
+def test_shipped_accelerate_configs_load_in_accelerate(name, kind, stage):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from tpru_agent.finetune.launch import accelerate_config
+
+    path = accelerate_config(FinetuneConfig(data="d", deepspeed=None if name == "ddp" else name))
+    assert path.name == f"{name}.yaml"
+    loaded = load_config_from_file(str(path))
+    assert loaded.distributed_type.name == kind and loaded.mixed_precision == "bf16"
+    assert loaded.deepspeed_config.get("zero_stage") == stage
+
+
+def test_training_entry_point_parses_its_own_arguments():
+    from tpru_agent.finetune.train import main
+
+    with pytest.raises(SystemExit):  # argparse: --config is required
+        main([])
+
+
+def test_needs_launch_only_for_several_processes_outside_a_launched_one(monkeypatch):
+    from tpru_agent.finetune.launch import check_launchable, needs_launch
+
+    for key in ("LOCAL_RANK", "ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert not needs_launch(FinetuneConfig(data="d"))
+    assert needs_launch(FinetuneConfig(data="d", num_gpus=2))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert not needs_launch(FinetuneConfig(data="d", num_gpus=2))
+    with pytest.raises(ConfigError, match="QLoRA with ZeRO-3"):
+        check_launchable(FinetuneConfig(data="d", peft="qlora", deepspeed="zero3"))
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(ConfigError, match="pip install deepspeed"):
+            check_launchable(FinetuneConfig(data="d", deepspeed="zero2"))
+    check_launchable(FinetuneConfig(data="d", num_gpus=2))  # plain data parallel needs nothing extra
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _cli(args, **env):
+    from click.testing import CliRunner
+
+    from tpru_agent.cli.main import cli
+
+    return CliRunner().invoke(cli, args, env=env or None, catch_exceptions=False)
+
+
+def test_cli_dry_run_shows_resolved_config_memory_and_launch(tmp_path):
+    out = tmp_path / "run"
+    result = _cli(["finetune", "--config", str(REPO / "examples" / "tpru-7b.yaml"), "--data", "d", "-o", str(out),
+                   "--set", "top_p=0.95", "--lr", "2e-6", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["config"]["top_p"] == 0.95 and payload["config"]["learning_rate"] == 2e-6
+    assert payload["memory_model"] == "Qwen2.5-VL-7B" and 0 < payload["memory_gib_per_gpu"]["total"] < 80
+    assert payload["launch"][payload["launch"].index("--num_processes") + 1] == "8"
+    assert payload["launch"][-2:] == ["--config", str(out / "config.yaml")]
+    assert not out.exists()  # a dry run writes nothing
+
+
+def test_cli_rejects_unknown_keys_with_a_suggestion():
+    result = _cli(["finetune", "--data", "d", "--set", "num_generation=4", "--dry-run"])
+    assert result.exit_code == 1
+    assert "Did you mean 'num_generations'" in result.output
+
+
+def test_cli_offline_base_fails_with_the_sdk_message(tmp_path):
+    from tpru_agent.errors import ModelNotFoundError
+    from tpru_agent.hub import locate
+
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
+    result = _cli(["finetune", "--base", "qwen2.5-vl-3b", "--data", str(tmp_path), "-o", str(tmp_path / "r")], **env)
+    assert result.exit_code == 1
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        with pytest.raises(ModelNotFoundError) as info:
+            locate("qwen2.5-vl-3b")
+    assert "Qwen/Qwen2.5-VL-3B-Instruct" in result.output and "HF_HUB_OFFLINE" in result.output
+    assert " ".join(str(info.value).split())[:60] in " ".join(result.output.split())
+    assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------------------------- data
+def test_to_messages_interleaves_text_and_image_placeholders_in_order():
+    from tpru_agent.finetune.data import to_messages
+    from tpru_agent.tasks import ordering
+
+    problem = ordering.build(4).problem
+    [message] = to_messages(problem)
+    parts = message["content"]
+    assert message["role"] == "user"
+    assert [p["type"] for p in parts].count("image") == 4
+    assert all(p.get("text") for p in parts if p["type"] == "text")
+    text = "".join(p["text"] if p["type"] == "text" else "<image>" for p in parts)
+    from tpru_agent.tasks import render_prompt
+
+    assert text == render_prompt(problem)  # the preamble is there, the placeholders where the problem had them
+
+
+def _write_rows(path, rows):
+    from tpru_agent.finetune.tpru_format import TPRURow, encode_png, write_parquet
+    from PIL import Image
+
+    write_parquet([TPRURow(p, tuple(encode_png(Image.new("RGB", s, (i * 40, 0, 0))) for i, s in enumerate(sizes)),
+                           a, task="ordering", episode_id=f"e{k}") for k, (p, sizes, a) in enumerate(rows)], path)
+
+
+def test_load_split_gives_trl_examples_at_the_pixel_budget(tmp_path):
+    from tpru_agent.finetune.data import load_split, manifest
+    from tpru_agent.tasks import ordering
+
+    q4, q3 = ordering.build(4), ordering.build(3)
+    _write_rows(tmp_path / "d" / "train" / "part-0.parquet",
+                [(q4.problem, [(640, 480)] * 4, "CABD"), (q3.problem, [(60, 40)] * 3, "BAC")])
+    ds = load_split(tmp_path / "d", "train", cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == 2
+    first, second = ds[0], ds[1]
+    assert first["answer"] == "CABD" and first["row_id"] == 0 and second["row_id"] == 1
+    assert [p["type"] for p in first["prompt"][0]["content"]].count("image") == 4 == len(first["images"])
+    for image in first["images"] + second["images"]:
+        w, h = image.size
+        assert 16384 * 0.8 <= w * h <= 36864 and w % 28 == 0 and h % 28 == 0
+    assert manifest(tmp_path / "d")["splits"] == {"train": 2}
+    with pytest.raises(ConfigError, match="has no 'test' split"):
+        load_split(tmp_path / "d", "test")
+    assert len(load_split(tmp_path / "d", "train", limit=1, cache_dir=str(tmp_path / "cache"))) == 1
+
+
+def test_sft_targets_state_the_answer_in_the_trained_format():
+    from tpru_agent.finetune.sft import sft_target
+    from tpru_agent.tasks import format_score, tpru_reward
+
+    for answer, task, negative in [("CABD", "ordering", False), ("B", "next", False), ("E", "previous", True),
+                                   ("A", "ordering_mcq", False)]:
+        text = sft_target(answer, task=task, negative=negative)
+        assert tpru_reward(text, answer) == pytest.approx(0.92)  # the warm-up target earns the full reward
+        assert format_score(text) == 0.2
+    assert "None of the choices provided" in sft_target("E", task="next", negative=True)
+
+
+# ----------------------------------------------------------------------------------------------- batch guard
+def _batch(pad_left=True, tokens=(4, 2), images=(2, 1), grid_rows=None, mm_shift=False):
+    import torch
+
+    img = 9
+    rows = []
+    width = max(tokens) + 3
+    for n in tokens:
+        body = [1] + [img] * n + [2]
+        pad = [0] * (width - len(body))
+        rows.append((pad + body, [0] * len(pad) + [1] * len(body)) if pad_left else
+                    (body + pad, [1] * len(body) + [0] * len(pad)))
+    ids = torch.tensor([r[0] for r in rows])
+    mask = torch.tensor([r[1] for r in rows])
+    grid = torch.tensor([[1, 2, 4]] * (grid_rows if grid_rows is not None else sum(images)))  # 8 patches -> 2 tokens
+    mm = ((ids == img) & (mask == 1)).long()
+    if mm_shift:
+        mm = torch.roll(mm, 1, dims=1)
+    return {"prompt_ids": ids, "prompt_mask": mask, "image_grid_thw": grid, "num_images": list(images),
+            "pixel_values": torch.zeros(int(grid.prod(-1).sum()), 4), "mm_token_type_ids": mm}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, None),
+    ({"pad_left": False}, "not left-padded"),
+    ({"tokens": (4, 3)}, "3 image tokens but its 1 images give 2 features"),
+    ({"grid_rows": 2}, "image_grid_thw has 2 rows for 3 images"),
+    ({"mm_shift": True}, "mm_token_type_ids do not mark the image tokens"),
+])
+def test_batch_check_table(kwargs, message):
+    from tpru_agent.finetune.grpo import BatchCheckError, check_multimodal_batch
+
+    batch = _batch(**kwargs)
+    if message is None:
+        summary = check_multimodal_batch(batch, image_token_id=9, merge_size=2)
+        assert summary["image_tokens_per_row"] == summary["features_per_row"] == [4, 2]
+        assert summary["images_per_row"] == [2, 1]
+    else:
+        with pytest.raises(BatchCheckError, match=message):
+            check_multimodal_batch(batch, image_token_id=9, merge_size=2)
+
+
+# ----------------------------------------------------------------------------------------------- run folder
+def test_model_card_and_curves(tmp_path):
+    from tpru_agent.finetune.run import append_jsonl, model_card, plot_curves, read_jsonl, truncate_jsonl
+
+    metrics = tmp_path / "metrics.jsonl"
+    for step in (1, 2, 3):
+        append_jsonl(metrics, {"stage": "grpo", "step": step, "reward": 0.1 * step, "accuracy": 0.05 * step,
+                               "kl": 0.001 * step, "loss": 0.0})
+    append_jsonl(metrics, {"stage": "grpo", "step": 3, "eval_accuracy": 0.4})
+    with open(metrics, "a") as handle:
+        handle.write('{"stage": "grpo", "st')  # a torn line from a crash
+    assert len(read_jsonl(metrics)) == 4
+    png = plot_curves(metrics, tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    truncate_jsonl(metrics, "grpo", 2)
+    assert [r["step"] for r in read_jsonl(metrics)] == [1, 2]
+    card = model_card(FinetuneConfig(data="d").to_dict(), base="qwen2.5-vl-3b", base_path="/m",
+                      data={"path": "/d", "splits": {"train": 10}, "manifest": {"seed": 0}},
+                      steps={"grpo": 3}, evaluation={"n": 10, "accuracy": 0.4, "accuracy_ci": (0.17, 0.69),
+                                                     "format": 0.9, "by_task": {"ordering": 0.4}},
+                      weights="full")
+    for needle in ("qwen2.5-vl-3b", "grpo 3", "splits {'train': 10}", "**0.400**", "TPRU(", "beta=0.01",
+                   "data manifest"):
+        assert needle in card
