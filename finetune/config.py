@@ -126,7 +126,7 @@ class FinetuneConfig:
         """Completions generated per rollout (TRL's ``generation_batch_size``)."""
         return self.prompts_per_rollout * self.num_generations
 
-    def validate(self) -> "FinetuneConfig":
+    def validate(self) -> FinetuneConfig:
         """Check values and their combinations; returns ``self``.
 
         Raises:
@@ -170,7 +170,8 @@ class FinetuneConfig:
         from .rewards import REWARDS
 
         if not self.rewards:
-            raise ConfigError(f"rewards is empty; use one or more of {', '.join(REWARDS)} (or 'package.module:function')")
+            raise ConfigError(f"rewards is empty; use one or more of {', '.join(REWARDS)} "
+                              "(or 'package.module:function')")
         for name in self.rewards:
             if name not in REWARDS and ":" not in name:
                 _choice("rewards", name, tuple(REWARDS))

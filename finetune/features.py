@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,41 +41,18 @@ class FrameFeatures:
 
 
 def budget_size(width: int, height: int, budget=None) -> tuple[int, int]:
-    """(width, height) after qwen-vl-utils' ``smart_resize`` for ``budget`` (default: the TPRU budget).
+    """(width, height) after the TPRU pixel-budget resize (:func:`tpru_agent.frames.smart_resize`)."""
+    from tpru_agent.frames import TPRU_BUDGET, smart_resize
 
-    The same arithmetic as ``qwen_vl_utils.smart_resize`` (tests compare the two), kept here because importing
-    qwen-vl-utils imports torch and torchvision (5-10 s per worker process) for three lines of integer maths.
-
-    Raises:
-        FrameError: the aspect ratio is above 200:1 (Qwen2.5-VL's limit).
-    """
-    from tpru_agent.frames import TPRU_BUDGET
-
-    budget = budget or TPRU_BUDGET
-    factor = budget.factor
-    if max(height, width) / min(height, width) > 200:
-        raise FrameError(f"a {width}x{height} image has an aspect ratio above 200:1; crop it first")
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > budget.max_pixels:
-        beta = math.sqrt((height * width) / budget.max_pixels)
-        h_bar = math.floor(height / beta / factor) * factor
-        w_bar = math.floor(width / beta / factor) * factor
-    elif h_bar * w_bar < budget.min_pixels:
-        beta = math.sqrt(budget.min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return w_bar, h_bar
+    new_h, new_w = smart_resize(height, width, budget or TPRU_BUDGET)
+    return new_w, new_h
 
 
 def fit_budget(image, budget=None):
-    """An RGB copy of ``image`` resized to the pixel budget exactly as ``tpru_agent.frames.resize_to_budget`` does
-    (bicubic, sides multiples of 28, 16,384-36,864 px for the TPRU budget), without importing torch."""
-    from PIL import Image
+    """An RGB copy of ``image`` at the pixel budget: :func:`tpru_agent.frames.resize_to_budget` (no torch import)."""
+    from tpru_agent.frames import TPRU_BUDGET, resize_to_budget
 
-    image = image if image.mode == "RGB" else image.convert("RGB")
-    size = budget_size(*image.size, budget)
-    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+    return resize_to_budget(image, budget or TPRU_BUDGET)
 
 
 def frame_features(image) -> FrameFeatures:

@@ -26,10 +26,10 @@ def sft_target(answer: str, *, task: str = "", negative: bool = False) -> str:
     """The assistant text the warm-up trains on: one sentence of reasoning, then the answer block.
 
     Example:
-        >>> sft_target("CABD")
-        '<think>Following the procedure step by step, the images in temporal order are C, A, B, D.</think><answer>CABD</answer>'
-        >>> sft_target("E", task="next", negative=True)
-        '<think>No candidate fits both the images and the description, so the answer is None of the choices provided.</think><answer>E</answer>'
+        >>> sft_target("CABD").split("</think>")
+        ['<think>Following the procedure step by step, the images in temporal order are C, A, B, D.', '<answer>CABD</answer>']
+        >>> sft_target("E", task="next", negative=True).endswith("provided.</think><answer>E</answer>")
+        True
     """
     answer = answer.strip()
     if len(answer) > 1:

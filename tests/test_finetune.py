@@ -58,7 +58,8 @@ def write_dataset(root: Path, *, n_train: int = 12, n_test: int = 4, seed: int =
                 q = ordering.build(k)
             else:
                 q = next_frame.build(2, 4, with_goal=True, none_position=-1)
-                candidates = [bar_frame(2, hue=10 * i), bar_frame(0, hue=90), bar_frame(3, hue=120), bar_frame(1, hue=150)]
+                candidates = [bar_frame(2, hue=10 * i), bar_frame(0, hue=90), bar_frame(3, hue=120),
+                              bar_frame(1, hue=150)]
                 rng.shuffle(candidates)
                 truth = next(j for j, c in enumerate(candidates) if c.tobytes() == bar_frame(2, hue=10 * i).tobytes())
                 frames = [bar_frame(0, hue=10 * i), bar_frame(1, hue=10 * i), bar_frame(3, hue=10 * i)] + candidates

@@ -342,3 +342,29 @@ def test_expand_sources_names_each_loaded_frame(assets):
     assert expand_sources(assets["video"], timestamps=[0.5]) == [f"{assets['video']}@0.50s"]
     with pytest.raises(FrameError, match="frame 1 .*no such file"):
         expand_sources([assets["png"], assets["root"] / "missing.png"])
+
+
+def test_smart_resize_matches_qwen_vl_utils_over_a_grid():
+    """The torch-free arithmetic in frames.smart_resize equals qwen-vl-utils' own function (no drift)."""
+    qwen = pytest.importorskip("qwen_vl_utils")
+    from tpru_agent.frames import TPRU_BUDGET, PixelBudget, smart_resize
+
+    budgets = [TPRU_BUDGET, PixelBudget(min_pixels=4 * 28 * 28, max_pixels=1280 * 28 * 28)]
+    for budget in budgets:
+        for h in (10, 28, 57, 100, 141, 168, 240, 480, 721, 1080, 2160):
+            for w in (10, 28, 63, 100, 190, 224, 320, 640, 1280, 1920, 3840):
+                if max(h, w) / min(h, w) > 40:
+                    continue  # qwen-vl-utils misbehaves on very elongated images (handled separately)
+                theirs = qwen.smart_resize(h, w, factor=budget.factor, min_pixels=budget.min_pixels,
+                                           max_pixels=budget.max_pixels)
+                assert smart_resize(h, w, budget) == tuple(theirs), (h, w, budget)
+
+
+def test_resizing_does_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from PIL import Image; from tpru_agent.frames import load_frames; "
+            "load_frames([Image.new('RGB', (640, 480))] * 2); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -85,8 +85,8 @@ def test_partial_reward_equals_reference_reward_on_exact_and_letter_answers(refe
 
 def test_rewards_report_accuracy_and_format_through_trl_log_metric():
     logged = {}
-    completions = ["<think>x</think><answer>CABD</answer>", "<answer>CABD</answer>", "<think>x</think><answer>ABCD</answer>",
-                   "junk"]
+    completions = ["<think>x</think><answer>CABD</answer>", "<answer>CABD</answer>",
+                   "<think>x</think><answer>ABCD</answer>", "junk"]
     out = rewards.tpru(completions, ["CABD"] * 4, log_metric=lambda k, v: logged.__setitem__(k, v))
     assert out == pytest.approx([0.92, 0.9, 0.02, 0.0])
     assert logged == {"accuracy": pytest.approx(0.5), "format": pytest.approx(0.5)}

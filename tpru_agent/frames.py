@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob as globlib
 import hashlib
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import ConfigError, EngineUnavailableError, FrameError
+from .errors import ConfigError, FrameError
 from .images import decode, decode_bytes, describe, frame_error, is_inline, to_rgb
 from .video import read_labelled, video_labels
 
@@ -82,8 +83,38 @@ TPRU_BUDGET = PixelBudget()
 _warned_budgets: set[PixelBudget] = set()
 
 
+MAX_RATIO = 200
+
+
+def smart_resize(height: int, width: int, budget: PixelBudget = TPRU_BUDGET) -> tuple[int, int]:
+    """``(height, width)`` as qwen-vl-utils' ``smart_resize`` computes them for this budget.
+
+    The same integer arithmetic (tests compare the two over a grid of sizes). It lives here rather than being
+    imported because importing qwen-vl-utils imports torch and torchvision (seconds per process), which the bare
+    install, the classic engine and the data builder's workers must not pay for three lines of maths.
+
+    Raises:
+        FrameError: the aspect ratio is above 200:1 (Qwen2.5-VL's limit).
+    """
+    factor = budget.factor
+    if max(height, width) / max(1, min(height, width)) > MAX_RATIO:
+        raise FrameError(f"a {width}x{height} image has an aspect ratio above {MAX_RATIO}:1, which the model "
+                         "cannot take; crop it first")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > budget.max_pixels:
+        beta = math.sqrt((height * width) / budget.max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < budget.min_pixels:
+        beta = math.sqrt(budget.min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
 def resize_to_budget(image: Image.Image, budget: PixelBudget = TPRU_BUDGET) -> Image.Image:
-    """Resize ``image`` to the pixel budget with qwen-vl-utils' ``smart_resize`` (keeps the aspect ratio).
+    """Resize ``image`` to the pixel budget as qwen-vl-utils' ``smart_resize`` does (keeps the aspect ratio).
 
     Args:
         image: any PIL image; the result is RGB.
@@ -94,21 +125,12 @@ def resize_to_budget(image: Image.Image, budget: PixelBudget = TPRU_BUDGET) -> I
 
     Raises:
         FrameError: the aspect ratio is beyond what Qwen2.5-VL accepts (200:1).
-        EngineUnavailableError: qwen-vl-utils cannot be imported.
 
     Example:
         >>> from PIL import Image
         >>> resize_to_budget(Image.new("RGB", (640, 480))).size   # doctest: +SKIP
         (224, 168)
     """
-    # Imported here: qwen_vl_utils imports torch (seconds), and `import tpru_agent` must stay light.
-    try:
-        from qwen_vl_utils import smart_resize
-    except ImportError as exc:  # pragma: no cover - only without the extra
-        raise EngineUnavailableError(
-            f"resizing frames to the TPRU pixel budget needs qwen-vl-utils (and torch/torchvision), which cannot "
-            f"be imported ({exc}). Install it with: pip install 'tpru-agent[hf]', or pass budget=None"
-        ) from exc
     if budget.off_distribution and budget not in _warned_budgets:
         _warned_budgets.add(budget)
         log.warning(
@@ -117,11 +139,7 @@ def resize_to_budget(image: Image.Image, budget: PixelBudget = TPRU_BUDGET) -> I
         )
     image = to_rgb(image)
     width, height = image.size
-    try:
-        new_h, new_w = smart_resize(height, width, factor=budget.factor,
-                                    min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
-    except ValueError as exc:  # aspect ratio above qwen-vl-utils' MAX_RATIO
-        raise FrameError(f"a {width}x{height} image cannot be resized for the model ({exc}); crop it first") from exc
+    new_h, new_w = smart_resize(height, width, budget)
     factor = budget.factor
     if min(new_h, new_w) < factor or new_h * new_w > budget.max_pixels:
         # qwen-vl-utils floors the short side of a very elongated image to 0, or overshoots max_pixels when it

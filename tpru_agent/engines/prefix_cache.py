@@ -210,10 +210,11 @@ class PrefixCache:
     def info(self) -> dict:
         """Budget, bytes used, entries (prefixes, images) and the counters since creation."""
         with self._lock:
-            prefixes = sum(k[0] == "kv" for k in self._items)
+            lengths = [len(v.ids) for k, v in self._items.items() if k[0] == "kv"]
             total = self.stats["reused_tokens"] + self.stats["computed_tokens"]
-            return {"budget_bytes": self.budget, "bytes": self._bytes, "prefixes": prefixes,
-                    "images": len(self._items) - prefixes, **self.stats,
+            return {"budget_bytes": self.budget, "bytes": self._bytes, "prefixes": len(lengths),
+                    "images": len(self._items) - len(lengths), "longest_prefix_tokens": max(lengths, default=0),
+                    **self.stats,
                     "reused_fraction": self.stats["reused_tokens"] / total if total else 0.0}
 
 
