@@ -53,9 +53,10 @@ def gradient_checkpointing(cfg: FinetuneConfig) -> bool:
 def load_processor(path: str | os.PathLike, cfg: FinetuneConfig):
     """The base's processor with the training pixel budget and left padding (generation needs it)."""
     transformers = require("transformers", "finetune", what="fine-tuning")
-    processor = transformers.AutoProcessor.from_pretrained(
-        str(path), min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, padding_side="left",
-        trust_remote_code=False)
+    processor = transformers.AutoProcessor.from_pretrained(str(path), padding_side="left", trust_remote_code=False)
+    # Qwen2-VL's image processor reads the budget from ``size`` (min_pixels / max_pixels kwargs are deprecated);
+    # it is saved with the final weights, so the SDK serves at the training budget.
+    processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token

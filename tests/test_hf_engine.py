@@ -280,3 +280,40 @@ def test_text_only_requests_score_and_generate(engine):
         want.append(sum(float(logp[j - 1, ids[j]]) for j in range(len(bare), len(ids))))
     assert max(abs(g - w) for g, w in zip(got, want)) < 1e-4
     assert len(engine.generate([request], GenerationOptions(max_new_tokens=4))) == 1
+
+
+def _prompt_tokens(engine, request) -> int:
+    visual = engine._visual(request.images)
+    return len(engine.processor.tokenizer(engine._expand(engine.chat_text(request), visual),
+                                          add_special_tokens=False)["input_ids"])
+
+
+def test_ignore_eos_decodes_the_whole_budget(tiny_checkpoint, engine, frames4):
+    """Timing runs need a fixed length: seed 2 samples an end token after ~27 tokens on the tiny model."""
+    request = order_request(frames4)
+    options = GenerationOptions(max_new_tokens=60, temperature=1.0, seed=2)
+    engine.clear_cache()
+    engine.generate([request], options)
+    stopped = engine.cache_info()["longest_prefix_tokens"]  # prompt + reply minus its last token
+    with HFEngine(tiny_checkpoint, ignore_eos=True) as full:
+        full.generate([request], options)
+        assert full.cache_info()["longest_prefix_tokens"] == _prompt_tokens(full, request) + 60 - 1
+    assert stopped < _prompt_tokens(engine, request) + 60 - 1, "seed 2 no longer stops early: pick another"
+
+
+def test_prefix_cache_option_is_reported_and_checked(tiny_checkpoint, engine):
+    assert engine.info()["prefix_cache_bytes"] == 512 * 2**20
+    assert set(engine.cache_info()) >= {"hits", "reused_tokens", "computed_tokens", "bytes", "evictions"}
+    with pytest.raises(ConfigError, match="prefix_cache_mb must be >= 0"):
+        HFEngine(tiny_checkpoint, prefix_cache_mb=-0.5)
+
+
+def test_cached_single_generate_equals_the_batched_path(engine, frames4):
+    """A lone request decodes from the prefix cache; in a batch it goes through the processor: same text."""
+    first, second = order_request(frames4), order_request(frames4[::-1], description="moving the square")
+    options = GenerationOptions(max_new_tokens=20)
+    engine.clear_cache()
+    batch = engine.generate([first, second], options)
+    engine.score(first, [continuation(p) for p in PERMUTATIONS[:2]])   # now the prompt is cached
+    assert [engine.generate([first], options)[0], engine.generate([second], options)[0]] == batch
+    assert engine.cache_info()["hits"] >= 1

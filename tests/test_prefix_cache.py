@@ -32,6 +32,7 @@ TOL = 1e-4
     (([1, 9, 9, 2, 9, 9], ((1, 3, "x"), (4, 6, "y"))),
      ([1, 9, 9, 3, 9, 9], ((1, 3, "x"), (4, 6, "z"))), 3),                        # text differs first
     (([1, 9, 9, 2], ((1, 3, "x"),)), ([1, 9], ((1, 3, "x"),)), 2),                # partial image of the same frame
+    (([1, 9, 9, 2], ()), ([1, 9, 9, 2], ((1, 3, "x"),)), 1),                      # generated pads are text, not x
 ])
 def test_match_length_compares_images_by_content(a, b, expected):
     ids_a, spans_a = np.asarray(a[0]), a[1]
@@ -98,7 +99,9 @@ def cached(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def frames8():
-    return synthetic_frames(8)
+    """8 distinct frames: 4 of the moving square, then the same 4 flipped upside down (same size and budget)."""
+    frames = synthetic_frames(4)
+    return frames + [f.transpose(1) for f in frames]
 
 
 def reference(engine, request, continuations, prefix=""):
@@ -183,8 +186,8 @@ def test_checker_sliding_window_sequence_equals_uncached(cached, frames8):
             retry = verify_request(history, goal, other)
             assert_close(cached.score(retry, continuations), reference(cached, retry, continuations))
     info = cached.cache_info()
-    # every frame is encoded once: 8 distinct images (7 frames + the mirrored one), the rest come from the cache
-    assert info["image_misses"] - before["image_misses"] == 8
+    # every frame is encoded once: 9 distinct images (frames 0-6, the goal, the retry), the rest come from the cache
+    assert info["image_misses"] - before["image_misses"] == 9
     assert info["reused_tokens"] > before["reused_tokens"]
 
 

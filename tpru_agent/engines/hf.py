@@ -263,7 +263,8 @@ class HFEngine:
                              **{self._cache_kw: work}, **kwargs)
         full = out[0].tolist()
         kept = work.get_seq_length()
-        self.prefix_cache.put(np.asarray(full[:kept]), self._spans(full[:kept], visual), work)
+        # the images are the prompt's; an image pad token the model generated is text (its key never matches one)
+        self.prefix_cache.put(np.asarray(full[:kept]), self._spans(ids, visual), work)
         return tok.decode(full[len(ids):], skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     @contextlib.contextmanager

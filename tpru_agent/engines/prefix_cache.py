@@ -44,17 +44,21 @@ def image_key(image) -> str:
 def match_length(ids_a: np.ndarray, spans_a: Sequence[Span], ids_b: np.ndarray, spans_b: Sequence[Span]) -> int:
     """Length of the longest common prefix of two prompts, comparing images by content, not by their pad tokens.
 
-    Where the token ids agree, the image runs start at the same places; the first image whose content differs
-    ends the common prefix at its first token.
+    Where the token ids agree, an image of one prompt must be the same image (same start, same content key) in
+    the other; the first one that is not ends the common prefix at its first token. (An image pad token that is
+    plain text on one side, e.g. generated, never matches a real image on the other.)
     """
     n = min(len(ids_a), len(ids_b))
     diff = np.flatnonzero(ids_a[:n] != ids_b[:n])
     m = int(diff[0]) if len(diff) else n
-    for (start_a, _, key_a), (start_b, _, key_b) in zip(spans_a, spans_b):
-        if start_a >= m:
-            break
-        if key_a != key_b or start_a != start_b:
-            return min(m, start_a, start_b)
+    for spans_x, spans_y in ((spans_a, spans_b), (spans_b, spans_a)):
+        other = {start: key for start, _, key in spans_y}
+        for start, _, key in spans_x:
+            if start >= m:
+                break
+            if other.get(start) != key:
+                m = start
+                break
     return m
 
 
