@@ -60,22 +60,47 @@ def proposed_request(template: Path, history: list, goal, observation):
     return Request(question, render_prompt(problem, template), (goal, *history, observation))
 
 
+class _Times(list):
+    """Latencies in ms, plus ``tokens``: [prompt tokens taken from the cache, prompt tokens run]."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = [0, 0]
+
+
+class _Timer:
+    """Appends the block's milliseconds to ``times`` and adds its prompt tokens to ``times.tokens``."""
+
+    def __init__(self, engine, times: _Times, *, timed: bool):
+        self.engine, self.times, self.timed = engine, times, timed
+
+    def __enter__(self):
+        self.before = self.engine.cache_info()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        elapsed = (time.perf_counter() - self.t0) * 1000
+        if self.timed and exc[0] is None:
+            after = self.engine.cache_info()
+            self.times.append(elapsed)
+            self.times.tokens[0] += after["reused_tokens"] - self.before["reused_tokens"]
+            self.times.tokens[1] += after["computed_tokens"] - self.before["computed_tokens"]
+
+
 def _checker_pair(engines: dict, template, reference, accept: bool, frames: list) -> dict:
     """Observe ``frames`` with a checker on each engine, alternately; latencies after the window fills."""
     from tpru_agent import TPRU, ProcedureChecker
 
     checkers = {k: ProcedureChecker(TPRU(engine=e, template=template), reference=reference, description=DESCRIPTION,
                                     window=WINDOW, threshold=1e-6, confirm=2) for k, e in engines.items()}
-    times: dict[str, list[float]] = {k: [] for k in engines}
+    times = {k: _Times() for k in engines}
     for i, frame in enumerate(frames):
         if i == WINDOW and not accept:
             for checker in checkers.values():
                 checker.threshold = 1 - 1e-6  # from here on every frame is judged off-procedure
         for key, checker in checkers.items():
-            t0 = time.perf_counter()
-            event = checker.observe(frame)
-            if i > WINDOW:
-                times[key].append((time.perf_counter() - t0) * 1000)
+            with _Timer(engines[key], times[key], timed=i > WINDOW):
+                event = checker.observe(frame)
             if event.duplicate:
                 raise RuntimeError(f"frame {i} was taken for a duplicate: the synthetic episode needs more change")
     return times
@@ -87,14 +112,12 @@ def _proposed_pair(engines: dict, template: Path, goal, accept: bool, frames: li
 
     conts = [continuation("A"), continuation("B")]
     accepted, anchor = [frames[0]], 0
-    times: dict[str, list[float]] = {k: [] for k in engines}
+    times = {k: _Times() for k in engines}
     for i, frame in enumerate(frames[1:], start=1):
         request = proposed_request(template, accepted[anchor:], goal, frame)
         for key, engine in engines.items():
-            t0 = time.perf_counter()
-            engine.score(request, conts)
-            if i > WINDOW:
-                times[key].append((time.perf_counter() - t0) * 1000)
+            with _Timer(engine, times[key], timed=i > WINDOW):
+                engine.score(request, conts)
         if accept or i < WINDOW:
             accepted.append(frame)
             if len(accepted) - anchor > WINDOW:
@@ -131,15 +154,13 @@ def run(args) -> dict:
         }
         for name, scenario in scenarios.items():
             engines["cached"].clear_cache()
-            before = engines["cached"].cache_info()
             times = scenario()
-            after = engines["cached"].cache_info()
-            reused = after["reused_tokens"] - before["reused_tokens"]
-            total = reused + after["computed_tokens"] - before["computed_tokens"]
+            reused, run_ = times["cached"].tokens
             cached_ms, uncached_ms = statistics.mean(times["cached"]), statistics.mean(times["uncached"])
             figures[name] = {"cached_ms": round(cached_ms, 1), "uncached_ms": round(uncached_ms, 1),
                              "cached_vs_uncached_x": round(uncached_ms / cached_ms, 2),
-                             "reused_pct": round(100 * reused / max(total, 1), 1)}
+                             "reused_pct": round(100 * reused / max(reused + run_, 1), 1),
+                             "tokens_run_per_call": round(run_ / len(times["cached"]))}
         figures["cache_mib_used"] = round(engines["cached"].cache_info()["bytes"] / 2**20, 1)
         figures["goal_3x_met_by_checker"] = figures["checker_accept"]["cached_vs_uncached_x"] >= 3
     finally:

@@ -5,9 +5,10 @@ Questions follow TPRU's forms, built from Meta-World expert episodes (and option
   direction (the answer or its reverse). Chance: 1/24 exact, 2/24 up to direction.
 - next: steps 1, 2 and 4 given, which candidate is step 3? previous: steps 2, 3, 4 given, which is step 1?
   4 candidate frames + "None of the choices provided" at a random position. Distractors: 2 other frames of the
-  same episode (not one of the 4 steps, not adjacent to the answer) and 1 frame of another episode of the same
-  domain; in a share ``--none-share`` of questions the true frame is replaced by one more same-episode
-  distractor and the answer is "None". Chance: 1/5.
+  same episode (not one of the 4 steps, not adjacent to the answer; for short GUI episodes, frames of other
+  episodes of the same task fill in) and 1 frame of another episode of the same domain; in a share
+  ``--none-share`` of questions the true frame is replaced by one more such distractor and the answer is
+  "None". Chance: 1/5.
 
 The engine answers in fast mode (argmax of ``score``); ``confidence`` is the mean probability of its answer.
 
@@ -35,23 +36,35 @@ from tpru_agent.engines.classic import ClassicConfig, ClassicEngine
 from tpru_agent.tasks import continuation, next_frame, ordering, previous, render_prompt
 
 
-def load_episodes(args) -> list:
-    """Rendered episodes as (episode_id, domain, task, frames) tuples, cached in ``--cache`` when given."""
-    cache = Path(args.cache) if args.cache else None
-    if cache and cache.exists():
-        return pickle.loads(cache.read_bytes())
-    from tpru_agent.finetune.sources.metaworld import TASK_SENTENCES, metaworld_episodes
+def _cached(cache_dir: str | None, name: str, make) -> list:
+    path = Path(cache_dir) / name if cache_dir else None
+    if path and path.exists():
+        return pickle.loads(path.read_bytes())
+    eps = make()
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(eps))
+    return eps
 
-    tasks = sorted(TASK_SENTENCES)[: args.tasks]
-    eps = [(e.episode_id, e.domain, e.task, e.frames)
-           for e in metaworld_episodes(tasks, args.episodes, frames_per_episode=16, seed=args.seed)]
-    if args.miniwob:
+
+def load_episodes(args) -> list:
+    """Rendered episodes as (episode_id, domain, task, frames) tuples, cached under ``--cache DIR`` when given."""
+    def robot():
+        from tpru_agent.finetune.sources.metaworld import TASK_SENTENCES, metaworld_episodes
+
+        tasks = sorted(TASK_SENTENCES)[: args.tasks]
+        return [(e.episode_id, e.domain, e.task, e.frames)
+                for e in metaworld_episodes(tasks, args.episodes, frames_per_episode=16, seed=args.seed)]
+
+    def gui():
         from tpru_agent.finetune.sources.miniwob import AGENTS, miniwob_episodes
 
-        eps += [(e.episode_id, e.domain, e.task, e.frames)
+        return [(e.episode_id, e.domain, e.task, e.frames)
                 for e in miniwob_episodes(list(AGENTS), args.miniwob, seed=args.seed)]
-    if cache:
-        cache.write_bytes(pickle.dumps(eps))
+
+    eps = _cached(args.cache, f"metaworld-{args.tasks}x{args.episodes}-seed{args.seed}.pkl", robot)
+    if args.miniwob:
+        eps += _cached(args.cache, f"miniwob-{args.miniwob}-seed{args.seed}.pkl", gui)
     return eps
 
 
@@ -79,16 +92,19 @@ def make_questions(episodes: list, rng: random.Random, none_share: float) -> lis
         answer = "".join(labels[perm.index(k)] for k in range(4))
         out.append(("ordering", domain, ordering.build(4), images, answer, answer[::-1]))
         others = [e for e in by_domain[domain] if e[0] != ep_id]
+        same_task = [e for e in others if e[2] == task] or others or [(ep_id, domain, task, frames)]
         for kind, ctx_steps, target in (("next", (0, 1, 3), 2), ("previous", (1, 2, 3), 0)):
             true_idx = steps[target]
-            pool = [i for i in range(len(frames)) if i not in steps and abs(i - true_idx) > 1]
-            if len(pool) < 3:
-                continue
-            same = rng.sample(pool, 3)
+            pool = [frames[i] for i in range(len(frames)) if i not in steps and abs(i - true_idx) > 1]
+            rng.shuffle(pool)
+            while len(pool) < 3:  # short episodes (GUI): frames of other episodes of the same task
+                donor = rng.choice(same_task)[3]
+                pool.append(donor[rng.randrange(len(donor))])
+            same = pool[:3]
             other_ep = rng.choice(others)[3] if others else frames
             foreign = other_ep[rng.randrange(len(other_ep))]
             is_none = rng.random() < none_share
-            cands = [frames[same[0]], frames[same[1]], foreign, frames[same[2]] if is_none else frames[true_idx]]
+            cands = [same[0], same[1], foreign, same[2] if is_none else frames[true_idx]]
             order = list(range(4))
             rng.shuffle(order)
             cands = [cands[i] for i in order]
@@ -167,7 +183,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="episode seed (calibration used 100)")
     parser.add_argument("--repeats", type=int, default=3, help="question draws per episode")
     parser.add_argument("--none-share", type=float, default=0.2)
-    parser.add_argument("--cache", help="pickle file to keep rendered episodes between runs")
+    parser.add_argument("--cache", help="folder to keep rendered episodes between runs")
     parser.add_argument("--calibrate", action="store_true")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()

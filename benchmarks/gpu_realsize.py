@@ -151,7 +151,8 @@ def measure(folder: Path, *, device: str, quantization: str | None, repeats: int
         torch.cuda.reset_peak_memory_stats()
     dtype = "bfloat16" if cuda else "float32"
     t0 = time.perf_counter()
-    tpru = TPRU(str(folder), engine="hf", device=device, dtype=dtype, quantization=quantization)
+    tpru = TPRU(str(folder), engine="hf", device=device, dtype=dtype, quantization=quantization,
+                prefix_cache_mb=0)  # every timed call must pay for its prompt: no cross-call cache
     load_s = time.perf_counter() - t0
     frames = synthetic_frames(8)
     history, obs, goal, others = frames[:2], frames[2], frames[3], frames[4:7]

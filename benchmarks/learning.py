@@ -126,6 +126,8 @@ def run(args) -> dict:
     """Suite entry point (``python -m benchmarks learning``): tiny model unless --size is given."""
     import tempfile
 
+    if not getattr(args, "quick", False) and "learning" not in (getattr(args, "names", None) or []):
+        return {"skipped": "a ~20-minute training run: ask for it by name (python -m benchmarks learning)"}
     size = args.size if getattr(args, "size_given", False) else "tiny"
     if size not in ("tiny", "mid"):
         return {"skipped": f"learning runs on the offline tiny / mid models, not {size!r}"}

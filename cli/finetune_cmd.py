@@ -32,7 +32,12 @@ def parse_sets(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def _quiet_libraries() -> None:
-    """The run shows one rich progress bar: silence the libraries' own bars and per-step prints."""
+    """The run shows one rich progress bar: silence the libraries' own bars, per-step prints and deprecations."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # TRL passes arguments transformers renamed
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU kernels notice on every import
     try:
         import datasets
         import transformers

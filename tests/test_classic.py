@@ -54,9 +54,9 @@ def test_ordering_recovers_the_path_up_to_direction(engine, shown):
     assert best in (truth, truth[::-1])
     # honest about direction: the reverse is exactly as likely, and together they dominate
     assert p[truth] == pytest.approx(p[truth[::-1]], abs=1e-9)
-    assert p[truth] + p[truth[::-1]] > 0.4
     others = [v for k, v in p.items() if k not in (truth, truth[::-1])]
-    assert max(others) < p[truth]
+    assert max(others) < 0.7 * p[truth]
+    assert p[truth] + p[truth[::-1]] > 3 * (2 / 24)          # the pair is well above chance
     assert sum(p.values()) == pytest.approx(1.0, abs=1e-9)
 
 
@@ -93,7 +93,7 @@ def test_none_is_chosen_when_every_candidate_is_far(engine):
     q = next_frame.build(2, 4, with_goal=True, none_position=1)
     p = probs(engine, q, [MOVING[0], MOVING[1], MOVING[3]] + FAR)
     assert max(p, key=p.get) == q.none_letter == "B"
-    assert p["B"] > 0.9
+    assert p["B"] > 0.8
 
 
 def test_ordering_mcq_prefers_the_shortest_path_and_none_when_no_option_is_close(engine):

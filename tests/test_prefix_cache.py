@@ -279,3 +279,29 @@ def test_procedure_checker_events_match_without_cache(tiny_checkpoint, cached, f
             assert on_event.status == off_event.status
             assert on_event.confidence == pytest.approx(off_event.confidence, abs=1e-4)
     assert cached.cache_info()["hits"] >= 5
+
+
+@pytest.mark.slow
+def test_benchmarks_run_quick_on_the_tiny_checkpoint(tmp_path, tiny_checkpoint):
+    """sdk_overhead, fast_vs_reason and cache end to end (smoke: figures present and consistent, not speed)."""
+    import json
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import __main__ as suite
+
+    shutil.copytree(tiny_checkpoint, tmp_path / "work" / "tiny")
+    out = tmp_path / "all.json"
+    code = suite.main(["sdk_overhead", "fast_vs_reason", "cache", "--size", "tiny", "--quick", "--warmup", "1",
+                       "--no-record", "--json", str(out), "--workdir", str(tmp_path / "work")])
+    results = json.loads(out.read_text())["results"]
+    assert code == 0, {k: v["error"] for k, v in results.items()}
+    sdk = results["sdk_overhead"]["figures"]
+    assert sdk["max_prob_diff"] < 1e-4 and sdk["sdk_p50_ms"] > 0 and sdk["bare_p50_ms"] > 0
+    fvr = results["fast_vs_reason"]["figures"]
+    assert fvr["reason_tokens"] == 64 and fvr["reason_p50_ms"] > fvr["fast_p50_ms"] > 0
+    cache = results["cache"]["figures"]
+    assert cache["checker_hold.reused_pct"] > cache["checker_accept.reused_pct"] > 0
+    assert cache["proposed_accept.tokens_run_per_call"] < cache["checker_accept.tokens_run_per_call"]

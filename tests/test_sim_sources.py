@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 import shutil
 
 import numpy as np
@@ -66,11 +68,11 @@ def test_metaworld_descriptions_cover_every_task(mw):
 
     assert set(mw.TASK_SENTENCES) == set(env_dict.ALL_V3_ENVIRONMENTS)
     assert mw.task_sentence("drawer-open-v3") == "opening a drawer"
+    assert mw.task_sentence("new-task-v9") == "doing the 'new task' task"
 
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"tasks": ["drawer-opn-v3"]}, "Did you mean 'drawer-open-v3'"),
-    ({"tasks": "drawer-open-v3"}, "must be a list"),
     ({"frames_per_episode": 1}, "frames_per_episode"),
     ({"max_steps": 501}, "max_steps"),
 ])
@@ -81,16 +83,25 @@ def test_metaworld_bad_arguments(mw, kwargs, match):
 
 
 def test_classic_engine_on_a_real_robot_episode(drawer):
+    """Every 4-frame subset of the 8-frame episode, shuffled: the path is found well above chance (2/24 up to
+    direction); the direction itself stays a coin flip (a permutation and its reverse score the same)."""
     engine = ClassicEngine()
-    f = drawer.frames
-    # ordering steps 0, 2, 5, 7 shown as C, A, D, B: the path is found (its direction is a coin flip)
     q = ordering.build(4)
-    shown = (f[2], f[7], f[0], f[5])
-    truth = "CADB"
-    scores = engine.score(Request(q, q.problem, shown), [continuation(a) for a in q.answers()])
-    best = q.answers()[int(np.argmax(scores))]
-    assert best in (truth, truth[::-1])
-    # next frame: steps 0, 2 and goal 7 given; the true step (frame 4) among far-off frames of the episode
+    rng = random.Random(0)
+    hits = 0
+    combos = list(itertools.combinations(range(len(drawer)), 4))
+    for combo in combos:
+        perm = list(range(4))
+        rng.shuffle(perm)
+        truth = "".join(q.labels[perm.index(k)] for k in range(4))
+        request = Request(q, q.problem, tuple(drawer.frames[combo[p]] for p in perm))
+        scores = dict(zip(q.answers(), engine.score(request, [continuation(a) for a in q.answers()])))
+        best = max(scores, key=scores.get)
+        hits += best in (truth, truth[::-1])
+        assert scores[truth] == pytest.approx(scores[truth[::-1]])
+    assert hits / len(combos) > 0.35            # measured 0.53 for this episode; chance is 0.083
+    # next frame: steps 0, 2 and goal 7 given; the true step (frame 4) against frames far off in the episode
+    f = drawer.frames
     q = next_frame.build(2, 3, with_goal=True)
     request = Request(q, q.problem, (f[0], f[2], f[7], f[0], f[4], f[7]))
     scores = engine.score(request, [continuation(a) for a in q.answers()])

@@ -44,6 +44,7 @@ class _State:
     last_status: Status | None
     step: int
     events: list
+    anchor: int = 0
 
 
 class ProcedureChecker:
@@ -53,7 +54,9 @@ class ProcedureChecker:
         model: a :class:`tpru_agent.TPRU` (any engine; ``TPRU("classic")`` needs no weights).
         reference: optional demonstration of the same procedure done right (frames, a folder, a video...).
         description: the procedure in words ("open the drawer").
-        window: how many accepted frames the question shows as history (TPRU trained with 2 + the goal).
+        window: the most accepted frames the question shows as history (TPRU trained with 2 + the goal). The
+            history is anchored: it grows from an anchor frame up to ``window`` frames, then restarts from the
+            last ``window // 2`` frames, so consecutive calls share their prompt prefix (prefix cache).
         mode: ``"fast"`` (one scoring pass per frame) or ``"reason"`` (chain of thought; slow).
         threshold: P(ok) at or above which a frame is accepted.
         confirm: consecutive frames below the threshold before the verdict becomes ``rejected``.
@@ -132,7 +135,7 @@ class ProcedureChecker:
     def _judge(self, image, thumb, started: float) -> CheckEvent:
         s = self._s
         goal = self.reference[-1] if self.reference else None
-        verdict = self.model.verify_step(s.accepted[-self.window:], image, description=self.description, goal=goal,
+        verdict = self.model.verify_step(s.accepted[s.anchor:], image, description=self.description, goal=goal,
                                          mode=self.mode)
         details = {"p_ok": verdict.confidence, "probabilities": verdict.choice.probabilities,
                    "letter": verdict.choice.letter}
@@ -150,6 +153,11 @@ class ProcedureChecker:
         s = self._s
         s.accepted.append(image)
         s.thumbs.append(thumb)
+        if len(s.accepted) - s.anchor > self.window:
+            # Re-anchor in jumps rather than sliding by one: the history's first frames then stay the same for
+            # several calls, so the engine's prefix cache reuses them (a sliding window changes the first image,
+            # and with it the whole prompt, on every accepted frame).
+            s.anchor = len(s.accepted) - max(1, self.window // 2)
         if self._ref_thumbs:
             lo = 0 if s.matched is None else s.matched
             hi = min(len(self._ref_thumbs), lo + MATCH_LOOKAHEAD + 1)

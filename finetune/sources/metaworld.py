@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import pickle
@@ -147,6 +148,8 @@ def _env(task: str, size: int, camera: str):
     viewer = env.mujoco_renderer._get_viewer("rgb_array")
     viewer.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
     viewer.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+    if not _ENVS:  # free the GL contexts before interpreter teardown (their __del__ then fails noisily)
+        atexit.register(close_envs)
     _ENVS[key] = env
     while len(_ENVS) > _ENV_CACHE_SIZE:
         _, old = _ENVS.popitem(last=False)
@@ -156,6 +159,7 @@ def _env(task: str, size: int, camera: str):
 
 def close_envs() -> None:
     """Close every cached Meta-World env (frees the render contexts)."""
+    atexit.unregister(close_envs)
     while _ENVS:
         _, env = _ENVS.popitem()
         env.close()
@@ -244,9 +248,6 @@ def even_indices(n_states: int, k: int) -> list[int]:
 
 def _check(tasks: Sequence[str], episodes_per_task: int, frames_per_episode: int, size: int, perturb: float,
            max_steps: int, env_dict) -> None:
-    if isinstance(tasks, str):
-        raise ConfigError(f"tasks must be a list of Meta-World task names, got the string {tasks!r}; "
-                          f"pass [{tasks!r}]")
     for task in tasks:
         if task not in env_dict.ALL_V3_ENVIRONMENTS:
             raise ConfigError(f"unknown Meta-World task {task!r}.{close_matches(task, env_dict.ALL_V3_ENVIRONMENTS)} "
@@ -269,7 +270,7 @@ def metaworld_episodes(tasks: Sequence[str], episodes_per_task: int, *, frames_p
     """Yield expert episodes of Meta-World tasks, ``episodes_per_task`` each, deterministic for a seed.
 
     Args:
-        tasks: Meta-World v3 task names, e.g. ``["drawer-open-v3", "button-press-v3"]``.
+        tasks: Meta-World v3 task names, e.g. ``["drawer-open-v3", "button-press-v3"]`` (one name: one task).
         episodes_per_task: episodes to yield per task (successful ones unless sabotaged).
         frames_per_episode: frames spread evenly over each rollout (fewer when the rollout is shorter).
         size: square frame size in pixels.
@@ -289,6 +290,7 @@ def metaworld_episodes(tasks: Sequence[str], episodes_per_task: int, *, frames_p
         EngineUnavailableError: ``metaworld`` is not installed (``pip install 'tpru-agent[sim]'``).
     """
     _, env_dict, policy_map = _import_metaworld()
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)  # one name is one task, not a list of letters
     _check(tasks, episodes_per_task, frames_per_episode, size, perturb, max_steps, env_dict)
     sabotaged = perturb > 0 or open_gripper_early
     salt = (1 if perturb > 0 else 0) + (2 if open_gripper_early else 0)

@@ -9,7 +9,9 @@ Browser: the Debian ``chromium`` and ``chromium-driver`` packages (never a downl
 ``MINIWOB_CHROME_BINARY`` / ``MINIWOB_CHROMEDRIVER`` (set here from ``PATH`` when absent). Chromium runs with
 ``--headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update
 --disable-sync --no-first-run`` and a device scale factor of 2, so screenshots are 320x420 px (sharper text than
-MiniWoB's own 160x210 capture). The text caret is hidden, so its blinking cannot make two frames differ.
+MiniWoB's own 160x210 capture), and with font hinting, subpixel glyph positioning and LCD text off: without
+them, glyph anti-aliasing differed between browser sessions. The text caret is hidden (its blinking made frames
+differ) and the focus left by the previous episode is dropped, so a seed gives the same pixels in any session.
 
 Scripted agents (``AGENTS``) read the utterance fields and the DOM that MiniWoB exposes:
 - ``click-checkboxes`` / ``click-checkboxes-large``: tick each requested box, then Submit;
@@ -47,7 +49,8 @@ from .base import Episode
 log = logging.getLogger(__name__)
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--force-device-scale-factor=2")
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--force-device-scale-factor=2",
+                  "--font-render-hinting=none", "--disable-font-subpixel-positioning", "--disable-lcd-text")
 #: One gerund phrase per task (rendered as "These photos show the process of ..."); the utterance is appended.
 TASK_SENTENCES = {
     "click-checkboxes": "ticking the requested checkboxes on a web form and submitting it",
@@ -60,9 +63,12 @@ TASK_SENTENCES = {
 MAX_ATTEMPTS_PER_EPISODE = 10
 #: Browser window (CSS px): tall enough that the 160x210 task area is fully inside the viewport.
 WINDOW_SIZE = (600, 500)
-_HIDE_CARET = ("var s = document.createElement('style'); s.id = 'tpru-no-caret';"
-               "s.textContent = '* { caret-color: transparent !important; }';"
-               "if (!document.getElementById('tpru-no-caret')) document.head.appendChild(s);")
+#: Run after each reset: hide the text caret (its blinking would make frames differ) and drop the focus the last
+#: episode's final click left on a button (its focus ring would otherwise show in this episode's first frame).
+_PREPARE_PAGE = ("var s = document.createElement('style'); s.id = 'tpru-no-caret';"
+                 "s.textContent = '* { caret-color: transparent !important; }';"
+                 "if (!document.getElementById('tpru-no-caret')) document.head.appendChild(s);"
+                 "if (document.activeElement) document.activeElement.blur();")
 
 
 @dataclass(frozen=True)
@@ -262,7 +268,7 @@ def _run_episode(env, task: str, episode_seed: int, rng, wrong: bool):
     obs, _ = env.reset(seed=episode_seed, options={"record_screenshots": False})
     utterance = obs["utterance"]
     driver = env.instance.driver
-    driver.execute_script(_HIDE_CARET)
+    driver.execute_script(_PREPARE_PAGE)
     steps = AGENTS[task](obs, rng, wrong, driver)
     frames, wrong_frame, reward, done = [_screenshot(env.instance)], None, 0.0, False
     for step in steps:
@@ -299,13 +305,14 @@ def miniwob_episodes(tasks: Sequence[str], episodes_per_task: int, *, seed: int 
         ConfigError: unknown task, or a task that keeps giving too-short episodes.
         EngineUnavailableError: miniwob/selenium missing, or Chromium not installed or not starting.
     """
-    for task in tasks if not isinstance(tasks, str) else [tasks]:
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)  # one name is one task, not a list of letters
+    for task in tasks:
         if task not in AGENTS:
             raise ConfigError(f"no scripted MiniWoB agent for {task!r}.{close_matches(task, AGENTS)} "
                               f"Supported tasks: {', '.join(AGENTS)}")
     if episodes_per_task < 0 or min_frames < 1:
         raise ConfigError(f"episodes_per_task must be >= 0 and min_frames >= 1, got {episodes_per_task}, {min_frames}")
-    for task in tasks if not isinstance(tasks, str) else [tasks]:
+    for task in tasks:
         if episodes_per_task == 0:
             continue
         env = _make_env(task)
