@@ -32,11 +32,13 @@ def choice_question(task: str, steps: tuple[int, ...], target: int, n_candidates
     options = choice_options(list(range(n_candidates)), none_position=none_position)
     lead = describe(description)
     shown = ", ".join(str(s) for s in steps[:-1]) + (" and " if len(steps) > 1 else "") + str(steps[-1])
+    # Nothing before the images depends on how many there are: a control loop that appends a frame to its history
+    # then shares the whole earlier prompt prefix (and its cached keys/values) with the previous call.
     problem = (
         (lead + " " if lead else "")
-        + f"The images below show step{'s' if len(steps) > 1 else ''} {shown} of the procedure.\n"
+        + "The images below show steps of the procedure, each labelled with its step number.\n"
         + context_block(steps)
-        + f"\n{ask}\n"
+        + f"\nThese are step{'s' if len(steps) > 1 else ''} {shown}. {ask}\n"
         + option_lines(options, lambda _: IMAGE)
     )
     return Question(task, problem, len(steps) + n_candidates, tuple(o.letter for o in options), options=options,
