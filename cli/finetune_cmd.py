@@ -136,14 +136,11 @@ def finetune(config_file, sets, resume, dry_run, as_json, **flags):
 
 
 def _dry_run(cfg, resume: bool, as_json: bool) -> None:
-    from tpru_agent.finetune.config import MODEL_SHAPES, estimate_memory_gib
+    from tpru_agent.finetune.config import estimate_for
     from tpru_agent.finetune.launch import launch_command, needs_launch
 
     size = "7b" if "7b" in cfg.base.lower() else "3b"
-    estimate = estimate_memory_gib(**MODEL_SHAPES[size], peft=cfg.peft, beta=cfg.beta,
-                                   gradient_checkpointing=cfg.gradient_checkpointing is not False,
-                                   batch=cfg.per_device_train_batch_size, lora_r=cfg.lora_r,
-                                   world_size=cfg.world_size, zero3=cfg.deepspeed == "zero3")
+    estimate = estimate_for(cfg, size)
     command = launch_command(cfg, Path(cfg.output_dir) / "config.yaml", resume=resume) if needs_launch(cfg) else None
     payload = {"config": cfg.to_dict(), "memory_gib_per_gpu": {k: round(v, 1) for k, v in estimate.items()},
                "memory_model": f"Qwen2.5-VL-{size.upper()}", "launch": command,

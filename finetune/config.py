@@ -71,6 +71,7 @@ class FinetuneConfig:
     reward_weights: list[float] | None = None
     # optimisation
     learning_rate: float = 1e-6
+    optim: str = "adamw_torch"
     lr_scheduler_type: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.01
@@ -200,26 +201,29 @@ class FinetuneConfig:
 
 
 # ----------------------------------------------------------------------------------------------- memory presets
-#: Per-GPU memory presets. Each sets peft, gradient checkpointing and the micro-batch; the estimate behind each
-#: one is :func:`estimate_memory_gib` (see its docstring) for Qwen2.5-VL-3B / -7B with 5 rollouts of <= 1,024 tokens
-#: after a ~2,500-token prompt (7 frames at the TPRU budget + text). Numbers are GiB per GPU, single GPU:
+#: Per-GPU memory presets. Each sets peft, gradient checkpointing, the micro-batch and (80gb) the optimizer; the
+#: estimate behind each is :func:`estimate_memory_gib` (see its docstring) for Qwen2.5-VL-3B / -7B with 5 rollouts
+#: of <= 1,024 tokens after a ~2,500-token prompt (7 frames at the TPRU budget + text), one GPU, GiB:
 #:
-#: ========  =========================  ===========  ===========  ======================================
-#: preset    settings                   3B estimate  7B estimate  notes
-#: ========  =========================  ===========  ===========  ======================================
-#: ``24gb``  qlora, checkpointing, 5    14.8         21.5         RTX 3090/4090, A10, L4
-#: ``48gb``  lora, checkpointing, 5     20.2         33.4         A6000, L40S
-#: ``80gb``  full, checkpointing, 5     49.0         98.7         A100/H100 80GB: the paper's recipe (3B)
-#: ========  =========================  ===========  ===========  ======================================
+#: ========  ====================================  ===========  ===========  ==============================
+#: preset    settings                              3B estimate  7B estimate  cards
+#: ========  ====================================  ===========  ===========  ==============================
+#: ``24gb``  qlora, checkpointing, batch 5         14.8         21.5         RTX 3090/4090, A10, L4
+#: ``48gb``  lora, checkpointing, batch 5          20.2         33.4         A6000, L40S
+#: ``80gb``  full, checkpointing, batch 5, 8-bit   60.6         127.6        A100/H100 80GB (3B)
+#:           AdamW
+#: ========  ====================================  ===========  ===========  ==============================
 #:
-#: ``80gb`` trains the 7B fully only when sharded: ``--num-gpus 2 --deepspeed zero3`` brings it to ~56 GiB per
-#: GPU (4 GPUs: ~35), since ZeRO-3 divides weights, gradients, optimizer states and the reference by the GPU
-#: count; or use ``48gb`` (LoRA) on one card. Regenerate the table with :func:`estimate_memory_gib` and
-#: :data:`MODEL_SHAPES`.
+#: Full fine-tuning keeps fp32 master weights (bf16 compute): at the paper's lr of 1e-6 an update is far below
+#: bf16's resolution (~4e-3 relative), so pure-bf16 weights would not move. That costs 16 bytes per parameter with
+#: AdamW (60 GiB for the 3B before activations), hence 8-bit AdamW moments in the one-GPU ``80gb`` preset. The 7B
+#: trains fully only sharded: ``--num-gpus 4 --deepspeed zero3`` (~49 GiB per GPU with AdamW; examples/tpru-7b.yaml
+#: uses 8 GPUs); or use ``48gb`` (LoRA) on one card. Regenerate the table with :func:`estimate_memory_gib`.
 PRESETS: dict[str, dict[str, Any]] = {
     "24gb": {"peft": "qlora", "gradient_checkpointing": True, "per_device_train_batch_size": 5},
     "48gb": {"peft": "lora", "gradient_checkpointing": True, "per_device_train_batch_size": 5},
-    "80gb": {"peft": "none", "gradient_checkpointing": True, "per_device_train_batch_size": 5},
+    "80gb": {"peft": "none", "gradient_checkpointing": True, "per_device_train_batch_size": 5,
+             "optim": "adamw_bnb_8bit"},
 }
 PRESET_BUDGET_GIB = {"24gb": 24, "48gb": 48, "80gb": 80}
 
@@ -227,30 +231,33 @@ PRESET_BUDGET_GIB = {"24gb": 24, "48gb": 48, "80gb": 80}
 def estimate_memory_gib(*, params_b: float, layers: int, hidden: int, intermediate: int, kv_dim: int,
                         vocab: int, peft: str, beta: float, gradient_checkpointing: bool, batch: int,
                         prompt_tokens: int = 2500, completion_tokens: int = 1024, lora_r: int = 64,
-                        world_size: int = 1, zero3: bool = False) -> dict[str, float]:
+                        optim: str = "adamw_torch", world_size: int = 1, zero: int = 0) -> dict[str, float]:
     """Peak GPU memory of one GRPO micro-step, by part (GiB); a planning estimate, not a measurement.
 
-    Model (bytes per parameter): bf16 weights 2 (4-bit: 0.6, counting the unquantised vision tower and
-    embeddings); full fine-tuning keeps bf16 gradients (2) and AdamW moments in the parameter dtype (2 x 2);
-    LoRA adapters train in fp32 (4 + 4 + 2 x 4). The KL term needs reference log-probs: a second bf16 copy for
-    full fine-tuning, none with PEFT (the base with adapters disabled is the reference). Activations: with
-    checkpointing, one hidden state per layer and token (2 bytes x hidden) plus one layer's working set
-    (~34 x hidden x 2 bytes per token); without, every layer's working set. Log-probs: fp32 logits over the
-    completion tokens (vocab x 4 bytes per token). KV cache for generation: 2 x layers x kv_dim x 2 bytes per
-    token. Plus 1.5 GiB CUDA context and 10% fragmentation.
+    Bytes per parameter. Full fine-tuning: fp32 master weights 4, fp32 gradients 4, AdamW moments 8 (8-bit
+    AdamW: 2), and, with the KL term, a bf16 reference copy 2. LoRA / QLoRA: the frozen base in bf16 (2) or NF4
+    (0.6, counting the unquantised vision tower and embeddings); adapters train in fp32 (4 + 4 + 8); the reference
+    is the base with adapters disabled (no copy). ZeRO-2 divides gradients and optimizer states by the GPU count,
+    ZeRO-3 also the weights and the reference. Activations: with checkpointing, one hidden state per layer and
+    token (2 bytes x hidden) plus one layer's working set (~34 x hidden x 2 bytes per token); without, every
+    layer's working set. Log-probs: fp32 logits over the completion tokens (vocab x 4 bytes per token). KV cache for
+    generation: 2 x layers x kv_dim x 2 bytes per token. Plus 1.5 GiB CUDA context and 10% fragmentation.
     """
     gib = 1024 ** 3
     n = params_b * 1e9
     tokens = batch * (prompt_tokens + completion_tokens)
+    state_shard = world_size if zero >= 2 else 1
+    weight_shard = world_size if zero >= 3 else 1
+    adam = 2.0 if "8bit" in optim else 8.0
     parts: dict[str, float] = {}
-    shard = world_size if zero3 else 1
-    parts["weights"] = n * (0.6 if peft == "qlora" else 2.0) / shard
     if peft == "none":
-        parts["grads+optimizer"] = n * (2 + 4) / shard
-        parts["reference"] = n * 2.0 / shard if beta > 0 else 0.0
+        parts["weights"] = n * 4.0 / weight_shard
+        parts["grads+optimizer"] = n * (4 + adam) / state_shard
+        parts["reference"] = n * 2.0 / weight_shard if beta > 0 else 0.0
     else:
+        parts["weights"] = n * (0.6 if peft == "qlora" else 2.0) / weight_shard
         lora = layers * lora_r * (2 * hidden + 2 * (hidden + kv_dim) + 2 * hidden + 3 * (hidden + intermediate))
-        parts["grads+optimizer"] = lora * (4 + 4 + 8)
+        parts["grads+optimizer"] = lora * (4 + 4 + adam) / state_shard
         parts["reference"] = 0.0
     per_layer = 34 * hidden * 2
     parts["activations"] = tokens * (layers * hidden * 2 + per_layer if gradient_checkpointing
@@ -261,6 +268,16 @@ def estimate_memory_gib(*, params_b: float, layers: int, hidden: int, intermedia
     out["overhead"] = 1.5 + 0.1 * sum(out.values())
     out["total"] = sum(out.values())
     return out
+
+
+def estimate_for(cfg: FinetuneConfig, size: str | None = None) -> dict[str, float]:
+    """:func:`estimate_memory_gib` for a config; ``size`` ``"3b"`` / ``"7b"`` (guessed from the base name when None)."""
+    size = size or ("7b" if "7b" in cfg.base.lower() else "3b")
+    zero = {"zero2": 2, "zero3": 3}.get(cfg.deepspeed or "", 0)
+    return estimate_memory_gib(**MODEL_SHAPES[size], peft=cfg.peft, beta=cfg.beta,
+                               gradient_checkpointing=cfg.gradient_checkpointing is not False,
+                               batch=cfg.per_device_train_batch_size, completion_tokens=cfg.max_completion_length,
+                               lora_r=cfg.lora_r, optim=cfg.optim, world_size=cfg.world_size, zero=zero)
 
 
 #: Shapes of the supported bases (Qwen2.5-VL model cards; parameters counted on the meta device).

@@ -140,7 +140,7 @@ def grpo_args(cfg: FinetuneConfig, output_dir: str | Path, *, max_steps: int | N
         beta=cfg.beta, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
         max_completion_length=cfg.max_completion_length,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim="adamw_torch",
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=cfg.optim,
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps if max_steps is None else max_steps,
         bf16=use_bf16(cfg), use_cpu=not cuda, gradient_checkpointing=gradient_checkpointing(cfg),
         seed=cfg.seed, data_seed=cfg.seed,
@@ -149,6 +149,8 @@ def grpo_args(cfg: FinetuneConfig, output_dir: str | Path, *, max_steps: int | N
         reward_weights=cfg.reward_weights, remove_unused_columns=False, dataloader_num_workers=0,
         use_vllm=vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         log_completions=False,
+        # The policy keeps fp32 master weights (see modeling.train_dtype); the frozen reference needs only bf16.
+        model_init_kwargs={"dtype": "bfloat16"} if use_bf16(cfg) and cfg.peft == "none" and cfg.beta > 0 else None,
     )
 
 

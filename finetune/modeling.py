@@ -77,12 +77,24 @@ def quantization_config(cfg: FinetuneConfig):
                               llm_int8_skip_modules=["visual", "lm_head"])
 
 
+def train_dtype(cfg: FinetuneConfig):
+    """Weights dtype while training: fp32 master weights for full fine-tuning (bf16 compute through autocast).
+
+    At lr 1e-6 an AdamW update is ~1e-6 of a weight, far below bf16's ~4e-3 relative resolution: pure-bf16
+    weights would round every update away. A frozen LoRA base can stay in bf16 (the adapters train in fp32).
+    """
+    import torch
+
+    if cfg.peft == "none" or not use_bf16(cfg):
+        return torch.float32
+    return torch.bfloat16
+
+
 def load_model(path: str | os.PathLike, cfg: FinetuneConfig):
-    """The base model for training: bf16 on GPU (fp32 on CPU), 4-bit for QLoRA, vision frozen on request."""
-    torch = require("torch", "finetune", what="fine-tuning")
+    """The base model for training (:func:`train_dtype`), 4-bit for QLoRA, vision frozen on request / with PEFT."""
+    require("torch", "finetune", what="fine-tuning")
     transformers = require("transformers", "finetune", what="fine-tuning")
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if use_bf16(cfg) else torch.float32,
-                              "trust_remote_code": False}
+    kwargs: dict[str, Any] = {"dtype": train_dtype(cfg), "trust_remote_code": False}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     quant = quantization_config(cfg)
@@ -172,6 +184,8 @@ def write_final(trainer, processor, cfg: FinetuneConfig, base_path: str | os.Pat
         for item in staging.iterdir():
             if item.name != "training_args.bin":  # a pickle: never shipped (safetensors only)
                 shutil.move(str(item), tmp / item.name)
+        if not adapter and use_bf16(cfg):
+            cast_checkpoint(tmp, "bfloat16")  # fp32 master weights -> the release dtype (half the size)
     processor.save_pretrained(str(tmp))
     if adapter and not cfg.merge:
         _point_adapter_at(tmp, cfg.base)
@@ -180,6 +194,33 @@ def write_final(trainer, processor, cfg: FinetuneConfig, base_path: str | os.Pat
     shutil.rmtree(staging, ignore_errors=True)
     _swap_in(tmp, target)
     return target
+
+
+def cast_checkpoint(folder: str | os.PathLike, dtype: str = "bfloat16") -> None:
+    """Rewrite a checkpoint's floating-point safetensors in ``dtype`` (config and shard index updated)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    target = getattr(torch, dtype)
+    total = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors = {k: (v.to(target) if v.is_floating_point() else v) for k, v in load_file(str(file)).items()}
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        tmp = file.with_name(f".{file.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, file)
+    for name, update in (("config.json", None), ("model.safetensors.index.json", total)):
+        path = folder / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if update is None:
+            data["dtype"] = dtype
+            data.pop("torch_dtype", None)
+        else:
+            data.setdefault("metadata", {})["total_size"] = update
+        path.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
 def _point_adapter_at(folder: Path, base: str) -> None:

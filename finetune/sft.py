@@ -26,8 +26,10 @@ def sft_target(answer: str, *, task: str = "", negative: bool = False) -> str:
     """The assistant text the warm-up trains on: one sentence of reasoning, then the answer block.
 
     Example:
-        >>> sft_target("CABD").split("</think>")
-        ['<think>Following the procedure step by step, the images in temporal order are C, A, B, D.', '<answer>CABD</answer>']
+        >>> sft_target("CABD").split("</think>")[1]
+        '<answer>CABD</answer>'
+        >>> sft_target("CABD").split(", the ")[1]
+        'images in temporal order are C, A, B, D.</think><answer>CABD</answer>'
         >>> sft_target("E", task="next", negative=True).endswith("provided.</think><answer>E</answer>")
         True
     """
@@ -50,7 +52,7 @@ def sft_args(cfg: FinetuneConfig, output_dir: str | Path, *, max_steps: int | No
         output_dir=str(output_dir), per_device_train_batch_size=cfg.sft_batch_size,
         gradient_accumulation_steps=cfg.sft_gradient_accumulation_steps,
         learning_rate=cfg.sft_learning_rate, lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim="adamw_torch",
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=cfg.optim,
         num_train_epochs=cfg.sft_epochs, max_steps=steps, max_length=None, completion_only_loss=True,
         bf16=use_bf16(cfg), use_cpu=not use_cuda(cfg), gradient_checkpointing=gradient_checkpointing(cfg),
         seed=cfg.seed, data_seed=cfg.seed, save_strategy="steps", save_steps=cfg.save_steps,

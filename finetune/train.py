@@ -192,7 +192,8 @@ def _run_stage(cfg: FinetuneConfig, stage: str, base_path: Path, stage_dir: Path
             append_jsonl(metrics_path, {"stage": stage, "step": steps, "eval_accuracy": evaluation["accuracy"],
                                         "eval_format": evaluation["format"], "final": True})
     provenance = {"base": cfg.base, "base_path": str(base_path), "method": cfg.method, "stage": stage,
-                  "peft": cfg.peft, "steps": dict(result.steps), "evaluation": evaluation}
+                  "peft": cfg.peft, "steps": dict(result.steps), "evaluation": evaluation,
+                  "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}
     merge_cfg = cfg if final else _merged(cfg)
     write_final(trainer, processor, merge_cfg, base_path, target, provenance)
     if _is_main():

@@ -125,6 +125,10 @@ def test_identical_frames_give_no_preference(engine):
 
 @pytest.mark.parametrize("bad, match", [
     ({"nope": 1}, "unknown classic engine option"),
+    ({"order_temperature": 0}, "must be > 0"),
+    ({"choice_temperature": -1.0}, "must be > 0"),
+    ({"grid_sizes": (32, 0)}, "grid_sizes"),
+    ({"grid_sizes": ()}, "grid_sizes"),
 ])
 def test_bad_options_fail_with_the_valid_ones(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -150,3 +154,9 @@ def test_examples_frames_are_ordered_up_to_direction(engine):
     answer = "".join(q.labels[names.index(n)] for n in truth)
     p = probs(engine, q, images)
     assert max(p, key=p.get) in (answer, answer[::-1])
+
+
+def test_one_context_frame_prefers_the_closest_new_frame(engine):
+    q = next_frame.build(1, 4)                                   # only step 1 given, which is step 2?
+    p = probs(engine, q, [MOVING[0], FAR[0], MOVING[3], MOVING[1], FAR[2]])
+    assert q.option(max(p, key=p.get)).value == 2

@@ -326,3 +326,34 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_steps_and_data
     ref_rows = [r["rows"] for r in records(Path(reference_cfg.output_dir) / "rollouts.jsonl")]
     assert [r["rows"] for r in records(out / "rollouts.jsonl")] == ref_rows   # same data, same order
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_full_fine_tuning_keeps_fp32_master_weights_and_ships_bf16(tiny_checkpoint, tmp_path):
+    """lr 1e-6 updates vanish in bf16 weights: full fine-tuning trains fp32 masters; the release is cast to bf16."""
+    import shutil
+
+    import torch
+
+    from tpru_agent.finetune.config import FinetuneConfig
+    from tpru_agent.finetune.grpo import grpo_args
+    from tpru_agent.finetune.modeling import cast_checkpoint, train_dtype
+
+    gpu_like = FinetuneConfig(data="d", bf16=True)
+    assert train_dtype(gpu_like) == torch.float32
+    assert train_dtype(FinetuneConfig(data="d", bf16=True, peft="lora")) == torch.bfloat16
+    weight = torch.tensor([0.02], dtype=torch.bfloat16)
+    assert bool(weight + 1e-6 == weight)  # why: the update is below bf16 resolution
+    args = grpo_args(FinetuneConfig(data="d", bf16=True, device="cpu"), tmp_path / "o")
+    assert args.model_init_kwargs == {"dtype": "bfloat16"}  # the frozen reference model only
+    no_kl = FinetuneConfig(data="d", bf16=True, device="cpu", beta=0.0)
+    assert grpo_args(no_kl, tmp_path / "o").model_init_kwargs is None
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    cast_checkpoint(folder, "bfloat16")
+    assert {t.dtype for t in tensors(folder).values()} == {torch.bfloat16}
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype="auto")
+    assert next(model.parameters()).dtype == torch.bfloat16

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tpru_agent.errors import ConfigError
-from tpru_agent.finetune.config import (MODEL_SHAPES, PRESET_BUDGET_GIB, PRESETS, FinetuneConfig,
+from tpru_agent.finetune.config import (MODEL_SHAPES, PRESET_BUDGET_GIB, PRESETS, FinetuneConfig, estimate_for,
                                         estimate_memory_gib, resolve_config)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,15 +122,12 @@ def test_examples_reproduce_the_paper_recipe(name, base, deepspeed):
 @pytest.mark.parametrize("size", ["3b", "7b"])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_fit_their_budget_by_the_written_estimate(size, preset):
-    settings = PRESETS[preset]
-    est = estimate_memory_gib(**MODEL_SHAPES[size], peft=settings["peft"], beta=0.01,
-                              gradient_checkpointing=settings["gradient_checkpointing"],
-                              batch=settings["per_device_train_batch_size"])
+    cfg = resolve_config(overrides={"data": "d", "preset": preset})
+    est = estimate_for(cfg, size)
     budget = PRESET_BUDGET_GIB[preset]
-    if size == "7b" and preset == "80gb":  # documented: the 7B full fine-tune needs ZeRO-3 over 2+ GPUs
+    if size == "7b" and preset == "80gb":  # documented: the 7B full fine-tune needs ZeRO-3 over 4 GPUs
         assert est["total"] > budget
-        sharded = estimate_memory_gib(**MODEL_SHAPES[size], peft="none", beta=0.01, gradient_checkpointing=True,
-                                      batch=5, world_size=2, zero3=True)
+        sharded = estimate_for(resolve_config(overrides={"data": "d", "num_gpus": 4, "deepspeed": "zero3"}), size)
         assert sharded["total"] < budget
     else:
         assert est["total"] < budget
@@ -142,6 +139,14 @@ def test_estimate_orders_the_methods_sensibly():
     total = {p: estimate_memory_gib(**shape, peft=p, beta=0.01, gradient_checkpointing=True, batch=5)["total"]
              for p in ("none", "lora", "qlora")}
     assert total["qlora"] < total["lora"] < total["none"]
+    full = estimate_memory_gib(**shape, peft="none", beta=0.01, gradient_checkpointing=True, batch=5)
+    assert full["weights"] == pytest.approx(3.755e9 * 4 / 2 ** 30)  # fp32 master weights
+    eight_bit = estimate_memory_gib(**shape, peft="none", beta=0.01, gradient_checkpointing=True, batch=5,
+                                    optim="adamw_bnb_8bit")
+    assert full["grads+optimizer"] - eight_bit["grads+optimizer"] == pytest.approx(3.755e9 * 6 / 2 ** 30)
+    sharded = [estimate_memory_gib(**shape, peft="none", beta=0.01, gradient_checkpointing=True, batch=5,
+                                   world_size=8, zero=z) for z in (0, 2, 3)]
+    assert sharded[0]["total"] > sharded[1]["total"] > sharded[2]["total"]
     no_ckpt = estimate_memory_gib(**shape, peft="lora", beta=0.01, gradient_checkpointing=False, batch=5)
     assert no_ckpt["activations"] > 5 * estimate_memory_gib(**shape, peft="lora", beta=0.01,
                                                              gradient_checkpointing=True, batch=5)["activations"]
