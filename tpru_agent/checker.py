@@ -24,8 +24,10 @@ from .errors import ConfigError
 from .frames import load_frame, load_frames
 from .results import CheckEvent, Status
 
-#: Mean absolute difference (0..255, on a 32x32 grey thumbnail) under which two frames count as the same.
-DUPLICATE_THRESHOLD = 1.5
+#: Mean absolute difference (0..255, on a 32x32 grey thumbnail) under which two frames count as the same. Real
+#: motion measured 0.3-3.8 between frames 4-8 simulator steps apart (Meta-World, 224 px); identical renders give 0.
+#: Raise it for noisy cameras.
+DUPLICATE_THRESHOLD = 0.2
 #: How far ahead of the current reference step a frame may be matched.
 MATCH_LOOKAHEAD = 3
 
