@@ -84,7 +84,8 @@ def curve(metrics_path: Path) -> list[dict]:
 
 def learn(workdir: Path, *, size: str = "tiny", frames: int = 3, n_train: int = 2000, n_test: int = 100,
           sft_steps: int = 300, grpo_steps: int = 60, eval_steps: int = 50, sft_lr: float = 1e-3,
-          grpo_lr: float = 1e-5, reward: str = "tpru", pixels: int = 3136, seed: int = 0) -> dict:
+          grpo_lr: float = 1e-5, reward: str = "tpru", pixels: int = 3136, max_completion: int = 64,
+          seed: int = 0) -> dict:
     """Run the experiment in ``workdir``; returns the figures."""
     from tpru_agent.finetune.config import resolve_config
     from tpru_agent.finetune.train import train
@@ -100,8 +101,9 @@ def learn(workdir: Path, *, size: str = "tiny", frames: int = 3, n_train: int = 
         base=str(model), data=str(data), output_dir=str(out), method="sft+grpo", device="cpu", progress=False,
         sft_max_steps=sft_steps, sft_learning_rate=sft_lr, sft_batch_size=8, max_steps=grpo_steps,
         learning_rate=grpo_lr, beta=0.0, num_generations=4, per_device_train_batch_size=8, prompts_per_rollout=2,
-        prompts_per_update=2, max_completion_length=48, temperature=1.0, top_p=0.99, rewards=[reward],
-        eval_steps=eval_steps, eval_samples=n_test, eval_max_new_tokens=48, save_steps=max(sft_steps, grpo_steps),
+        prompts_per_update=2, max_completion_length=max_completion, temperature=1.0, top_p=0.99, rewards=[reward],
+        eval_steps=eval_steps, eval_samples=n_test, eval_max_new_tokens=max_completion,
+        save_steps=max(sft_steps, grpo_steps),
         min_pixels=pixels, max_pixels=pixels, seed=seed, data_cache_dir=str(workdir / "datasets-cache")))
     started = time.perf_counter()
     result = train(cfg)
@@ -151,12 +153,14 @@ def main() -> None:
     parser.add_argument("--grpo-lr", type=float, default=1e-5)
     parser.add_argument("--reward", default="tpru")
     parser.add_argument("--pixels", type=int, default=3136)
+    parser.add_argument("--max-completion", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the figures here")
     a = parser.parse_args()
     figures = learn(Path(a.workdir), size=a.size, frames=a.frames, n_train=a.train, n_test=a.test,
                     sft_steps=a.sft_steps, grpo_steps=a.grpo_steps, eval_steps=a.eval_steps, sft_lr=a.sft_lr,
-                    grpo_lr=a.grpo_lr, reward=a.reward, pixels=a.pixels, seed=a.seed)
+                    grpo_lr=a.grpo_lr, reward=a.reward, pixels=a.pixels, max_completion=a.max_completion,
+                    seed=a.seed)
     text = json.dumps(figures, indent=2)
     if a.json:
         Path(a.json).write_text(text)

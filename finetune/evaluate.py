@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tpru_agent.errors import ConfigError, FrameError, ParseError
-from tpru_agent.tasks import continuation
 
 from . import eval_report
 from .eval_data import EvalDataset, EvalRow, open_dataset
@@ -184,30 +183,8 @@ def prepare_row(tpru, row: EvalRow):
 
 
 def answer_item(tpru, question, images: list, *, mode: str, debias: int = 1):
-    """``tpru.ask``; in fast mode with ``debias > 1`` a candidates question is averaged over cyclic shifts.
-
-    The candidate images follow the context images in option order, so shifting them keeps the text valid:
-    shown candidate ``k`` is original candidate ``(k + s) % n``, and each letter's probability is mapped back.
-    """
-    from tpru_agent.model import Answer
-
-    n = question.n_candidates
-    if mode != "fast" or debias < 2 or n < 2:
-        return tpru.ask(question, images, mode=mode)
-    n_context = question.n_images - n
-    letter_of = {o.value: o.letter for o in question.options}
-    merged: dict[str, float] = {letter: 0.0 for letter in letter_of.values()}
-    timings: dict[str, float] = {}
-    for s in range(min(debias, n)):
-        rotated = [(k + s) % n for k in range(n)]
-        ans = tpru.ask(question, images[:n_context] + [images[n_context + i] for i in rotated], mode=mode)
-        for letter, p in ans.probabilities.items():
-            shown = question.option(letter).value
-            merged[letter_of[None if shown is None else rotated[shown]]] += p / min(debias, n)
-        for key, value in ans.timings.items():
-            timings[key] = timings.get(key, 0.0) + value
-    best = max(merged, key=merged.get)
-    return Answer(best, merged, continuation(best), timings)
+    """``tpru.ask``, debiased over ``debias`` cyclic shifts of the candidates in fast mode (see ``TPRU.ask``)."""
+    return tpru.ask(question, images, mode=mode, debias=debias)
 
 
 def evaluate_row(tpru, row: EvalRow, question, images: list, *, mode: str, debias: int = 1) -> dict:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tpru_agent.errors import FrameError
 
 THUMB_SIDE = 32
 EMBED_SIDE = 16

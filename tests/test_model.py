@@ -12,7 +12,6 @@ import random
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tpru_agent import TPRU, ConfigError, FrameError, ParseError
 from oracle import PixelOracle, frame

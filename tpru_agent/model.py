@@ -136,11 +136,14 @@ class TPRU:
         return getattr(self.engine, "name", type(self.engine).__name__)
 
     # ---------------------------------------------------------------- the core: one question, one answer
-    def ask(self, question: Question, images: Sequence, *, mode: str = "reason") -> Answer:
+    def ask(self, question: Question, images: Sequence, *, mode: str = "reason", debias: int | None = None) -> Answer:
         """Answer one rendered question over already-loaded images (the primitive every task call uses).
 
         ``mode="fast"`` scores every valid answer in one pass; ``mode="reason"`` generates, parses, then scores
-        every valid answer after the generated reasoning so the result still has a probability.
+        every valid answer after the generated reasoning so the result still has a probability. ``debias``
+        (default: the constructor's) averages a fast-mode candidates question over that many cyclic shifts of the
+        candidate images (each letter's probability mapped back to its candidate), countering letter position
+        bias at ``debias`` times the cost.
 
         Raises:
             ParseError: the generated text has no valid answer (the raw text is kept on the error).
@@ -148,6 +151,26 @@ class TPRU:
         _check_mode(mode)
         if len(images) != question.n_images:
             raise ConfigError(f"the question shows {question.n_images} images but {len(images)} were given")
+        n = question.n_candidates
+        shifts = min(self.debias if debias is None else debias, n) if mode == "fast" else 1
+        if shifts < 2:
+            return self._ask_once(question, images, mode)
+        n_context = question.n_images - n
+        letter_of = {o.value: o.letter for o in question.options}
+        merged = {letter: 0.0 for letter in letter_of.values()}
+        timings: dict[str, float] = {}
+        for s in range(shifts):
+            rotated = [(k + s) % n for k in range(n)]  # shown candidate k is original candidate rotated[k]
+            ans = self._ask_once(question, list(images[:n_context]) + [images[n_context + i] for i in rotated], mode)
+            for letter, p in ans.probabilities.items():
+                shown = question.option(letter).value
+                merged[letter_of[None if shown is None else rotated[shown]]] += p / shifts
+            for key, value in ans.timings.items():
+                timings[key] = timings.get(key, 0.0) + value
+        best = max(merged, key=merged.get)
+        return Answer(best, merged, continuation(best), timings)
+
+    def _ask_once(self, question: Question, images: Sequence, mode: str) -> Answer:
         request = Request(question, render_prompt(question.problem, self.template), tuple(images))
         answers = question.answers()
         timings: dict[str, float] = {}
@@ -267,28 +290,12 @@ class TPRU:
         return StepVerdict(choice.index == 0, p_ok, choice, choice.raw, choice.engine, mode, choice.timings)
 
     def _choose(self, build, context: list, cands: list, mode: str, started: float, prepare_s: float) -> ChoiceResult:
-        """Ask a candidates question; in fast mode with ``debias > 1`` average over cyclic candidate shifts."""
-        _check_mode(mode)
-        n = len(cands)
-        question = build(n)
-        shifts = range(self.debias if mode == "fast" else 1)
-        per_candidate: dict[int | None, float] = {}
-        answers = []
-        for s in shifts:
-            rotated = [(i + s) % n for i in range(n)]  # rotated[k] = original index shown as candidate k
-            ans = self.ask(question, context + [cands[i] for i in rotated], mode=mode)
-            answers.append(ans)
-            for letter, p in ans.probabilities.items():
-                shown = question.option(letter).value
-                key = None if shown is None else rotated[shown]
-                per_candidate[key] = per_candidate.get(key, 0.0) + p / len(shifts)
-        first = answers[0]
+        """Ask a candidates question (debiased in fast mode when the model was built with ``debias > 1``)."""
+        question = build(len(cands))
+        ans = self.ask(question, context + cands, mode=mode)
         options = {o.letter: o.value for o in question.options}
-        probs = {o.letter: per_candidate[o.value] for o in question.options}
-        letter = first.answer if mode == "reason" else max(probs, key=probs.get)
-        raw = first.raw if mode == "reason" else continuation(letter)
-        return ChoiceResult(options[letter], letter, probs[letter], probs, options, raw, self.engine_name, mode,
-                            self._timings(started, prepare_s, answers))
+        return ChoiceResult(options[ans.answer], ans.answer, ans.confidence, ans.probabilities, options, ans.raw,
+                            self.engine_name, mode, self._timings(started, prepare_s, [ans]))
 
     def _timings(self, started: float, prepare_s: float, answers: Sequence[Answer]) -> dict[str, float]:
         timings = {"prepare_s": prepare_s, "calls": float(len(answers))}
