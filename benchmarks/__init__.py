@@ -93,23 +93,10 @@ def model_folder(size: str, args=None, *, device: str = "cpu") -> Path:
 
 
 def synthetic_frames(count: int = 4, size: tuple[int, int] = (196, 168)) -> list:
-    """``count`` distinct RGB frames of a made-up procedure (a square moving right), inside TPRU's pixel budget."""
-    import numpy as np
-    from PIL import Image
+    """``count`` distinct frames inside TPRU's pixel budget (:func:`tpru_agent.testing.synthetic_frames`)."""
+    from tpru_agent.testing import synthetic_frames as frames
 
-    width, height = size
-    yy, xx = np.mgrid[0:height, 0:width]
-    frames = []
-    for i in range(count):
-        img = np.zeros((height, width, 3), dtype=np.uint8)
-        img[..., 0] = (xx * 255 // max(width - 1, 1)).astype(np.uint8)
-        img[..., 1] = (yy * 255 // max(height - 1, 1)).astype(np.uint8)
-        img[..., 2] = (40 + 50 * i) % 256
-        side = height // 4
-        x0 = 8 + i * (width - side - 16) // max(count - 1, 1)
-        img[height // 3: height // 3 + side, x0: x0 + side] = ((255 - 60 * i) % 256, (30 * i) % 256, 255)
-        frames.append(Image.fromarray(img, "RGB"))
-    return frames
+    return frames(count, size)
 
 
 def resolve_device(device: str) -> str:

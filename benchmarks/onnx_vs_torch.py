@@ -45,24 +45,10 @@ def _side_by_side(torch_fn, ort_fn, repeats: int, warmup: int) -> tuple[float, f
 
 
 def questions(frames: list) -> list:
-    """8 requests over 4 task forms (ordering, ordering MCQ, next frame, previous frame), 3 to 7 images."""
-    from tpru_agent.engines.base import Request
-    from tpru_agent.tasks import next_frame, ordering, previous, render_prompt
+    """The fixed 8-question set (:func:`tpru_agent.testing.sample_requests`)."""
+    from tpru_agent.testing import sample_requests
 
-    f4 = frames[:4]
-    f7 = f4 + [f.transpose(0) for f in frames[:3]]  # mirrored copies: 7 distinct frames
-    items = [
-        (ordering.build(4), [f4[2], f4[0], f4[3], f4[1]]),
-        (ordering.build(4, description="making coffee"), [f4[1], f4[3], f4[0], f4[2]]),
-        (ordering.build(3, description="opening the drawer"), [f4[2], f4[1], f4[0]]),
-        (ordering.build_mcq(4, ["ABCD", "BADC", "CABD", "DCBA"], none_position=2), [f4[3], f4[1], f4[2], f4[0]]),
-        (next_frame.build(2, 4, with_goal=True), [f7[0], f7[1], f7[6], f7[4], f7[2], f7[5], f7[3]]),
-        (next_frame.build(2, 4, none_position=0, description="pouring water into the cup"), f7[:6]),
-        (previous.build(3, 4), [f7[2], f7[3], f7[4], f7[6], f7[1], f7[0], f7[5]]),
-        (previous.build(3, 4, none_position=1, description="folding the towel"),
-         [f7[4], f7[5], f7[6], f7[0], f7[3], f7[2], f7[1]]),
-    ]
-    return [Request(q, render_prompt(q.problem), tuple(ims)) for q, ims in items]
+    return sample_requests(frames)
 
 
 def fast_answer(engine, request) -> tuple[str, list[float]]:

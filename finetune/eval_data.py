@@ -27,7 +27,7 @@ from pathlib import Path
 from tpru_agent.errors import ConfigError, FrameError, require
 from tpru_agent.tasks import IMAGE, LETTERS, TASKS, Option, Question
 
-from .tpru_format import decode_image, parquet_files
+from .tpru_format import cell_bytes, decode_image, parquet_files
 
 COLUMNS = ("id", "problem", "images", "answer", "task", "domain", "negative", "episode_id")
 SPLIT_NAMES = ("test", "validation", "val", "eval", "train")
@@ -197,23 +197,8 @@ class EvalRow:
         return [_decode_cell(c, self.root, f"row {self.id} image {i}") for i, c in enumerate(self.image_cells)]
 
 
-def _cell_bytes(cell, root: Path | None, source: str) -> bytes | None:
-    if isinstance(cell, (bytes, bytearray)):
-        return bytes(cell)
-    if isinstance(cell, dict):
-        if cell.get("bytes"):
-            return bytes(cell["bytes"])
-        if cell.get("path"):
-            path = Path(cell["path"])
-            path = path if path.is_absolute() or root is None else root / path
-            if path.is_file():
-                return path.read_bytes()
-            raise FrameError(f"image {cell['path']!r} has no bytes and the file is missing", source=source)
-    return None
-
-
 def _decode_cell(cell, root: Path | None, source: str):
-    data = _cell_bytes(cell, root, source)
+    data = cell_bytes(cell, root, source, required=False)
     if data is not None:
         return decode_image(data, source=source)
     if hasattr(cell, "convert"):  # already a PIL image
@@ -227,7 +212,7 @@ def content_id(problem: str, answer: str, cells, root: Path | None) -> str:
     digest = hashlib.sha1(problem.encode() + b"\0" + answer.encode())
     for i, cell in enumerate(cells):
         try:
-            data = _cell_bytes(cell, root, f"image {i}")
+            data = cell_bytes(cell, root, f"image {i}", required=False)
         except FrameError:  # a missing image file: the row still gets an id, and fails when it is evaluated
             data = None
         digest.update(hashlib.sha1(data if data is not None else repr(cell).encode()).digest())

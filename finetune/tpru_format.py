@@ -175,7 +175,12 @@ def parquet_files(path: str | Path) -> list[Path]:
     return files
 
 
-def _image_bytes(cell, root: Path, source: str) -> bytes:
+def cell_bytes(cell, root: Path | None, source: str, *, required: bool = True) -> bytes | None:
+    """Encoded bytes of one ``images`` cell: raw bytes, or an HF-datasets ``{"bytes", "path"}`` struct.
+
+    A relative ``path`` is read under ``root``. Anything else raises :class:`FrameError` when ``required``, else
+    gives ``None`` (the caller may accept other cell types, e.g. PIL images).
+    """
     if isinstance(cell, (bytes, bytearray)):
         return bytes(cell)
     if isinstance(cell, dict):
@@ -183,10 +188,12 @@ def _image_bytes(cell, root: Path, source: str) -> bytes:
             return bytes(cell["bytes"])
         if cell.get("path"):
             image_path = Path(cell["path"])
-            image_path = image_path if image_path.is_absolute() else root / image_path
+            image_path = image_path if image_path.is_absolute() or root is None else root / image_path
             if image_path.is_file():
                 return image_path.read_bytes()
             raise FrameError(f"image {cell['path']!r} has no bytes and the file is missing", source=source)
+    if not required:
+        return None
     raise FrameError(f"image cell of type {type(cell).__name__} is neither bytes nor a {{bytes, path}} struct",
                      source=source)
 
@@ -224,7 +231,7 @@ def _row(data: dict, i: int, file: Path, columns_only: bool) -> TPRURow:
         names: tuple = (None,) * data["problem"][i].count(IMAGE)
     else:
         cells = data["images"][i] or []
-        images = tuple(_image_bytes(c, file.parent, source) for c in cells)
+        images = tuple(cell_bytes(c, file.parent, source) for c in cells)
         names = tuple(c.get("path") if isinstance(c, dict) else None for c in cells)
     return TPRURow(
         problem=data["problem"][i], images=images, answer=str(data["answer"][i]).strip(),

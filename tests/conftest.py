@@ -15,9 +15,10 @@ os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from tpru_agent.testing import synthetic_frames  # noqa: E402,F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 _threads_pinned = False
@@ -45,27 +46,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     folder = build_tiny_checkpoint(root / "tiny", size="tiny", seed=0)
     _pin_torch_threads()
     return folder
-
-
-def synthetic_frames(count: int = 4, size: tuple[int, int] = (196, 168)) -> list[Image.Image]:
-    """``count`` distinct RGB frames of one made-up procedure: a square moving right over a tinted gradient.
-
-    The default size (196x168, sides multiples of 28, 32,928 px) lies inside TPRU's pixel budget, so the
-    processor keeps it as it is: 12x14 patches, 42 visual tokens per frame.
-    """
-    width, height = size
-    yy, xx = np.mgrid[0:height, 0:width]
-    frames = []
-    for i in range(count):
-        img = np.zeros((height, width, 3), dtype=np.uint8)
-        img[..., 0] = (xx * 255 // max(width - 1, 1)).astype(np.uint8)
-        img[..., 1] = (yy * 255 // max(height - 1, 1)).astype(np.uint8)
-        img[..., 2] = (40 + 50 * i) % 256
-        side = height // 4
-        x0 = 8 + i * (width - side - 16) // max(count - 1, 1)
-        img[height // 3: height // 3 + side, x0: x0 + side] = (255 - 60 * i, 30 * i, 255)
-        frames.append(Image.fromarray(img, "RGB"))
-    return frames
 
 
 @pytest.fixture

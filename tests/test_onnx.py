@@ -20,27 +20,16 @@ from tpru_agent.engines.chat import common_prefix, expand_image_pads, render_cha
 from tpru_agent.errors import ConfigError, ModelNotFoundError  # noqa: E402
 from tpru_agent.export import parse_frame_size, read_manifest  # noqa: E402
 from tpru_agent.hub import ONNX_MANIFEST, resolve  # noqa: E402
-from tpru_agent.tasks import continuation, next_frame, ordering, previous, render_prompt  # noqa: E402
+from tpru_agent.tasks import continuation, ordering, render_prompt  # noqa: E402
 
 FRAME = "196x168"  # the size of conftest's synthetic frames: hf and onnx then see the same pixels
 
 
-def questions(frames: list) -> list[Request]:
-    """8 requests over 4 task forms (ordering, ordering MCQ, next frame, previous frame), 3 to 7 images."""
-    f4 = frames[:4]
-    f7 = f4 + [f.transpose(0) for f in frames[:3]]  # mirrored copies: 7 distinct frames
-    items = [
-        (ordering.build(4), [f4[2], f4[0], f4[3], f4[1]]),
-        (ordering.build(4, description="making coffee"), [f4[1], f4[3], f4[0], f4[2]]),
-        (ordering.build(3, description="opening the drawer"), [f4[2], f4[1], f4[0]]),
-        (ordering.build_mcq(4, ["ABCD", "BADC", "CABD", "DCBA"], none_position=2), [f4[3], f4[1], f4[2], f4[0]]),
-        (next_frame.build(2, 4, with_goal=True), [f7[0], f7[1], f7[6], f7[4], f7[2], f7[5], f7[3]]),
-        (next_frame.build(2, 4, none_position=0, description="pouring water into the cup"), f7[:6]),
-        (previous.build(3, 4), [f7[2], f7[3], f7[4], f7[6], f7[1], f7[0], f7[5]]),
-        (previous.build(3, 4, none_position=1, description="folding the towel"),
-         [f7[4], f7[5], f7[6], f7[0], f7[3], f7[2], f7[1]]),
-    ]
-    return [Request(q, render_prompt(q.problem), tuple(ims)) for q, ims in items]
+def questions(frames: list) -> list:
+    """The fixed 8-question set (:func:`tpru_agent.testing.sample_requests`)."""
+    from tpru_agent.testing import sample_requests
+
+    return sample_requests(frames)
 
 
 def fast_answer(engine, request: Request) -> tuple[str, list[float]]:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError, ModelNotFoundError, require
+from .fsutil import replace_dir
 from .hub import ONNX_MANIFEST
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ def export_onnx(model: str | os.PathLike, out: str | os.PathLike, *, int8: bool 
         if int8:
             step("quantising to int8 (ONNX Runtime dynamic quantisation)")
             _quantize_in_place(tmp)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -278,7 +279,7 @@ def quantize_onnx(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: 
             if item.is_file():
                 shutil.copy2(item, tmp / item.name)
         _quantize_in_place(tmp, graphs)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -316,14 +317,3 @@ def _quantize_in_place(folder: Path, graphs: tuple[str, ...] = ("decoder",)) -> 
 def _drop_preprocess_advice(record: logging.LogRecord) -> bool:
     """Drop ORT quantisation's chatter, which goes to the root logger (per-tensor notes, pre-processing advice)."""
     return record.levelno >= logging.ERROR or "onnxruntime" not in record.pathname.replace("\\", "/")
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is moved aside first, so readers never see a half folder."""
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
-        os.replace(dst, old / "x")
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)

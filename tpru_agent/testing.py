@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ConfigError, require
+from .fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +305,7 @@ def build_tiny_checkpoint(path: str | os.PathLike, *, size: str = "tiny", seed: 
         if _is_complete(target, size, seed):  # another process finished the same build meanwhile
             shutil.rmtree(tmp, ignore_errors=True)
             return target
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -312,12 +313,49 @@ def build_tiny_checkpoint(path: str | os.PathLike, *, size: str = "tiny", seed: 
     return target
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is moved aside first, so readers never see a half folder."""
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
-        os.replace(dst, old / "x")
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+def synthetic_frames(count: int = 4, size: tuple[int, int] = (196, 168)) -> list:
+    """``count`` distinct RGB frames of a made-up procedure: a square moving right over a tinted gradient.
+
+    The default size (196x168, sides multiples of 28, 32,928 px) lies inside TPRU's pixel budget, so the
+    processor keeps it as it is: 12x14 patches, 42 visual tokens per frame.
+    """
+    import numpy as np
+    from PIL import Image
+
+    width, height = size
+    yy, xx = np.mgrid[0:height, 0:width]
+    frames = []
+    for i in range(count):
+        img = np.zeros((height, width, 3), dtype=np.uint8)
+        img[..., 0] = (xx * 255 // max(width - 1, 1)).astype(np.uint8)
+        img[..., 1] = (yy * 255 // max(height - 1, 1)).astype(np.uint8)
+        img[..., 2] = (40 + 50 * i) % 256
+        side = height // 4
+        x0 = 8 + i * (width - side - 16) // max(count - 1, 1)
+        img[height // 3: height // 3 + side, x0: x0 + side] = ((255 - 60 * i) % 256, (30 * i) % 256, 255)
+        frames.append(Image.fromarray(img, "RGB"))
+    return frames
+
+
+def sample_requests(frames: list) -> list:
+    """8 engine requests over the 4 task forms (ordering, ordering MCQ, next frame, previous frame), 3 to 7 images.
+
+    A fixed question set for engine parity tests and benchmarks; needs at least 4 frames.
+    """
+    from .engines.base import Request
+    from .tasks import next_frame, ordering, previous, render_prompt
+
+    f4 = frames[:4]
+    f7 = f4 + [f.transpose(0) for f in frames[:3]]  # mirrored copies: 7 distinct frames
+    items = [
+        (ordering.build(4), [f4[2], f4[0], f4[3], f4[1]]),
+        (ordering.build(4, description="making coffee"), [f4[1], f4[3], f4[0], f4[2]]),
+        (ordering.build(3, description="opening the drawer"), [f4[2], f4[1], f4[0]]),
+        (ordering.build_mcq(4, ["ABCD", "BADC", "CABD", "DCBA"], none_position=2), [f4[3], f4[1], f4[2], f4[0]]),
+        (next_frame.build(2, 4, with_goal=True), [f7[0], f7[1], f7[6], f7[4], f7[2], f7[5], f7[3]]),
+        (next_frame.build(2, 4, none_position=0, description="pouring water into the cup"), f7[:6]),
+        (previous.build(3, 4), [f7[2], f7[3], f7[4], f7[6], f7[1], f7[0], f7[5]]),
+        (previous.build(3, 4, none_position=1, description="folding the towel"),
+         [f7[4], f7[5], f7[6], f7[0], f7[3], f7[2], f7[1]]),
+    ]
+    return [Request(q, render_prompt(q.problem), tuple(ims)) for q, ims in items]
