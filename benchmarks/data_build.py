@@ -63,20 +63,15 @@ class Timer:
         pass
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--episodes", type=int, default=80)
-    parser.add_argument("--frames", type=int, default=16, help="frames per episode on disk")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--samples-per-episode", type=int, default=6)
-    args = parser.parse_args()
+def measure(episodes: int, frames: int, workers: int, samples_per_episode: int) -> dict:
+    """Time one full build from frames on disk; wall-clock and CPU figures."""
     from tpru_agent.finetune.build import BuildConfig, build
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "episodes"
-        write_episodes(src, args.episodes, args.frames)
-        cfg = BuildConfig(sources=(f"frames:{src},domain=robot",), out=str(Path(tmp) / "out"), workers=args.workers,
-                          samples_per_episode=args.samples_per_episode)
+        write_episodes(src, episodes, frames)
+        cfg = BuildConfig(sources=(f"frames:{src},domain=robot",), out=str(Path(tmp) / "out"), workers=workers,
+                          samples_per_episode=samples_per_episode)
         timer = Timer()
         cpu0 = _cpu()
         start = time.perf_counter()
@@ -86,14 +81,33 @@ def main() -> None:
         render = dict(timer.marks).get("render", start + wall)
         size = sum(p.stat().st_size for p in result.out.rglob("*.parquet"))
     samples = sum(result.manifest["samples"].values())
+    return {"episodes": episodes, "frames_per_episode": frames, "workers": workers, "samples": samples,
+            "ingest_plan_s": render - start, "render_s": start + wall - render, "total_s": wall,
+            "dataset_mb": size / 1e6, "samples_per_min": samples / wall * 60, "cpu_ms_per_sample": cpu / samples * 1000,
+            "samples_per_min_2_idle_cores_estimate": samples / (cpu / 2) * 60, "load_average": os.getloadavg()[0]}
+
+
+def run(args) -> dict:
+    """Benchmark-runner entry (``python -m benchmarks data_build``): 80 episodes (``--quick``: 10), 2 workers."""
+    return measure(10 if args.quick else 80, 16, 2, 6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", type=int, default=80)
+    parser.add_argument("--frames", type=int, default=16, help="frames per episode on disk")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--samples-per-episode", type=int, default=6)
+    args = parser.parse_args()
+    r = measure(args.episodes, args.frames, args.workers, args.samples_per_episode)
     print(f"episodes {args.episodes} x {args.frames} frames (640x480 jpg), workers {args.workers}, "
           f"{args.samples_per_episode} samples/episode, {os.cpu_count()} cpus")
-    print(f"ingest+plan {render - start:.1f} s, render {start + wall - render:.1f} s, total {wall:.1f} s, "
-          f"{samples} samples, {size / 1e6:.1f} MB")
-    print(f"samples/min: {samples / wall * 60:.0f} wall-clock  (goal >= 2000; load average now "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus)")
-    print(f"cpu {cpu:.1f} s ({cpu / samples * 1000:.0f} ms/sample): {samples / (cpu / 2) * 60:.0f} samples/min on 2 "
-          "otherwise idle cores")
+    print(f"ingest+plan {r['ingest_plan_s']:.1f} s, render {r['render_s']:.1f} s, total {r['total_s']:.1f} s, "
+          f"{r['samples']} samples, {r['dataset_mb']:.1f} MB")
+    print(f"samples/min: {r['samples_per_min']:.0f} wall-clock  (goal >= 2000; load average now "
+          f"{r['load_average']:.1f} on {os.cpu_count()} cpus)")
+    print(f"cpu {r['cpu_ms_per_sample']:.0f} ms/sample: {r['samples_per_min_2_idle_cores_estimate']:.0f} samples/min "
+          "on 2 otherwise idle cores")
     sys.stdout.flush()
 
 
