@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -21,17 +22,17 @@ def emit_json(obj: Any) -> None:
 
 def error(message: str) -> None:
     """One red line on stderr."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
     """One yellow line on stderr."""
-    err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def note(message: str) -> None:
     """A dim informational line on stderr."""
-    err_console.print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
+    err_console.print(f"[dim]{escape(message)}[/]", highlight=False, soft_wrap=True)
 
 
 def _timing_text(timings: dict[str, float]) -> str:
@@ -48,7 +49,7 @@ def show_order(result, names: list[str]) -> None:
     table.add_column("frame")
     table.add_column("input #", justify="right")
     for step, index in enumerate(result.order, 1):
-        table.add_row(str(step), names[index], str(index))
+        table.add_row(str(step), escape(names[index]), str(index))
     console.print(table)
     console.print(f"answer [bold]{result.answer}[/]  confidence [bold]{result.confidence:.3f}[/]", highlight=False)
     if result.windows:
@@ -70,7 +71,7 @@ def show_choice(result, names: list[str], title: str) -> None:
     for letter, value in result.options.items():
         mark = "[bold green]>[/] " if letter == result.letter else "  "
         name = "None of the choices" if value is None else names[value]
-        table.add_row(mark + letter, name, f"{result.probabilities[letter]:.3f}")
+        table.add_row(mark + letter, escape(name), f"{result.probabilities[letter]:.3f}")
     console.print(table)
     picked = "none of the candidates" if result.index is None else names[result.index]
     console.print(f"answer [bold]{result.letter}[/] -> {picked}  confidence [bold]{result.confidence:.3f}[/]",
