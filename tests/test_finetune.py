@@ -257,7 +257,7 @@ def test_qlora_trains_on_a_4bit_base_and_merges_into_full_weights(tiny_checkpoin
 
 
 @pytest.mark.slow
-def test_unmerged_adapter_is_saved_with_processor_and_note(tiny_checkpoint, dataset, tmp_path):
+def test_unmerged_adapter_is_saved_with_processor_and_note(tiny_checkpoint, dataset, tmp_path, frames4):
     from tpru_agent.finetune.train import train
 
     cfg = tiny_config(tiny_checkpoint, dataset, tmp_path / "run", peft="lora", merge=False, beta=0.0, max_steps=1,
@@ -267,6 +267,7 @@ def test_unmerged_adapter_is_saved_with_processor_and_note(tiny_checkpoint, data
     assert adapter["base_model_name_or_path"] == str(tiny_checkpoint)
     assert (final / "adapter_model.safetensors").is_file() and (final / "chat_template.jinja").is_file()
     assert "LoRA adapter" in (final / "README.md").read_text()
+    answers(final, frames4)  # the SDK loads the base named by the adapter and applies it
 
 
 # ----------------------------------------------------------------------------------------------- SFT warm-up

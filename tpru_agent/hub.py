@@ -78,6 +78,10 @@ def offline() -> bool:
 
 
 def _check_folder(folder: Path, name: str) -> Path:
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        if not (folder / "adapter_model.safetensors").is_file():
+            raise ModelNotFoundError(f"adapter folder {str(folder)!r} (from {name!r}) has no adapter_model.safetensors")
+        return folder  # a LoRA adapter: the hf engine loads its base and applies it
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"model folder {str(folder)!r} (from {name!r}) has no config.json")
     if not any(folder.glob("*.safetensors")):

@@ -20,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import inspect
+import json
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -97,7 +99,7 @@ class HFEngine:
             kwargs["quantization_config"] = self._bnb_config(transformers)
         log.info("loading %s from %s on %s (%s, quantization=%s)", model, self.folder, self.device, self.dtype,
                  self.quantization)
-        self.model = transformers.AutoModelForImageTextToText.from_pretrained(self.folder, **kwargs).eval()
+        self.model = load_model(transformers, self.folder, kwargs, local_files_only=local_files_only).eval()
         self.processor = transformers.AutoProcessor.from_pretrained(
             self.folder, trust_remote_code=trust_remote_code, local_files_only=True,
             size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
@@ -398,3 +400,23 @@ def _drop_int8_cast_notice(record: logging.LogRecord) -> bool:
 
 
 __all__ = ["HFEngine", "QUANTIZATIONS", "check_quantization", "pick_device", "pick_dtype", "split_prompt"]
+
+
+def load_model(transformers, folder: Path, kwargs: dict, *, local_files_only: bool | None = None):
+    """The model in ``folder``; a LoRA adapter folder (``tpru finetune --set merge=false``) is applied to its base.
+
+    The adapter's ``base_model_name_or_path`` is resolved like any model name (alias, Hub id or folder), then the
+    adapter is merged into the weights (kept separate on a quantised base, which cannot be merged).
+    """
+    adapter = Path(folder) / "adapter_config.json"
+    if not adapter.is_file() or (Path(folder) / "config.json").is_file():
+        return transformers.AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
+    peft = require("peft", "finetune", what="loading a LoRA adapter")
+    base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{adapter} names no base_model_name_or_path; merge the adapter or add the base's name")
+    log.info("loading LoRA adapter %s on its base %s", folder, base)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(
+        hub.locate(base, local_files_only=local_files_only), **kwargs)
+    model = peft.PeftModel.from_pretrained(model, str(folder))
+    return model if "quantization_config" in kwargs else model.merge_and_unload()
