@@ -61,6 +61,9 @@ def model_options(func):
         click.option("--template", type=click.Path(dir_okay=False), default=None,
                      help="Jinja preamble file (uses {{ content }}) instead of the built-in answer rules."),
         click.option("--base-url", default=None, help="openai engine: server URL, e.g. http://127.0.0.1:8000/v1"),
+        click.option("--debias", default=1, type=click.IntRange(1, 8), show_default=True,
+                     help="fast mode: average multiple-choice answers over K cyclic shifts of the candidates "
+                          "(counters letter position bias; K times the cost)."),
         click.option("--strict", is_flag=True, help="Never fall back to the classic engine."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables."),
     ]
@@ -70,14 +73,15 @@ def model_options(func):
 
 
 def open_model(model: str | None, engine: str, quantization: str | None, device: str, template: str | None,
-               base_url: str | None, strict: bool):
+               base_url: str | None, strict: bool, debias: int = 1):
     """Load the model; without --model and --strict, fall back to the classic engine when weights are missing."""
     from tpru_agent import TPRU
 
     kwargs = {"base_url": base_url} if base_url else {}
     name = model or DEFAULT_MODEL
     try:
-        return TPRU(name, engine=engine, quantization=quantization, device=device, template=template, **kwargs)
+        return TPRU(name, engine=engine, quantization=quantization, device=device, template=template, debias=debias,
+                    **kwargs)
     except (ModelNotFoundError, EngineUnavailableError) as exc:
         if strict or model is not None or engine != "auto":
             raise
@@ -85,7 +89,7 @@ def open_model(model: str | None, engine: str, quantization: str | None, device:
         render.warn(f"falling back to the no-weights classic engine (visual continuity only, no TPRU model). "
                     f"For the real model: download {name} (see `tpru models`) or pass --model DIR; "
                     "--strict refuses this fallback.")
-        return TPRU("classic", template=template)
+        return TPRU("classic", template=template, debias=debias)
 
 
 def split_inputs(values: tuple[str, ...]) -> list[str]:
@@ -108,13 +112,13 @@ def frame_names(inputs) -> list[str]:
 @click.option("--description", "-d", default=None, help="The procedure in words, e.g. 'making coffee'.")
 @click.option("--sheet", type=click.Path(dir_okay=False), default=None, help="Write a PNG contact sheet here.")
 @model_options
-def order_cmd(frames, description, sheet, model, engine, quantization, device, mode, template, base_url, strict,
-              as_json):
+def order_cmd(frames, description, sheet, model, engine, quantization, device, mode, template, base_url, debias,
+              strict, as_json):
     """Put FRAMES (files, globs, a folder or a video) in temporal order."""
     from tpru_agent.frames import load_frames
 
     inputs = list(frames)
-    tpru = open_model(model, engine, quantization, device, template, base_url, strict)
+    tpru = open_model(model, engine, quantization, device, template, base_url, strict, debias)
     result = tpru.order_frames(inputs if len(inputs) > 1 else inputs[0], description=description, mode=mode)
     names = frame_names(inputs)
     if sheet:
@@ -138,8 +142,8 @@ def order_cmd(frames, description, sheet, model, engine, quantization, device, m
 
 def _choice_command(kind: str):
     def run(context, candidates, goal, description, model, engine, quantization, device, mode, template, base_url,
-            strict, as_json, **_):
-        tpru = open_model(model, engine, quantization, device, template, base_url, strict)
+            debias, strict, as_json, **_):
+        tpru = open_model(model, engine, quantization, device, template, base_url, strict, debias)
         ctx_in, cand_in = split_inputs(context), split_inputs(candidates)
         if kind == "next":
             result = tpru.predict_next(ctx_in, cand_in, goal=goal, description=description, mode=mode)
@@ -183,9 +187,9 @@ def prev_cmd(context, candidates, description, **kw):
 @click.option("--description", "-d", default=None, help="The procedure in words.")
 @model_options
 def verify_cmd(observation, history, goal, description, model, engine, quantization, device, mode, template,
-               base_url, strict, as_json):
+               base_url, debias, strict, as_json):
     """Is OBSERVATION a valid next step after the history?"""
-    tpru = open_model(model, engine, quantization, device, template, base_url, strict)
+    tpru = open_model(model, engine, quantization, device, template, base_url, strict, debias)
     verdict = tpru.verify_step(split_inputs(history), observation, goal=goal, description=description, mode=mode)
     if as_json:
         render.emit_json({**verdict.to_dict(), "observation": observation})
