@@ -188,14 +188,14 @@ def prev_cmd(context, candidates, description, **kw):
 @model_options
 def verify_cmd(observation, history, goal, description, model, engine, quantization, device, mode, template,
                base_url, debias, strict, as_json):
-    """Is OBSERVATION a valid next step after the history?"""
+    """Is OBSERVATION a valid next step after the history? Exit 0 yes, 3 no (1 error, 2 usage)."""
     tpru = open_model(model, engine, quantization, device, template, base_url, strict, debias)
     verdict = tpru.verify_step(split_inputs(history), observation, goal=goal, description=description, mode=mode)
     if as_json:
         render.emit_json({**verdict.to_dict(), "observation": observation})
     else:
         render.show_verdict(verdict, observation)
-    sys.exit(0 if verdict.ok else 2)
+    sys.exit(0 if verdict.ok else 3)  # 3, not 2: click uses 2 for usage errors
 
 
 ENGINE_MODULES = {

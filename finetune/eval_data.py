@@ -39,7 +39,7 @@ _LABEL_WORDS = ("image", "frame", "picture", "photo", "img")
 _NONE = re.compile(r"none\s+of\s+(the\s+)?(choices|options|above|candidates)(\s+(is\s+)?(provided|given|correct))?"
                    r"|^none\b", re.IGNORECASE)
 _PERM = re.compile(r"^([A-J])(?:\s*(?:-|–|→|->|>|,|\s)\s*([A-J])|([A-J])){1,9}\b")
-_STEP_IMAGE = re.compile(r"step\s+(\d+)\s*[:：.)-]?\s*" + re.escape(IMAGE), re.IGNORECASE)
+_STEP_IMAGE = re.compile(r"(?:step\s+(\d+)|final\s+step)\s*[:：.)-]?\s*" + re.escape(IMAGE), re.IGNORECASE)
 _LABEL_IMAGE = re.compile(r"(?:image|frame|picture|photo|img)\s*([A-J])\s*[:：.)-]?\s*" + re.escape(IMAGE),
                           re.IGNORECASE)
 _TARGET = re.compile(r"step\s+(\d+)\s*\??", re.IGNORECASE)
@@ -92,7 +92,9 @@ def parse_options(problem: str) -> list[tuple[str, str, str | None]]:
 
 def _choice_steps(problem: str, n_context: int, task: str | None) -> tuple[str, tuple[int, ...], int]:
     """Task (next / previous), context step numbers and target step of a candidates question."""
-    steps = tuple(int(s) for s in _STEP_IMAGE.findall(problem))
+    found = _STEP_IMAGE.findall(problem)  # "" for a "Final step" image: the step after the one asked about
+    numbered = [int(s) for s in found if s]
+    steps = tuple(int(s) if s else max(numbered, default=0) + 2 for s in found)
     if len(steps) != n_context:
         steps = ()
     if task not in ("next", "previous"):

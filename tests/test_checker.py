@@ -72,7 +72,35 @@ def test_reset_and_log(tmp_path):
     assert checker.observe(frame(4)).step == 0
 
 
-@pytest.mark.parametrize("kwargs", [dict(window=0), dict(confirm=0), dict(threshold=1.0), dict(mode="slow")])
+@pytest.mark.parametrize("kwargs", [dict(window=0), dict(window=13), dict(confirm=0), dict(threshold=1.0),
+                                    dict(mode="slow")])
 def test_bad_config(kwargs):
     with pytest.raises(ConfigError):
         make(**kwargs)
+
+
+def test_parse_failure_is_a_doubt_not_a_crash():
+    engine = PixelOracle(reply="<think>the reasoning was cut off")
+    checker = ProcedureChecker(TPRU(engine=engine), mode="reason", confirm=2)
+    events = [checker.observe(frame(s)) for s in (1, 2, 3)]
+    assert [e.status for e in events] == [Status.ACCEPTED, Status.UNCERTAIN, Status.REJECTED]
+    assert "cut off" in events[1].raw and "error" in events[1].details
+
+
+def test_return_to_the_last_accepted_state_is_accepted_and_a_stall_costs_no_call():
+    checker, engine = make(confirm=3)
+    for s in (1, 2, 3):
+        checker.observe(frame(s))
+    assert checker.observe(frame(8)).status == Status.UNCERTAIN
+    calls = engine.score_calls
+    stalled = checker.observe(frame(8))  # the same wrong frame again: the earlier verdict, no model call
+    assert stalled.duplicate and stalled.status == Status.UNCERTAIN and engine.score_calls == calls
+    back = checker.observe(frame(3))  # back at the last accepted state
+    assert back.duplicate and back.status == Status.ACCEPTED
+
+
+def test_progress_reaches_the_end_of_a_long_reference():
+    reference = [frame(s) for s in range(1, 25)]
+    checker, _ = make(reference=reference, window=3, threshold=1e-6)  # every 4th step: accept the jumps
+    events = [checker.observe(frame(s)) for s in range(1, 25, 4)] + [checker.observe(frame(24))]
+    assert events[-1].matched_step == 23 and events[-1].progress == pytest.approx(1.0)

@@ -123,3 +123,20 @@ def test_result_to_dict_is_json_ready():
     result = TPRU(engine=PixelOracle()).order_frames([frame(2), frame(1)], mode="fast")
     data = json.loads(json.dumps(result.to_dict()))
     assert data["order"] == [1, 0] and data["answer"] == "BA"
+
+
+def test_engine_object_is_checked():
+    with pytest.raises(ConfigError, match="generate"):
+        TPRU(engine=42)
+    assert "oracle" in TPRU(engine=PixelOracle()).model_name
+
+
+def test_bgr_arrays_are_converted():
+    import numpy as np
+
+    rgb = np.asarray(frame(3))
+    engine = PixelOracle()
+    result = TPRU(engine=engine, bgr=True).predict_next([np.asarray(frame(1))[..., ::-1],
+                                                        np.asarray(frame(2))[..., ::-1]],
+                                                       [rgb[..., ::-1], np.asarray(frame(7))[..., ::-1]], mode="fast")
+    assert result.index == 0  # painted steps survived the BGR -> RGB conversion

@@ -69,6 +69,9 @@ NEXT = next_frame.build(2, 4, with_goal=True)
     ("<answer>ABCD</answer>", "ABCD", False),
     ("<think>thinking about A and B</think> CABD", "CABD", False),  # bare answer after the reasoning
     ('<think>x</think><answer>"BCDA"</answer>', "BCDA", False),
+    ("<think>x</think><answer>C, A, B, D</answer>", "CABD", False),  # sloppy but unambiguous: flagged
+    ("<think>x</think><answer>C-A-B-D</answer>", "CABD", False),
+    ("<think>x</think><answer>C -> A -> B -> D</answer>", "CABD", False),
 ])
 def test_parse_ordering_valid(raw, expected, well_formed):
     parsed = parse_response(raw, ORDER4.validate)
@@ -84,7 +87,8 @@ def test_parse_ordering_valid(raw, expected, well_formed):
     ("<think>x</think><answer>CABDA</answer>", "expected 4 labels"),
     ("<think>x</think><answer>CABE</answer>", "unknown label"),
     ("<think>x</think><answer>CABB</answer>", "repeated label"),
-    ("<think>x</think><answer>C, A, B, D</answer>", "expected 4 labels"),
+    ("<think>x</think><answer>C, A, B</answer>", "expected 4 labels"),
+    ("<think>x</think><answer>the order is C A B D</answer>", "expected 4 labels"),
     ("<think>x</think><answer>cabd</answer>", "unknown label"),
 ])
 def test_parse_ordering_invalid_keeps_raw(raw, message):
@@ -97,6 +101,9 @@ def test_parse_ordering_invalid_keeps_raw(raw, message):
     ("<think>x</think><answer>C</answer>", "C"),
     ("<think>x</think><answer>E</answer>", "E"),
     ("<answer> A </answer> trailing", "A"),
+    ("<think>x</think><answer>(B)</answer>", "B"),
+    ("<think>x</think><answer>E. None of the choices provided</answer>", "E"),
+    ("<think>x</think><answer>C.</answer>", "C"),
 ])
 def test_parse_choice_valid(raw, expected):
     assert parse_response(raw, NEXT.validate).answer == expected
@@ -106,6 +113,7 @@ def test_parse_choice_valid(raw, expected):
     "<think>x</think><answer>F</answer>",
     "<think>x</think><answer>AB</answer>",
     "<think>x</think><answer>option C</answer>",
+    "<think>x</think><answer>F. something</answer>",
     "<think>x</think>",
 ])
 def test_parse_choice_invalid(raw):
@@ -214,4 +222,24 @@ def test_template_errors(tmp_path):
     bad = tmp_path / "bad.jinja"
     bad.write_text("no placeholder here")
     with pytest.raises(ConfigError, match="never uses"):
+        render_prompt("x", bad)
+
+
+def test_reasoning_prefix_tolerates_spaces_in_the_tag():
+    from tpru_agent.tasks.answer import reasoning_prefix
+
+    assert reasoning_prefix("<think>a</think>< answer >B</ answer >") == "<think>a</think>"
+    assert reasoning_prefix("<think>a</think>") == "<think>a</think>"
+
+
+def test_goal_is_labelled_final_step():
+    q = next_frame.build(3, 2, with_goal=True)
+    assert "Final step: <image>" in q.problem and "Step 5" not in q.problem
+    assert "These are steps 1, 2, 3 and the final step. Which option shows step 4?" in q.problem
+
+
+def test_template_that_does_not_render_is_a_config_error(tmp_path):
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{{ content }} {{ other }}")
+    with pytest.raises(ConfigError, match="does not render"):
         render_prompt("x", bad)

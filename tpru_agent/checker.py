@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, ParseError
 from .frames import load_frame, load_frames
 from .results import CheckEvent, Status
 
@@ -27,8 +27,8 @@ from .results import CheckEvent, Status
 #: motion measured 0.3-3.8 between frames 4-8 simulator steps apart (Meta-World, 224 px); identical renders give 0.
 #: Raise it for noisy cameras.
 DUPLICATE_THRESHOLD = 0.2
-#: How far ahead of the current reference step a frame may be matched.
-MATCH_LOOKAHEAD = 3
+#: The longest history one verify question takes (the facade's history limit).
+MAX_WINDOW = 12
 
 
 def thumbnail(image) -> np.ndarray:
@@ -46,6 +46,8 @@ class _State:
     step: int
     events: list
     anchor: int = 0
+    last_thumb: Any = None
+    last_event: Any = None
 
 
 class ProcedureChecker:
@@ -57,11 +59,13 @@ class ProcedureChecker:
         description: the procedure in words ("open the drawer").
         window: the most accepted frames the question shows as history (TPRU trained with 2 + the goal). The
             history is anchored: it grows from an anchor frame up to ``window`` frames, then restarts from the
-            last ``window // 2`` frames, so consecutive calls share their prompt prefix (prefix cache).
+            last ``(window + 1) // 2`` frames, so consecutive calls share their prompt prefix (prefix cache).
         mode: ``"fast"`` (one scoring pass per frame) or ``"reason"`` (chain of thought; slow).
         threshold: P(ok) at or above which a frame is accepted.
         confirm: consecutive frames below the threshold before the verdict becomes ``rejected``.
         log_path: optional JSONL file; one event per line, appended as they happen.
+        duplicate_threshold: grey-level difference under which a frame counts as unchanged (no model call).
+        bgr: numpy frames come in OpenCV's BGR order (``cv2.VideoCapture``); they are converted to RGB.
 
     Example:
         >>> checker = ProcedureChecker(TPRU("classic"), reference="demo/", description="open the drawer")  # doctest: +SKIP
@@ -72,9 +76,11 @@ class ProcedureChecker:
 
     def __init__(self, model, *, reference=None, description: str | None = None, window: int = 3,
                  mode: str = "fast", threshold: float = 0.5, confirm: int = 2,
-                 log_path: str | os.PathLike | None = None, duplicate_threshold: float = DUPLICATE_THRESHOLD):
-        if window < 1:
-            raise ConfigError(f"window must be >= 1 accepted frames, got {window}")
+                 log_path: str | os.PathLike | None = None, duplicate_threshold: float = DUPLICATE_THRESHOLD,
+                 bgr: bool = False):
+        if not 1 <= window <= MAX_WINDOW:
+            raise ConfigError(f"window must be 1..{MAX_WINDOW} accepted frames (one question holds at most "
+                              f"{MAX_WINDOW} history frames), got {window}")
         if confirm < 1:
             raise ConfigError(f"confirm must be >= 1 frames, got {confirm}")
         if not 0.0 < threshold < 1.0:
@@ -88,8 +94,9 @@ class ProcedureChecker:
         self.threshold = threshold
         self.confirm = confirm
         self.duplicate_threshold = duplicate_threshold
+        self.bgr = bgr
         budget = getattr(model, "budget", None)
-        self.reference = [] if reference is None else load_frames(reference, budget=budget, min_frames=2,
+        self.reference = [] if reference is None else load_frames(reference, budget=budget, bgr=bgr, min_frames=2,
                                                                   what="reference")
         self._ref_thumbs = [thumbnail(f) for f in self.reference]
         self.log_path = Path(log_path) if log_path is not None else None
@@ -114,21 +121,32 @@ class ProcedureChecker:
         """Check one new frame; returns a :class:`CheckEvent` (``status``, ``confidence``, ``progress``...)."""
         started = time.perf_counter()
         s = self._s
-        image = load_frame(frame, budget=getattr(self.model, "budget", None), index=s.step, what="observation")
+        image = load_frame(frame, budget=getattr(self.model, "budget", None), bgr=self.bgr, index=s.step,
+                           what="observation")
         thumb = thumbnail(image)
         if not s.accepted:
             event = self._first(image, thumb, started)
-        elif float(np.abs(thumb - s.thumbs[-1]).mean()) < self.duplicate_threshold:
-            event = self._event(s.last_status or Status.ACCEPTED, 1.0 if s.last_status == Status.ACCEPTED else 0.0,
-                                started, raw="", duplicate=True, details={"reason": "no visual change"})
+        elif self._same(thumb, s.thumbs[-1]):
+            # Back at (or still at) the last accepted state: nothing new happened, so nothing is wrong.
+            event = self._event(Status.ACCEPTED, 1.0, started, raw="", duplicate=True,
+                                details={"reason": "no visual change since the last accepted frame"})
+        elif s.last_thumb is not None and s.last_event is not None and self._same(thumb, s.last_thumb):
+            # Still showing the frame judged just before: repeat that verdict without a model call.
+            prev = s.last_event
+            event = self._event(prev.status, prev.confidence, started, raw="", duplicate=True,
+                                details={"reason": "no visual change since the previous frame", "of_step": prev.step})
         else:
             event = self._judge(image, thumb, started)
+        s.last_thumb, s.last_event = thumb, event
         s.step += 1
         s.events.append(event)
         self._log(event)
         return event
 
     # ------------------------------------------------------------------ internals
+    def _same(self, a, b) -> bool:
+        return float(np.abs(a - b).mean()) < self.duplicate_threshold
+
     def _first(self, image, thumb, started: float) -> CheckEvent:
         self._accept(image, thumb)
         return self._event(Status.ACCEPTED, 1.0, started, raw="", details={"reason": "first frame starts the history"})
@@ -136,8 +154,13 @@ class ProcedureChecker:
     def _judge(self, image, thumb, started: float) -> CheckEvent:
         s = self._s
         goal = self.reference[-1] if self.reference else None
-        verdict = self.model.verify_step(s.accepted[s.anchor:], image, description=self.description, goal=goal,
-                                         mode=self.mode)
+        try:
+            verdict = self.model.verify_step(s.accepted[s.anchor:], image, description=self.description, goal=goal,
+                                             mode=self.mode)
+        except ParseError as exc:  # e.g. reasoning cut off at max_new_tokens: a doubt, not a crash of the loop
+            s.low_streak += 1
+            status = Status.REJECTED if s.low_streak >= self.confirm else Status.UNCERTAIN
+            return self._event(status, 0.0, started, raw=exc.raw, details={"error": str(exc).split("; raw")[0]})
         details = {"p_ok": verdict.confidence, "probabilities": verdict.choice.probabilities,
                    "letter": verdict.choice.letter}
         if verdict.confidence >= self.threshold:
@@ -158,10 +181,10 @@ class ProcedureChecker:
             # Re-anchor in jumps rather than sliding by one: the history's first frames then stay the same for
             # several calls, so the engine's prefix cache reuses them (a sliding window changes the first image,
             # and with it the whole prompt, on every accepted frame).
-            s.anchor = len(s.accepted) - max(1, self.window // 2)
+            s.anchor = len(s.accepted) - max(1, (self.window + 1) // 2)
         if self._ref_thumbs:
-            lo = 0 if s.matched is None else s.matched
-            hi = min(len(self._ref_thumbs), lo + MATCH_LOOKAHEAD + 1)
+            lo = 0 if s.matched is None else s.matched  # monotone: never back to an earlier reference step
+            hi = len(self._ref_thumbs)
             dists = [float(np.abs(thumb - self._ref_thumbs[k]).mean()) for k in range(lo, hi)]
             s.matched = lo + int(np.argmin(dists))
 

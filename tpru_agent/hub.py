@@ -48,11 +48,14 @@ def resolve(name: str | os.PathLike) -> ModelRef:
         'Stephengzk/TPRU-7B'
     """
     text = str(name).strip()
-    if text == "classic":
+    if text.lower() == "classic":
         return ModelRef(text, "classic", "")
     path = Path(text).expanduser()
     if path.is_dir():
         return ModelRef(text, "local", str(path.resolve()))
+    if text.endswith("/") or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
+        raise ModelNotFoundError(f"no local folder {text!r} (its parent exists here, so it was read as a path, not "
+                                 "a Hub id); check the path")
     if text.lower() in ALIASES:
         return ModelRef(text, "hub", ALIASES[text.lower()])
     if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists():
@@ -128,6 +131,7 @@ def locate(name: str | os.PathLike, *, revision: str | None = None, cache: str |
 
 def _missing(ref: ModelRef, cache, why: str) -> str:
     where = cache or cache_dir()
+    why = " ".join(why.split())  # one line: the Hub's own messages span several
     return (
         f"weights for {ref.name!r} ({ref.target}) are not available: {why}. Cache folder: {where}. "
         f"Fix: download them on a machine with access (huggingface-cli download {ref.target}) and copy the "

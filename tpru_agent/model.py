@@ -21,6 +21,7 @@ from .frames import TPRU_BUDGET, PixelBudget, load_frame, load_frames
 from .hub import DEFAULT_MODEL, resolve
 from .results import ChoiceResult, OrderResult, StepVerdict
 from .tasks import continuation, next_frame, ordering, parse_response, previous, render_prompt
+from .tasks.answer import reasoning_prefix
 from .tasks.question import MAX_CANDIDATES, MAX_ORDER_LABELS, Question
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def softmax(scores: dict[str, float]) -> dict[str, float]:
 
 def _is_classic(model, engine) -> bool:
     if isinstance(engine, str):
-        return engine == "classic" or (engine == "auto" and str(model).strip() == "classic")
+        return engine == "classic" or (engine == "auto" and str(model).strip().lower() == "classic")
     return getattr(engine, "name", "") == "classic"
 
 
@@ -82,6 +83,7 @@ class TPRU:
         max_new_tokens: reasoning budget of ``mode="reason"``.
         debias: in fast mode, average each multiple-choice answer over this many cyclic shifts of the candidate
             order (counters letter position bias; costs ``debias`` scoring passes).
+        bgr: numpy frames come in OpenCV's BGR order (``cv2.imread`` / ``VideoCapture``); converted to RGB.
         **engine_kwargs: passed to the engine (e.g. ``base_url=`` for openai, ``attn_implementation=`` for hf).
 
     Example:
@@ -93,8 +95,8 @@ class TPRU:
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, engine: str | Engine = "auto",
                  quantization: str | None = None, device: str = "auto", dtype: str = "auto",
                  template: str | os.PathLike | None = None, budget: PixelBudget | None | str = "auto",
-                 max_new_tokens: int = 1024, temperature: float = 0.0, seed: int | None = 0, debias: int = 1,
-                 **engine_kwargs: Any):
+                 max_new_tokens: int = 1024, temperature: float = 0.0, seed: int | None = None, debias: int = 1,
+                 bgr: bool = False, **engine_kwargs: Any):
         if debias < 1:
             raise ConfigError(f"debias must be >= 1 (number of option shifts to average), got {debias}")
         self.model_name = str(model)
@@ -103,8 +105,15 @@ class TPRU:
             render_prompt("", template)  # fail now, not at the first call
         self.budget = budget if budget != "auto" else (None if _is_classic(model, engine) else TPRU_BUDGET)
         self.debias = debias
+        self.bgr = bgr
         self.options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         started = time.perf_counter()
+        if not isinstance(engine, str):
+            missing = [m for m in ("generate", "score") if not callable(getattr(engine, m, None))]
+            if missing:
+                raise ConfigError(f"engine must be a name ('auto', 'hf', 'onnx', 'openai', 'classic') or an object "
+                                  f"with generate() and score(); {type(engine).__name__} lacks {', '.join(missing)}")
+            self.model_name = f"<{getattr(engine, 'name', type(engine).__name__)} engine>"
         self.engine = engine if not isinstance(engine, str) else self._create(engine, quantization=quantization,
                                                                               device=device, dtype=dtype,
                                                                               **engine_kwargs)
@@ -180,8 +189,7 @@ class TPRU:
             raw = self.engine.generate([request], self.options)[0]
             timings["generate_s"] = time.perf_counter() - t0
             chosen = parse_response(raw, question.validate).answer
-            cut = raw.find("<answer>")
-            prefix = raw[:cut] if cut >= 0 else raw
+            prefix = reasoning_prefix(raw)
         t0 = time.perf_counter()
         scores = self.engine.score(request, [continuation(a) for a in answers], prefix=prefix)
         timings["score_s"] = time.perf_counter() - t0
@@ -208,7 +216,7 @@ class TPRU:
             >>> TPRU("classic").order_frames("examples/frames").order   # doctest: +SKIP
         """
         started = time.perf_counter()
-        images = load_frames(frames, budget=self.budget, min_frames=2, max_frames=MAX_ORDER_FRAMES, what="frames")
+        images = load_frames(frames, budget=self.budget, bgr=self.bgr, min_frames=2, max_frames=MAX_ORDER_FRAMES, what="frames")
         prepare_s = time.perf_counter() - started
         if len(images) <= MAX_ORDER_LABELS:
             ans = self.ask(ordering.build(len(images), description=description), images, mode=mode)
@@ -223,6 +231,9 @@ class TPRU:
                        prepare_s: float) -> OrderResult:
         n = len(images)
         windows = aggregate.covering_windows(n, MAX_ORDER_LABELS)
+        if mode == "reason":
+            log.warning("ordering %d frames asks %d 4-frame questions, each with a chain of thought; mode='fast' "
+                        "scores them instead (one pass each)", n, len(windows))
         question = ordering.build(MAX_ORDER_LABELS, description=description)
         answered: list[tuple[tuple[int, ...], dict[tuple[int, ...], float], Answer]] = []
         for window in windows:
@@ -256,9 +267,9 @@ class TPRU:
             "None of the choices provided".
         """
         started = time.perf_counter()
-        hist = load_frames(history, budget=self.budget, min_frames=1, max_frames=12, what="history")
-        cands = load_frames(candidates, budget=self.budget, min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
-        context = hist + ([load_frame(goal, budget=self.budget, what="goal")] if goal is not None else [])
+        hist = load_frames(history, budget=self.budget, bgr=self.bgr, min_frames=1, max_frames=12, what="history")
+        cands = load_frames(candidates, budget=self.budget, bgr=self.bgr, min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
+        context = hist + ([load_frame(goal, budget=self.budget, bgr=self.bgr, what="goal")] if goal is not None else [])
         build = partial(next_frame.build, len(hist), with_goal=goal is not None, none_position=none_position,
                         description=description)
         return self._choose(build, context, cands, mode, started, time.perf_counter() - started)
@@ -267,8 +278,8 @@ class TPRU:
                         none_position: int | None = -1) -> ChoiceResult:
         """Which candidate frame comes right before ``later_frames`` (TPRU: steps 2-4 given, pick step 1)?"""
         started = time.perf_counter()
-        later = load_frames(later_frames, budget=self.budget, min_frames=1, max_frames=12, what="later_frames")
-        cands = load_frames(candidates, budget=self.budget, min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
+        later = load_frames(later_frames, budget=self.budget, bgr=self.bgr, min_frames=1, max_frames=12, what="later_frames")
+        cands = load_frames(candidates, budget=self.budget, bgr=self.bgr, min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
         build = partial(previous.build, len(later), none_position=none_position, description=description)
         return self._choose(build, later, cands, mode, started, time.perf_counter() - started)
 
@@ -282,9 +293,9 @@ class TPRU:
         the observation's option, P(ok). With a ``description``, a frame that contradicts the text should be
         answered "None" (TPRU's negative samples train exactly this cross-check).
         """
-        extra = [] if distractors is None else load_frames(distractors, budget=self.budget, min_frames=0,
+        extra = [] if distractors is None else load_frames(distractors, budget=self.budget, bgr=self.bgr, min_frames=0,
                                                            max_frames=MAX_CANDIDATES - 1, what="distractors")
-        obs = load_frame(observation, budget=self.budget, what="observation")
+        obs = load_frame(observation, budget=self.budget, bgr=self.bgr, what="observation")
         choice = self.predict_next(history, [obs, *extra], goal=goal, description=description, mode=mode)
         p_ok = choice.probabilities[next(k for k, v in choice.options.items() if v == 0)]
         return StepVerdict(choice.index == 0, p_ok, choice, choice.raw, choice.engine, mode, choice.timings)

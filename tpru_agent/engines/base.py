@@ -57,6 +57,5 @@ class Engine(Protocol):
         """
         ...
 
-    def close(self) -> None:
-        """Release memory or connections (optional)."""
-        ...
+# ``close()`` (release memory or connections) and ``info()`` (facts for ``TPRU.info``) are optional: the facade
+# calls them when present.

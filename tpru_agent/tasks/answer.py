@@ -94,6 +94,28 @@ def parse_response(raw: str, valid: "callable[[str], str | None]") -> Parsed:
     if not answer:
         raise ParseError("the <answer> block is empty", raw=raw)
     problem = valid(answer)
-    if problem is not None:
-        raise ParseError(f"invalid answer {answer!r}: {problem}", raw=raw)
-    return Parsed(answer, extract_think(raw), format_score(raw) > 0)
+    if problem is None:
+        return Parsed(answer, extract_think(raw), format_score(raw) > 0)
+    for variant in _variants(answer):  # untuned models write "C-A-B-D", "(B)", "E. None of ...": accept, flagged
+        if valid(variant) is None:
+            return Parsed(variant, extract_think(raw), False)
+    raise ParseError(f"invalid answer {answer!r}: {problem}", raw=raw)
+
+
+_LEADING_LETTER = re.compile(r"^\W*([A-Z])(?:\W|$)")
+
+
+def _variants(answer: str) -> list[str]:
+    """Readings of a sloppy answer: the capital letters alone (``C, A, B, D``), or a leading option letter."""
+    out = [re.sub(r"[^A-Z]", "", answer)] if re.fullmatch(r"[A-Z\s,;\-–>.()]+", answer) else []
+    lead = _LEADING_LETTER.match(answer)
+    return out + ([lead.group(1)] if lead else [])
+
+
+_ANSWER_OPEN = re.compile(r"<\s*answer\s*>")
+
+
+def reasoning_prefix(raw: str) -> str:
+    """The response up to its first answer tag (spaces inside the tag allowed): what the answer is scored after."""
+    match = _ANSWER_OPEN.search(raw)
+    return raw[: match.start()] if match else raw

@@ -10,9 +10,15 @@ from ..errors import ConfigError
 from .question import IMAGE, MAX_CANDIDATES, MAX_IMAGES, Question, choice_options, describe, option_lines
 
 
-def context_block(steps: tuple[int, ...]) -> str:
-    """One line per context image: ``"Step 1: <image>"``."""
-    return "\n".join(f"Step {s}: {IMAGE}" for s in steps)
+def context_block(steps: tuple[int, ...], final: bool = False) -> str:
+    """One line per context image: ``"Step 1: <image>"``; with ``final`` the last one is ``"Final step: <image>"``."""
+    return "\n".join(f"{'Final step' if final and i == len(steps) - 1 else f'Step {s}'}: {IMAGE}"
+                     for i, s in enumerate(steps))
+
+
+def _shown(steps: tuple[int, ...], final: bool) -> str:
+    names = [str(s) for s in steps[:-1]] + ["the final step" if final else str(steps[-1])]
+    return ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
 
 
 def check_sizes(n_context: int, n_candidates: int) -> None:
@@ -26,19 +32,19 @@ def check_sizes(n_context: int, n_candidates: int) -> None:
 
 
 def choice_question(task: str, steps: tuple[int, ...], target: int, n_candidates: int, ask: str, *,
-                    none_position: int | None, description: str | None) -> Question:
+                    none_position: int | None, description: str | None, final: bool = False) -> Question:
     """Shared body of the next / previous questions: context steps, then lettered candidate images."""
     check_sizes(len(steps), n_candidates)
     options = choice_options(list(range(n_candidates)), none_position=none_position)
     lead = describe(description)
-    shown = ", ".join(str(s) for s in steps[:-1]) + (" and " if len(steps) > 1 else "") + str(steps[-1])
+    shown = _shown(steps, final)
     # Nothing before the images depends on how many there are: a control loop that appends a frame to its history
     # then shares the whole earlier prompt prefix (and its cached keys/values) with the previous call.
     problem = (
         (lead + " " if lead else "")
         + "The images below show steps of the procedure, each labelled with its step number.\n"
-        + context_block(steps)
-        + f"\nThese are step{'s' if len(steps) > 1 else ''} {shown}. {ask}\n"
+        + context_block(steps, final)
+        + f"\nThese are {'steps' if len(steps) > 1 else 'step'} {shown}. {ask}\n"
         + option_lines(options, lambda _: IMAGE)
     )
     return Question(task, problem, len(steps) + n_candidates, tuple(o.letter for o in options), options=options,
@@ -59,5 +65,7 @@ def build(n_history: int, n_candidates: int, *, with_goal: bool = False, none_po
     steps = tuple(range(1, n_history + 1)) + ((n_history + 2,) if with_goal else ())
     target = n_history + 1
     ask = f"Which option shows step {target}?"
+    # The goal is labelled "Final step", not "Step n+2": a control loop passes the end of the whole procedure,
+    # which is rarely the step right after the one asked about.
     return choice_question("next", steps, target, n_candidates, ask, none_position=none_position,
-                           description=description)
+                           description=description, final=with_goal)

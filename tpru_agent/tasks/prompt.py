@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import ConfigError
 from .question import load_template
 
 DEFAULT_PREAMBLE = """\
@@ -44,5 +45,11 @@ def render_prompt(problem: str, template: str | Path | None = None) -> str:
         >>> "<image>" in render_prompt("Order these: A <image>")
         True
     """
+    import jinja2
+
     source = DEFAULT_PREAMBLE if template is None else load_template(template)
-    return _compiled(source).render(content=problem)
+    try:
+        return _compiled(source).render(content=problem)
+    except jinja2.TemplateError as exc:
+        raise ConfigError(f"prompt template {str(template)!r} does not render: {type(exc).__name__}: {exc}; "
+                          "it may use only {{ content }}") from exc
