@@ -70,6 +70,8 @@ def test_reset_and_log(tmp_path):
     checker.reset()
     assert checker.history == [] and checker.events == []
     assert checker.observe(frame(4)).step == 0
+    episodes = [json.loads(x)["episode"] for x in log.read_text().splitlines()]
+    assert episodes == [0, 0, 0, 1]
 
 
 @pytest.mark.parametrize("kwargs", [dict(window=0), dict(window=13), dict(confirm=0), dict(threshold=1.0),

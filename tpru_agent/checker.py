@@ -105,6 +105,7 @@ class ProcedureChecker:
     # ------------------------------------------------------------------ lifecycle
     def reset(self) -> None:
         """Forget the episode (history, hysteresis, events); keep the model and the reference."""
+        self.episode = getattr(self, "episode", -1) + 1  # numbers the episodes in the JSONL log
         self._s = _State([], [], None, 0, None, 0, [])
 
     @property
@@ -203,7 +204,7 @@ class ProcedureChecker:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(event.to_dict(), default=str) + "\n")
+            fh.write(json.dumps({"episode": self.episode, **event.to_dict()}, default=str) + "\n")
             fh.flush()
 
     # ------------------------------------------------------------------ reporting

@@ -10,11 +10,19 @@ from ..errors import ConfigError
 from .question import IMAGE, MAX_ORDER_LABELS, Question, choice_options, describe, letters, option_lines
 
 
-def _frames_block(n: int) -> tuple[tuple[str, ...], str]:
+def _frames_intro(n: int, description: str | None) -> tuple[tuple[str, ...], str]:
+    """The labels and the shared opening: description, "The n images below ...", one labelled line per image."""
     if not 2 <= n <= MAX_ORDER_LABELS:
         raise ConfigError(f"one ordering question holds 2..{MAX_ORDER_LABELS} frames, got {n}")
     labels = letters(n)
-    return labels, "\n".join(f"Image {label}: {IMAGE}" for label in labels)
+    lead = describe(description)
+    text = (
+        (lead + " " if lead else "")
+        + f"The {n} images below are frames of one procedure in shuffled order, labelled "
+        + ", ".join(labels[:-1]) + f" and {labels[-1]}.\n"
+        + "\n".join(f"Image {label}: {IMAGE}" for label in labels)
+    )
+    return labels, text
 
 
 def build(n_frames: int, *, description: str | None = None) -> Question:
@@ -25,16 +33,9 @@ def build(n_frames: int, *, description: str | None = None) -> Question:
         >>> q.problem.count("<image>"), q.answers()[:2]
         (4, ('ABCD', 'ABDC'))
     """
-    labels, block = _frames_block(n_frames)
-    lead = describe(description)
-    problem = (
-        (lead + " " if lead else "")
-        + f"The {n_frames} images below are frames of one procedure in shuffled order, labelled "
-        + ", ".join(labels[:-1]) + f" and {labels[-1]}.\n"
-        + block
-        + "\nWhat is the correct temporal order of the images? Answer with the labels in order, for example "
-        + "".join(reversed(labels)) + "."
-    )
+    labels, intro = _frames_intro(n_frames, description)
+    problem = (intro + "\nWhat is the correct temporal order of the images? Answer with the labels in order, "
+               "for example " + "".join(reversed(labels)) + ".")
     return Question("ordering", problem, n_frames, labels, description=description)
 
 
@@ -47,21 +48,14 @@ def build_mcq(n_frames: int, choices: list[str], *, none_position: int | None = 
         >>> q.none_letter, q.option("A").value
         ('C', 'ABCD')
     """
-    labels, block = _frames_block(n_frames)
+    labels, intro = _frames_intro(n_frames, description)
     for perm in choices:
         if sorted(perm) != sorted(labels):
             raise ConfigError(f"choice {perm!r} is not a permutation of {''.join(labels)}")
     if len(set(choices)) != len(choices):
         raise ConfigError(f"choices repeat a permutation: {choices}")
     options = choice_options(list(choices), none_position=none_position)
-    lead = describe(description)
-    problem = (
-        (lead + " " if lead else "")
-        + f"The {n_frames} images below are frames of one procedure in shuffled order, labelled "
-        + ", ".join(labels[:-1]) + f" and {labels[-1]}.\n"
-        + block
-        + "\nWhich option gives the correct temporal order of the images?\n"
-        + option_lines(options, lambda perm: "-".join(perm))
-    )
+    problem = (intro + "\nWhich option gives the correct temporal order of the images?\n"
+               + option_lines(options, lambda perm: "-".join(perm)))
     return Question("ordering_mcq", problem, n_frames, tuple(o.letter for o in options), options=options,
                     description=description)
