@@ -140,3 +140,12 @@ def test_bgr_arrays_are_converted():
                                                         np.asarray(frame(2))[..., ::-1]],
                                                        [rgb[..., ::-1], np.asarray(frame(7))[..., ::-1]], mode="fast")
     assert result.index == 0  # painted steps survived the BGR -> RGB conversion
+
+
+def test_an_unparsable_window_falls_back_to_its_scores():
+    engine = PixelOracle(reply="<think>no answer here</think>")
+    steps = [3, 1, 5, 2, 4, 6]
+    result = TPRU(engine=engine).order_frames([frame(s) for s in steps], mode="reason")
+    assert [steps[i] for i in result.order] == sorted(steps)
+    assert engine.generate_calls == len(result.windows)
+    assert all(w["scored_after_parse_error"] for w in result.windows)

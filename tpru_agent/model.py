@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from . import aggregate
 from .engines.base import Engine, GenerationOptions, Request
-from .errors import ConfigError
+from .errors import ConfigError, ParseError
 from .frames import TPRU_BUDGET, PixelBudget, load_frame, load_frames
 from .hub import DEFAULT_MODEL, resolve
 from .results import ChoiceResult, OrderResult, StepVerdict
@@ -236,8 +236,15 @@ class TPRU:
                         "scores them instead (one pass each)", n, len(windows))
         question = ordering.build(MAX_ORDER_LABELS, description=description)
         answered: list[tuple[tuple[int, ...], dict[tuple[int, ...], float], Answer]] = []
+        fell_back: set[tuple[int, ...]] = set()
         for window in windows:
-            ans = self.ask(question, [images[i] for i in window], mode=mode)
+            shown = [images[i] for i in window]
+            try:
+                ans = self.ask(question, shown, mode=mode)
+            except ParseError as exc:  # one unparsable window must not discard all the others: score it instead
+                fell_back.add(window)
+                log.warning("window %s: %s; using its fast-mode scores", window, str(exc).split("; raw")[0])
+                ans = self.ask(question, shown, mode="fast")
             dist = {tuple(window[question.labels.index(c)] for c in perm): p for perm, p in ans.probabilities.items()}
             answered.append((window, dist, ans))
         pref = aggregate.pairwise_preferences(n, [(w, d) for w, d, _ in answered])
@@ -249,7 +256,8 @@ class TPRU:
             p = max(dist.get(restricted, 0.0), 1e-12)
             log_conf += math.log(p)
             details.append({"indices": list(window), "answer": ans.answer, "confidence": ans.confidence,
-                            "agrees": dist.get(restricted, 0.0) == max(dist.values()), "raw": ans.raw})
+                            "agrees": dist.get(restricted, 0.0) == max(dist.values()), "raw": ans.raw,
+                            "scored_after_parse_error": window in fell_back})
         labels = "".join(chr(ord("A") + i) if i < 26 else f"[{i}]" for i in order)
         return OrderResult(order, labels, math.exp(log_conf / len(answered)), {}, "\n".join(d["raw"] for d in details),
                            self.engine_name, mode, self._timings(started, prepare_s, [a for _, _, a in answered]),
