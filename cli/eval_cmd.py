@@ -10,9 +10,19 @@ import click
 from . import render
 
 
-@click.group("eval", context_settings={"help_option_names": ["-h", "--help"]})
+class _DefaultRun(click.Group):
+    """``tpru eval --model M --data D`` means ``tpru eval run --model M --data D`` (the form users type first)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0].startswith("-") and args[0] not in ("-h", "--help"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group("eval", cls=_DefaultRun, context_settings={"help_option_names": ["-h", "--help"]})
 def eval_group() -> None:
-    """Evaluate a model on a TPRU-layout dataset, and compare two evaluation runs."""
+    """Evaluate a model on a TPRU-layout dataset (`tpru eval run ...`, or `tpru eval --model ...` for short), and
+    compare two evaluation runs (`tpru eval compare A.json B.json`)."""
 
 
 @eval_group.command("run")

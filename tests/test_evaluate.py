@@ -317,6 +317,9 @@ def test_cli_eval_run(dataset, tmp_path):
     bad = CliRunner().invoke(cli, ["eval", "run", "-m", "classic", "-d", str(dataset), "-o", str(tmp_path / "c"),
                                    "--mode", "reason", "--limit", "3"])
     assert bad.exit_code == 1 and "other settings" in bad.output
+    short = CliRunner().invoke(cli, ["eval", *args[2:], "--json"])  # `tpru eval --model ...` means `eval run`
+    assert short.exit_code == 0, short.output
+    assert json.loads(short.output)["accuracy"]["n"] == 3
 
 
 @pytest.mark.parametrize("bad", [dict(data=""), dict(mode="slow"), dict(limit=0), dict(debias=2, mode="reason"),
