@@ -99,6 +99,8 @@ class BuildConfig:
     workers: int = 1
     keep_work: bool = False
     overwrite: bool = False
+    #: Digest of the local source files (names, sizes, modification times), filled in by :func:`build`.
+    source_state: str = ""
     #: Fields that do not change the dataset (left out of the fingerprint).
     RUNTIME = ("out", "workers", "keep_work", "overwrite")
 
@@ -142,6 +144,7 @@ class BuildConfig:
                 for f in dataclasses.fields(self) if f.name not in self.RUNTIME}
 
     def fingerprint(self) -> str:
+        """Hash of the settings, the source files' state (names, sizes, times) and the builder's version."""
         from tpru_agent import __version__
 
         text = json.dumps({"settings": self.settings(), "builder": BUILDER_VERSION, "tpru_agent": __version__},
@@ -239,6 +242,7 @@ def build(cfg: BuildConfig, *, progress: Progress | None = None) -> BuildResult:
         ConfigError: bad settings or sources, or ``out`` holds something else.
     """
     progress = progress or Progress()
+    cfg = dataclasses.replace(cfg, source_state=sources_state(cfg.sources))  # changed inputs = another build
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     # An OS lock (released when the process dies, SIGKILL included): one build per folder at a time.
@@ -285,6 +289,10 @@ def _build_locked(cfg: BuildConfig, out: Path, progress: Progress) -> BuildResul
             raise ConfigError(f"no usable episodes in {list(cfg.sources)} ({len(skips) + len(planner.skips)} "
                               "skipped; see the reasons with --keep-work in .work/units) — check the sources")
         planner.assign_splits(usable)
+        if cfg.test_fraction < 1 and not any(v == "train" for v in planner.split_of.values()):
+            raise ConfigError(f"every usable episode ({len(usable)}) went to the test split (held-out tasks "
+                              f"{list(cfg.holdout_tasks)}, test fraction {cfg.test_fraction}): nothing is left to "
+                              "train on; hold out fewer tasks or add episodes (--test-fraction 1 builds a test set)")
         planner.find_neighbours(usable)
         samples = plan_samples(planner, usable)
         jobs = _shard_jobs(samples, planner, path_of, out, cfg)
@@ -326,3 +334,24 @@ def _shard_jobs(samples: dict, planner: Planner, path_of: dict, out: Path, cfg: 
             path = out / split / f"part-{index:05d}.parquet"
             jobs.append((rows, str(path), f"{cfg.seed}:{split}:{index}"))
     return jobs
+
+
+def sources_state(sources) -> str:
+    """Digest of every local source file's relative name, size and modification time (simulators: their spec).
+
+    Part of the build fingerprint, so adding, removing or editing source files makes a rerun refuse to resume the
+    old build (``--overwrite`` replaces it) instead of returning a stale dataset.
+    """
+    digest = hashlib.sha256()
+    for text in sources:
+        spec = parse_spec(text)
+        digest.update(text.encode())
+        root = Path(str(spec.args.get("path", ""))).expanduser() if "path" in spec.args else None
+        if root is None or not root.exists():
+            continue
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            st = path.stat()
+            digest.update(f"{path.relative_to(root) if path != root else path.name}:{st.st_size}:{st.st_mtime_ns}"
+                          .encode())
+    return digest.hexdigest()[:16]

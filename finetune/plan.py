@@ -172,7 +172,7 @@ class Planner:
         self._group = {rec.gid: g for rec, g in zip(usable, group_of)}
 
     def find_neighbours(self, usable: list[EpisodeRecord]) -> None:
-        """For each episode, the closest episodes (mean 16x16 embedding) of the same split and domain."""
+        """For each episode, the closest episodes (mean 16x16 embedding) of the same split and domain, other task."""
         by_pool: dict[tuple[str, str], list[EpisodeRecord]] = defaultdict(list)
         for rec in usable:
             by_pool[(self.split_of[rec.gid], rec.domain)].append(rec)
@@ -185,8 +185,11 @@ class Planner:
                 for a in range(len(block)):
                     rec = members[start + a]
                     order = np.argsort(dist[a], kind="stable")
+                    # Never the same task: the same moment of a sibling episode is a second right answer (or makes
+                    # a "None" answer wrong). Episodes without a task name are compared only by their group.
                     picked = [members[int(j)].gid for j in order
-                              if self._group[members[int(j)].gid] != self._group[rec.gid]]
+                              if self._group[members[int(j)].gid] != self._group[rec.gid]
+                              and not (rec.task and members[int(j)].task == rec.task)]
                     self.neighbours[rec.gid] = picked[: self.config.neighbour_episodes]
 
     # ------------------------------------------------------------------ frames -> questions

@@ -120,7 +120,7 @@ def label_density(completions: Sequence, answer: Sequence[str], **kwargs) -> lis
     out = []
     for completion, truth in zip(completions, answer):
         text = "".join(completion_text(completion).split())
-        labels = set(truth.strip()) | ({"A", "B", "C", "D"} if len(truth.strip()) == 1 else set())
+        labels = set(truth.strip()) | ({"A", "B", "C", "D", "E"} if len(truth.strip()) == 1 else set())
         out.append(sum(ch in labels for ch in text) / len(text) if text else 0.0)
     return out
 

@@ -95,7 +95,7 @@ def mcnemar(b: int, c: int) -> McNemarResult:
     tail = sum(pmf[: k + 1])
     p_exact = min(1.0, 2.0 * tail)
     p_mid = min(1.0, 2.0 * (tail - 0.5 * pmf[k]))
-    statistic = (abs(b - c) - 1) ** 2 / n
+    statistic = max(abs(b - c) - 1, 0) ** 2 / n  # continuity-corrected; 0 when b == c
     return McNemarResult(b, c, p_exact, p_mid, statistic)
 
 
