@@ -68,6 +68,15 @@ def serve(model, engine, quantization, device, template, base_url, host, port, a
     from tpru_agent import TPRU
     from tpru_agent.server import ServerConfig, create_app
 
+    if engine == "openai":
+        from tpru_agent.errors import ConfigError
+
+        if not base_url:
+            raise ConfigError("--engine openai relays to another server: pass its --base-url (the default would be "
+                              "this server's own address)")
+        if f":{port}" in base_url and any(h in base_url for h in ("127.0.0.1", "localhost", host)):
+            raise ConfigError(f"--base-url {base_url} points at this server itself (port {port}); it would wait on "
+                              "its own queue forever")
     if not _is_loopback(host) and not api_key:
         render.warn(f"binding {host} without --api-key: anyone who can reach this port can use the model")
     config = ServerConfig(host=host, port=port, api_key=api_key, served_name=served_model_name,
@@ -82,7 +91,8 @@ def serve(model, engine, quantization, device, template, base_url, host, port, a
     render.note(f"serving {name!r} ({tpru.engine_name} engine, loaded in {tpru.load_s:.1f} s) on "
                 f"http://{host}:{port}/v1{'  (API key required)' if api_key else ''}")
     try:
+        # A connection cap bounds the request bodies held in memory before the queue limit applies.
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
-                    timeout_graceful_shutdown=5)
+                    timeout_graceful_shutdown=5, limit_concurrency=max_queue + 2 * max_batch)
     finally:
         tpru.close()

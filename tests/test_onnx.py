@@ -330,3 +330,17 @@ def test_engine_runs_without_torch(onnx_dir):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_export_never_overwrites_the_source_or_foreign_files(tiny_checkpoint, tmp_path):
+    from tpru_agent.errors import ConfigError
+    from tpru_agent.export import export_onnx
+
+    with pytest.raises(ConfigError, match="source model"):
+        export_onnx(tiny_checkpoint, tiny_checkpoint, overwrite=True)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not an ONNX export"):
+        export_onnx(tiny_checkpoint, other, overwrite=True)
+    assert (other / "keep.txt").read_text() == "mine"

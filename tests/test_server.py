@@ -291,7 +291,24 @@ def _chat(images, **extra):
 
 
 URL = image_data_url(frame(1))
+EPS = "data:image/png;base64," + base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n").decode()
+
+
+def _huge_png() -> str:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (3000, 3000)).save(buf, format="PNG")  # 9 Mpx in ~30 KB: a cheap decompression bomb
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 BAD_REQUESTS = [
+    ("postscript is not decoded", "post", "/v1/order", {"json": {"frames": [URL, EPS]}}, 400, "invalid_image"),
+    ("over-large image", "post", "/v1/order", {"json": {"frames": [URL, _huge_png()]}}, 413, "image_too_large"),
+    ("max_tokens over the limit", "post", "/v1/chat/completions", {"json": _chat([URL], max_tokens=32768)}, 400,
+     "max_tokens_too_large"),
     ("malformed json", "post", "/v1/chat/completions", {"content": b'{"model": "tiny", "messages": [}'}, 400,
      "invalid_json"),
     ("too many images", "post", "/v1/verify", {"json": {"history": [URL] * 8, "observation": URL}}, 400,
@@ -450,3 +467,23 @@ def test_load_1000_requests_16_concurrent(served):
     assert report.errors == 0 and report.statuses == {"200": 1000}, report.first_errors
     stats = httpx.get(served + "/health").json()["stats"]
     assert stats["done"] - before == 1000 and stats["rejected"] == 0
+
+
+@pytest.mark.parametrize("header, attempt, expected", [("2", 0, 2.0), ("86400", 0, 30.0), ("-5", 0, 0.0),
+                                                       ("Wed, 21 Oct 2026 07:28:00 GMT", 1, 1.0), (None, 2, 2.0)])
+def test_retry_after_is_parsed_safely(header, attempt, expected):
+    from tpru_agent.engines.openai import _retry_delay
+
+    assert _retry_delay(header, attempt) == expected
+
+
+def test_serve_relay_needs_an_upstream_that_is_not_itself():
+    from click.testing import CliRunner
+
+    from tpru_agent.cli.main import cli
+
+    missing = CliRunner().invoke(cli, ["serve", "--model", "tpru-3b", "--engine", "openai"])
+    assert missing.exit_code == 1 and "--base-url" in missing.stderr
+    loop = CliRunner().invoke(cli, ["serve", "--model", "tpru-3b", "--engine", "openai", "--port", "8123",
+                                    "--base-url", "http://127.0.0.1:8123/v1"])
+    assert loop.exit_code == 1 and "itself" in loop.stderr

@@ -139,8 +139,8 @@ def export_onnx(model: str | os.PathLike, out: str | os.PathLike, *, int8: bool 
     Args:
         model: a name, Hub id or local folder (see :mod:`tpru_agent.hub`).
         out: the export folder; must not exist unless ``overwrite``.
-        int8: also quantise the decoder (and the vision encoder) with ONNX Runtime dynamic int8 quantisation;
-            the folder then holds only the int8 graphs.
+        int8: also quantise the decoder with ONNX Runtime dynamic int8 quantisation (the vision graph stays
+            fp32; :func:`quantize_onnx` takes ``graphs=("decoder", "vision")`` for both).
         frame_size: ``(width, height)`` or ``"WxH"`` every frame is resized to (multiples of 28); default the
             largest square in TPRU's pixel budget (168x168).
         opset: ONNX opset.
@@ -163,7 +163,13 @@ def export_onnx(model: str | os.PathLike, out: str | os.PathLike, *, int8: bool 
                           "or choose another --out")
     from .hub import locate
 
-    source = locate(model)
+    source = locate(model).resolve()
+    if target == source or target in source.parents:
+        raise ConfigError(f"export folder {str(target)!r} is (or holds) the source model {str(source)!r}; "
+                          "choose another --out")
+    if target.exists() and any(target.iterdir()) and not (target / ONNX_MANIFEST).is_file():
+        raise ConfigError(f"export folder {str(target)!r} holds files that are not an ONNX export; --overwrite "
+                          "replaces only an earlier export or an empty folder")
     torch = require("torch", "hf", what="ONNX export")
     require("onnx", "onnx", what="ONNX export")
     transformers = require("transformers", "hf", what="ONNX export")

@@ -21,6 +21,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import FrameError
 
 
+
+#: Formats decoded at all. Pillow would otherwise try every plugin, EPS included, which runs Ghostscript on
+#: PostScript a caller (or a server client) sends.
+def _formats() -> tuple[str, ...]:
+    Image.init()  # only formats this Pillow build can open (asking for a missing one raises KeyError)
+    return tuple(f for f in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF") if f in Image.OPEN)
+
+
+IMAGE_FORMATS = _formats()
+
 def frame_error(message: str, index: int | None, source: str | None, what: str) -> FrameError:
     """A FrameError whose text reads 'frame 2 of candidates ('b.png'): ...' and keeps index and source."""
     if index is None:
@@ -56,7 +66,7 @@ def decode_bytes(data: bytes, i: int | None, source: str, what: str, *, max_pixe
         # Our own cap (MAX_FRAME_PIXELS) decides below; PIL's hard limit still raises DecompressionBombError.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             pixels = image.size[0] * image.size[1]
             if pixels > max_pixels:
                 raise frame_error(

@@ -120,7 +120,9 @@ def create_app(model, config: ServerConfig | None = None):
         yield
         await asyncio.to_thread(worker.close)
 
-    app = FastAPI(title="tpru-agent", version=_version(), lifespan=lifespan)
+    # No /docs, /redoc or /openapi.json: they would be served without the API key.
+    app = FastAPI(title="tpru-agent", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.tpru, app.state.worker, app.state.config, app.state.served = model, worker, cfg, served
     app.state.started = time.time()
     app.add_middleware(LimitsMiddleware, max_body_bytes=cfg.max_body_bytes, api_key=cfg.api_key)

@@ -80,10 +80,35 @@ def decode_image(value: Any, *, param: str, budget: PixelBudget | None = None):
     from .errors import FrameError
 
     data = image_bytes(value, param=param)
+    _check_size(data, param)
     try:
         return load_frame(data, budget=budget, what=param)
     except FrameError as exc:
         raise ClientError(400, f"{param} is not a readable image: {exc}", param=param, code="invalid_image") from exc
+
+
+#: Largest image a client may send (pixels). Decoding is the expensive part: a 160 KB PNG can hold 49 Mpx.
+MAX_REQUEST_IMAGE_PIXELS = 8_000_000
+
+
+def _check_size(data: bytes, param: str) -> None:
+    """Refuse over-large images from their header, before decoding any pixels."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from .images import IMAGE_FORMATS
+
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as probe:
+            width, height = probe.size
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ClientError(400, f"{param} is not an image in an accepted format {IMAGE_FORMATS}: {exc}",
+                          param=param, code="invalid_image") from exc
+    if width * height > MAX_REQUEST_IMAGE_PIXELS:
+        raise ClientError(413, f"{param} is {width}x{height} ({width * height / 1e6:.1f} Mpx), over the server's "
+                          f"{MAX_REQUEST_IMAGE_PIXELS / 1e6:g} Mpx limit per image; downscale it first",
+                          param=param, code="image_too_large")
 
 
 def count_images(*groups: Any) -> int:
@@ -198,6 +223,9 @@ def parse_chat(body: ChatBody, defaults: GenerationOptions, *, max_images: int, 
         raise ClientError(400, f"the text itself contains {IMAGE!r}; this server uses it as the image "
                           "placeholder, so it cannot appear in text parts", param="messages")
     max_tokens = body.max_completion_tokens or body.max_tokens or defaults.max_new_tokens
+    if max_tokens > defaults.max_new_tokens:  # one long sampled reply would hold the single model thread
+        raise ClientError(400, f"max_tokens {max_tokens} is above this server's limit of {defaults.max_new_tokens} "
+                          "(tpru serve --max-new-tokens)", param="max_tokens", code="max_tokens_too_large")
     options = GenerationOptions(
         max_new_tokens=max_tokens,
         temperature=defaults.temperature if body.temperature is None else body.temperature,

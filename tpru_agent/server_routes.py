@@ -96,7 +96,7 @@ def add_routes(app) -> None:
     @app.post("/v1/order")
     async def order(body: OrderBody) -> dict:
         images_ok(body.frames)
-        frames = await _decode(body.frames, "frames")
+        frames = await _decode(body.frames, "frames", budget=state.tpru.budget)
         result = await run_model(app, partial(state.tpru.order_frames, frames, description=body.description,
                                               mode=body.mode))
         return result.to_dict()
@@ -104,9 +104,9 @@ def add_routes(app) -> None:
     @app.post("/v1/next")
     async def next_frame(body: NextBody) -> dict:
         images_ok(body.history, body.candidates, body.goal)
-        history = await _decode(body.history, "history")
-        candidates = await _decode(body.candidates, "candidates")
-        goal = await _decode(body.goal, "goal", single=True)
+        history = await _decode(body.history, "history", budget=state.tpru.budget)
+        candidates = await _decode(body.candidates, "candidates", budget=state.tpru.budget)
+        goal = await _decode(body.goal, "goal", single=True, budget=state.tpru.budget)
         result = await run_model(app, partial(state.tpru.predict_next, history, candidates, goal=goal,
                                               description=body.description, mode=body.mode,
                                               none_position=body.none_position))
@@ -115,8 +115,8 @@ def add_routes(app) -> None:
     @app.post("/v1/previous")
     async def previous(body: PreviousBody) -> dict:
         images_ok(body.later, body.candidates)
-        later = await _decode(body.later, "later")
-        candidates = await _decode(body.candidates, "candidates")
+        later = await _decode(body.later, "later", budget=state.tpru.budget)
+        candidates = await _decode(body.candidates, "candidates", budget=state.tpru.budget)
         result = await run_model(app, partial(state.tpru.review_previous, later, candidates,
                                               description=body.description, mode=body.mode,
                                               none_position=body.none_position))
@@ -125,9 +125,9 @@ def add_routes(app) -> None:
     @app.post("/v1/verify")
     async def verify(body: VerifyBody) -> dict:
         images_ok(body.history, body.observation, body.goal, body.distractors)
-        history = await _decode(body.history, "history")
-        observation = await _decode(body.observation, "observation", single=True)
-        goal = await _decode(body.goal, "goal", single=True)
+        history = await _decode(body.history, "history", budget=state.tpru.budget)
+        observation = await _decode(body.observation, "observation", single=True, budget=state.tpru.budget)
+        goal = await _decode(body.goal, "goal", single=True, budget=state.tpru.budget)
         distractors = await _decode(body.distractors, "distractors")
         result = await run_model(app, partial(state.tpru.verify_step, history, observation, goal=goal,
                                               distractors=distractors, description=body.description,

@@ -153,7 +153,7 @@ class OpenAIEngine:
                     f"cannot reach the server at {self.base_url} ({type(exc).__name__}: {exc}); start it with "
                     "`tpru serve --model ...` (or vLLM, see tpru_agent.engines.openai) or fix base_url") from exc
             if resp.status_code in _RETRY_STATUS and attempt < self.max_retries:
-                time.sleep(float(resp.headers.get("retry-after", 0.5 * 2 ** attempt)))
+                time.sleep(_retry_delay(resp.headers.get("retry-after"), attempt))
                 continue
             return self._read(resp, method, path)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -316,3 +316,12 @@ class OpenAIEngine:
 
 __all__ = ["OpenAIEngine", "SCORE_METHODS", "ServerError", "continuation_logprob", "image_data_url",
            "match_top_logprobs", "normalize_base_url", "pretoken_split", "question_payload", "user_content"]
+
+
+def _retry_delay(header: str | None, attempt: int) -> float:
+    """Seconds to wait before a retry: the server's ``Retry-After`` in seconds when it is one (clamped to 30 s),
+    else exponential backoff (an HTTP-date or garbage value is ignored, never raised)."""
+    try:
+        return min(30.0, max(0.0, float(header)))
+    except (TypeError, ValueError):
+        return 0.5 * 2 ** attempt
