@@ -40,7 +40,10 @@ def _load_config(path: str | None) -> dict:
     if file.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path!r} is not valid YAML: {' '.join(str(exc).split())}") from exc
     else:
         try:
             data = json.loads(text)

@@ -131,12 +131,12 @@ class BuildConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "BuildConfig":
         """Build from a config file's mapping; unknown keys fail with a close-match suggestion."""
-        names = [f.name for f in dataclasses.fields(cls)]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         for key in data:
-            if key not in names:
-                raise ConfigError(f"unknown build setting {key!r}." + close_matches(key, names) +
-                                  f" Settings: {', '.join(names)}")
-        return cls(**data)
+            if key not in fields:
+                raise ConfigError(f"unknown build setting {key!r}." + close_matches(key, fields) +
+                                  f" Settings: {', '.join(fields)}")
+        return cls(**{key: _typed(key, value, fields[key].default) for key, value in data.items()})
 
     def settings(self) -> dict:
         """The fields that determine the dataset (JSON-ready)."""
@@ -334,6 +334,22 @@ def _shard_jobs(samples: dict, planner: Planner, path_of: dict, out: Path, cfg: 
             path = out / split / f"part-{index:05d}.parquet"
             jobs.append((rows, str(path), f"{cfg.seed}:{split}:{index}"))
     return jobs
+
+
+def _typed(key: str, value, default):
+    """A config-file value in its field's type: a lone string for a list field becomes a one-item list."""
+    if isinstance(default, tuple):
+        return (value,) if isinstance(value, str) else tuple(value or ())
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"build setting {key!r} must be true or false, got {value!r}")
+    if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+        try:
+            return type(default)(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"build setting {key!r} must be a {type(default).__name__}, got {value!r}") from exc
+    return value
 
 
 def sources_state(sources) -> str:

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import logging
 import itertools
 import re
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from tpru_agent.tasks import IMAGE, LETTERS, TASKS, Option, Question
 from .tpru_format import cell_bytes, decode_image, parquet_files
 
 COLUMNS = ("id", "problem", "images", "answer", "task", "domain", "negative", "episode_id")
+log = logging.getLogger(__name__)
 SPLIT_NAMES = ("test", "validation", "val", "eval", "train")
 
 # An option marker: "A." / "A)" / "(A)" / "A:" at a line start or after whitespace, but not an image label
@@ -331,10 +333,12 @@ def _select_files(path: Path, split: str) -> list[Path]:
         return files
     by_split = {f: _split_of(f, path) for f in files}
     present = sorted({s for s in by_split.values() if s})
-    if split == "auto":
-        if "test" in present:
-            split = "test"
-        else:
+    if split == "auto":  # the first held-out split present; training files only when nothing else exists
+        split = next((s for s in SPLIT_NAMES if s != "train" and s in present), None)
+        if split is None:
+            if "train" in present:
+                log.warning("%s has no test / validation split: evaluating every file, training data included",
+                            path)
             return files
     chosen = [f for f, s in by_split.items() if s == split]
     if not chosen:
