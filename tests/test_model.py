@@ -86,7 +86,10 @@ def test_debias_averages_over_shifts_and_keeps_the_answer():
     model = TPRU(engine=engine, debias=3)
     result = model.predict_next([frame(1), frame(2)], [frame(9), frame(3), frame(7), frame(8)], mode="fast")
     assert result.index == 1
-    assert engine.score_calls == 3
+    assert engine.score_calls == 3 * 2  # 3 cyclic shifts, with the "None" option last and then first
+    assert result.timings["calls"] == 2
+    verdict = model.verify_step([frame(1), frame(2)], frame(3), mode="fast")
+    assert verdict.ok and engine.score_calls == 6 + 2  # one candidate: only the "None" letter can move
     with pytest.raises(ConfigError, match="debias"):
         TPRU(engine=engine, debias=0)
 

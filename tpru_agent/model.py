@@ -82,7 +82,8 @@ class TPRU:
             frame) for model engines, original size for the classic engine (which downsamples on its own).
         max_new_tokens: reasoning budget of ``mode="reason"``.
         debias: in fast mode, average each multiple-choice answer over this many cyclic shifts of the candidate
-            order (counters letter position bias; costs ``debias`` scoring passes).
+            order, each with the "None" option last and first (counters letter position bias; costs
+            ``2 * debias`` scoring passes, 2 for ``verify_step``'s single candidate).
         bgr: numpy frames come in OpenCV's BGR order (``cv2.imread`` / ``VideoCapture``); converted to RGB.
         **engine_kwargs: passed to the engine (e.g. ``base_url=`` for openai, ``attn_implementation=`` for hf).
 
@@ -309,12 +310,23 @@ class TPRU:
         return StepVerdict(choice.index == 0, p_ok, choice, choice.raw, choice.engine, mode, choice.timings)
 
     def _choose(self, build, context: list, cands: list, mode: str, started: float, prepare_s: float) -> ChoiceResult:
-        """Ask a candidates question (debiased in fast mode when the model was built with ``debias > 1``)."""
+        """Ask a candidates question. In fast mode with ``debias > 1`` the candidates are also shown with the
+        "None" option at the other end of the list, so its letter moves too (one candidate alone, as in
+        ``verify_step``, has nothing else to shift), and the per-candidate probabilities are averaged."""
         question = build(len(cands))
-        ans = self.ask(question, context + cands, mode=mode)
+        answers = [self.ask(question, context + cands, mode=mode)]
         options = {o.letter: o.value for o in question.options}
-        return ChoiceResult(options[ans.answer], ans.answer, ans.confidence, ans.probabilities, options, ans.raw,
-                            self.engine_name, mode, self._timings(started, prepare_s, [ans]))
+        probs = answers[0].probabilities
+        if mode == "fast" and self.debias > 1 and question.none_letter is not None:
+            first = next(i for i, o in enumerate(question.options) if o.value is None)
+            moved = build(len(cands), none_position=0 if first else -1)
+            answers.append(self.ask(moved, context + cands, mode=mode))
+            by_value = {o.value: answers[1].probabilities[o.letter] for o in moved.options}
+            probs = {letter: (p + by_value[options[letter]]) / 2 for letter, p in probs.items()}
+        letter = answers[0].answer if mode == "reason" else max(probs, key=probs.get)
+        raw = answers[0].raw if mode == "reason" else continuation(letter)
+        return ChoiceResult(options[letter], letter, probs[letter], probs, options, raw, self.engine_name, mode,
+                            self._timings(started, prepare_s, answers))
 
     def _timings(self, started: float, prepare_s: float, answers: Sequence[Answer]) -> dict[str, float]:
         timings = {"prepare_s": prepare_s, "calls": float(len(answers))}
