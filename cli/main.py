@@ -63,7 +63,8 @@ def model_options(func):
         click.option("--base-url", default=None, help="openai engine: server URL, e.g. http://127.0.0.1:8000/v1"),
         click.option("--debias", default=1, type=click.IntRange(1, 8), show_default=True,
                      help="fast mode: average multiple-choice answers over K cyclic shifts of the candidates "
-                          "(counters letter position bias; K times the cost)."),
+                          "and with the None option first and last (counters letter position bias; 2K times "
+                          "the cost)."),
         click.option("--strict", is_flag=True, help="Never fall back to the classic engine."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables."),
     ]
