@@ -42,7 +42,8 @@ class TPRUGroup(click.Group):
 def cli(ctx: click.Context, verbose: bool) -> None:
     """Temporal and procedural understanding for robot and GUI agents (TPRU-tuned Qwen2.5-VL)."""
     ctx.obj = {"verbose": verbose}
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
 
 
 def model_options(func):
@@ -223,7 +224,8 @@ def _version(dist: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def env_cmd(as_json):
     """Versions, devices, and which engines and extras can import here."""
-    engines = {name: all(importlib.util.find_spec(m) is not None for m in mods) for name, mods in ENGINE_MODULES.items()}
+    engines = {name: all(importlib.util.find_spec(m) is not None for m in mods)
+               for name, mods in ENGINE_MODULES.items()}
     devices = {"cpu": True}
     if engines["hf"]:
         import torch

@@ -217,7 +217,8 @@ class TPRU:
             >>> TPRU("classic").order_frames("examples/frames").order   # doctest: +SKIP
         """
         started = time.perf_counter()
-        images = load_frames(frames, budget=self.budget, bgr=self.bgr, min_frames=2, max_frames=MAX_ORDER_FRAMES, what="frames")
+        images = load_frames(frames, budget=self.budget, bgr=self.bgr,
+                             min_frames=2, max_frames=MAX_ORDER_FRAMES, what="frames")
         prepare_s = time.perf_counter() - started
         if len(images) <= MAX_ORDER_LABELS:
             ans = self.ask(ordering.build(len(images), description=description), images, mode=mode)
@@ -277,7 +278,8 @@ class TPRU:
         """
         started = time.perf_counter()
         hist = load_frames(history, budget=self.budget, bgr=self.bgr, min_frames=1, max_frames=12, what="history")
-        cands = load_frames(candidates, budget=self.budget, bgr=self.bgr, min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
+        cands = load_frames(candidates, budget=self.budget, bgr=self.bgr,
+                            min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
         context = hist + ([load_frame(goal, budget=self.budget, bgr=self.bgr, what="goal")] if goal is not None else [])
         build = partial(next_frame.build, len(hist), with_goal=goal is not None, none_position=none_position,
                         description=description)
@@ -287,8 +289,10 @@ class TPRU:
                         none_position: int | None = -1) -> ChoiceResult:
         """Which candidate frame comes right before ``later_frames`` (TPRU: steps 2-4 given, pick step 1)?"""
         started = time.perf_counter()
-        later = load_frames(later_frames, budget=self.budget, bgr=self.bgr, min_frames=1, max_frames=12, what="later_frames")
-        cands = load_frames(candidates, budget=self.budget, bgr=self.bgr, min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
+        later = load_frames(later_frames, budget=self.budget, bgr=self.bgr,
+                            min_frames=1, max_frames=12, what="later_frames")
+        cands = load_frames(candidates, budget=self.budget, bgr=self.bgr,
+                            min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
         build = partial(previous.build, len(later), none_position=none_position, description=description)
         return self._choose(build, later, cands, mode, started, time.perf_counter() - started)
 
