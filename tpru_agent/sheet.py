@@ -180,6 +180,9 @@ def save_image(image: Image.Image, path) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             image.save(handle, format=fmt)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a picture gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
