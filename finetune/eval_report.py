@@ -201,6 +201,8 @@ def load_items(report_path: str | Path) -> tuple[dict, dict[str, dict]]:
             except json.JSONDecodeError:
                 continue  # a torn last line of an interrupted run
             records[str(record["id"])] = record
+    if "item_ids" in report:  # only the items the report covers
+        records = {str(i): records[str(i)] for i in report["item_ids"] if str(i) in records}
     return report, records
 
 

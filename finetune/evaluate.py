@@ -269,6 +269,7 @@ def run_eval(config: EvalConfig, *, model=None, progress: Progress | None = None
     records = [items.records[i] for i in selected]
     report = eval_report.summarize(records, bins=config.bins)
     report.update(eval_report.header(config, tpru, dataset.describe(), skipped, wall_s))
+    report["item_ids"] = selected  # what this report covers (items.jsonl may hold more from an earlier --limit)
     if config.plots and records:
         if importlib.util.find_spec("matplotlib") is None:
             log.warning("matplotlib is not installed: no plots (pip install 'tpru-agent[finetune]')")

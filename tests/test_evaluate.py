@@ -302,6 +302,10 @@ def test_compare_runs_with_mcnemar(dataset, tmp_path):
                                       str(tmp_path / "b" / "report.json"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["overall"]["b_only_right"] == only_b
+    # a rerun over fewer rows keeps the older items in items.jsonl; the comparison covers only the report's items
+    run_eval(EvalConfig(model="classic", data=str(dataset), out=str(tmp_path / "a"), mode="fast", plots=False,
+                        limit=4))
+    assert compare_reports(tmp_path / "a", tmp_path / "b")["overall"]["n"] == 4
 
 
 def test_cli_eval_run(dataset, tmp_path):
