@@ -2,12 +2,15 @@
 
 Every function takes the completions TRL hands over (plain strings, or conversational
 ``[{"role": "assistant", "content": ...}]`` lists) and the ``answer`` column of the dataset, and returns one float
-per completion. They are pure Python (no torch) and build on :func:`tpru_agent.tasks.tpru_reward`, the exact
-reference reward, so training and evaluation score answers the same way.
+per completion. They are pure Python (no torch). The training reward follows the TPRU authors' reward function
+(EasyR1 ``reward.py``) to the letter, including its strictness: see :func:`reference_scores`. Inference parsing
+(:func:`tpru_agent.tasks.parse_response`) stays lenient and flags what it accepted; training does not.
 
 Rewards by name (``FinetuneConfig.rewards`` takes these names, or ``"package.module:function"`` for your own):
 
 - ``tpru`` (default): the reference reward, 0.9 * exact match + 0.1 * format (format worth 0.2), 0.92 at best.
+  Exactly the authors' numbers: a backtick-wrapped answer (`` `CABD` ``) or one with spaces inside its quotes
+  (``" CABD "``) scores 0 accuracy, and a ground truth with surrounding whitespace never matches.
 - ``tpru_partial``: the same, except that a permutation answer (ordering) earns *pairwise agreement* instead of
   0/1: the fraction of label pairs the response puts in the same relative order as the ground truth. ``"CABD"``
   against ``"CABD"`` is 1; ``"CBAD"`` (one adjacent swap) agrees on 5 of 6 pairs, 0.833; the reverse order is 0.
@@ -33,9 +36,10 @@ import importlib
 from collections.abc import Callable, Sequence
 from itertools import combinations
 
+import re
+
 from tpru_agent.errors import ConfigError, close_matches
-from tpru_agent.tasks import accuracy_score, extract_answer, format_score, tpru_reward
-from tpru_agent.tasks.answer import ACCURACY_WEIGHT, FORMAT_WEIGHT
+from tpru_agent.tasks.answer import ACCURACY_WEIGHT, FORMAT_SCORE, FORMAT_WEIGHT
 
 RewardFunc = Callable[..., list[float]]
 
@@ -58,6 +62,42 @@ def completion_text(completion) -> str:
                       "of chat messages")
 
 
+# The authors' reward (TPRU repository, examples/reward_function/reward.py, Apache-2.0), rule for rule: whitespace
+# around "<", ">" and "/" is removed first; format needs the whole text to be one think block and one answer block
+# of capital letters; accuracy takes the first answer block, strips whitespace, then double and single quotes
+# (not backticks, and no second whitespace strip), and compares it with the ground truth as given (not stripped).
+_REF_TAG_SPACE = re.compile(r"\s*(<|>|/)\s*")
+_REF_FORMAT = re.compile(r"^<think>.*?</think>\s*<answer>\s*([A-Z]+)\s*</answer>$", re.DOTALL)
+_REF_ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
+
+
+def reference_answer(completion: str) -> str | None:
+    """The answer the authors' reward reads: first answer block, whitespace then ``"``/``'`` stripped (or ``None``).
+
+    Example:
+        >>> reference_answer('<think>x</think><answer> "CABD" </answer>'), reference_answer("<answer>`C`</answer>")
+        ('CABD', '`C`')
+    """
+    match = _REF_ANSWER.search(_REF_TAG_SPACE.sub(r"\1", completion))
+    return None if match is None else match.group(1).strip().strip("\"'")
+
+
+def reference_scores(completion: str, ground_truth: str) -> dict[str, float]:
+    """``{"overall", "format", "accuracy"}`` exactly as the TPRU authors' reward computes them.
+
+    Example:
+        >>> reference_scores("<think>x</think><answer>CABD</answer>", "CABD")["overall"]
+        0.92
+        >>> reference_scores("<think>x</think><answer>CABD</answer>", " CABD")["overall"]  # not stripped
+        0.02
+    """
+    normalized = _REF_TAG_SPACE.sub(r"\1", completion)
+    fmt = FORMAT_SCORE if _REF_FORMAT.fullmatch(normalized) else 0.0
+    accuracy = 1.0 if reference_answer(completion) == ground_truth else 0.0
+    return {"overall": round(ACCURACY_WEIGHT * accuracy + FORMAT_WEIGHT * fmt, 10), "format": fmt,
+            "accuracy": accuracy}
+
+
 def pairwise_agreement(got: str | None, answer: str) -> float:
     """Fraction of label pairs ordered as in ``answer`` (1.0 exact, 0.0 reversed or not a permutation).
 
@@ -76,12 +116,16 @@ def pairwise_agreement(got: str | None, answer: str) -> float:
 
 
 def partial_reward(completion: str, answer: str) -> float:
-    """0.9 * pairwise agreement (permutations) or exact match (letters) + 0.1 * format."""
-    answer = answer.strip()
-    if len(answer) < 2:
-        return tpru_reward(completion, answer)
-    accuracy = pairwise_agreement(extract_answer(completion), answer)
-    return round(ACCURACY_WEIGHT * accuracy + FORMAT_WEIGHT * format_score(completion), 10)
+    """0.9 * pairwise agreement (permutations) or exact match (letters) + 0.1 * format, read as the authors read.
+
+    The answer is extracted and the format scored as in :func:`reference_scores`; on an exact or letter answer it
+    equals the reference reward.
+    """
+    scores = reference_scores(completion, answer)
+    if len(answer) < 2 or scores["accuracy"] == 1.0:
+        return scores["overall"]
+    accuracy = pairwise_agreement(reference_answer(completion), answer)
+    return round(ACCURACY_WEIGHT * accuracy + FORMAT_WEIGHT * scores["format"], 10)
 
 
 def _check_lengths(completions: Sequence, answer: Sequence) -> None:
@@ -94,8 +138,9 @@ def _log(kwargs: dict, texts: list[str], answer: Sequence[str]) -> None:
     log_metric = kwargs.get("log_metric")
     if log_metric is None or not texts:
         return
-    log_metric("accuracy", sum(accuracy_score(t, a) for t, a in zip(texts, answer)) / len(texts))
-    log_metric("format", sum(format_score(t) > 0 for t in texts) / len(texts))
+    scores = [reference_scores(t, a) for t, a in zip(texts, answer)]
+    log_metric("accuracy", sum(s["accuracy"] for s in scores) / len(texts))
+    log_metric("format", sum(s["format"] > 0 for s in scores) / len(texts))
 
 
 def tpru(completions: Sequence, answer: Sequence[str], **kwargs) -> list[float]:
@@ -103,7 +148,7 @@ def tpru(completions: Sequence, answer: Sequence[str], **kwargs) -> list[float]:
     _check_lengths(completions, answer)
     texts = [completion_text(c) for c in completions]
     _log(kwargs, texts, answer)
-    return [tpru_reward(t, a) for t, a in zip(texts, answer)]
+    return [reference_scores(t, a)["overall"] for t, a in zip(texts, answer)]
 
 
 def tpru_partial(completions: Sequence, answer: Sequence[str], **kwargs) -> list[float]:

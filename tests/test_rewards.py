@@ -24,6 +24,28 @@ def test_tpru_reward_matches_every_reference_case_plain_and_conversational(refer
     assert rewards.tpru([_chat(c["completion"]) for c in cases], answers) == pytest.approx(want, abs=1e-9)
 
 
+@pytest.mark.parametrize("completion, answer, overall", [
+    ("<think>x</think><answer>`CABD`</answer>", "CABD", 0.0),        # backticks are not stripped
+    ("<think>x</think><answer>\" CABD \"</answer>", "CABD", 0.0),     # spaces inside the quotes stay
+    ("<think>x</think><answer>'CABD'</answer>", "CABD", 0.9),         # quotes are stripped; format wants [A-Z]+
+    ("<think>x</think><answer> CABD </answer>", "CABD", 0.92),
+    ("<think>x</think><answer>CABD</answer>", " CABD", 0.02),        # the ground truth is compared as given
+    ("<think>x</think><answer>CABD</answer>", "CABD\n", 0.02),
+    ("<think>x</think><answer></answer>", "", 0.9),                  # no format credit, but "" == "" (authors)
+])
+def test_training_reward_follows_the_authors_on_wrapped_answers_and_spaced_truths(completion, answer, overall):
+    """The issue's differing cases: the authors' reward gives these numbers, so training gives them too."""
+    assert rewards.tpru([completion], [answer]) == pytest.approx([overall], abs=1e-9)
+    assert rewards.reference_scores(completion, answer)["overall"] == pytest.approx(overall, abs=1e-9)
+
+
+def test_reference_scores_report_format_and_accuracy_like_the_reference_file(reference_dir):
+    cases = [json.loads(line) for line in (reference_dir / "tpru-reward-cases.jsonl").read_text().splitlines() if line]
+    for case in cases:
+        got = rewards.reference_scores(case["completion"], case["answer"])
+        assert got == pytest.approx({k: case[k] for k in ("overall", "format", "accuracy")}, abs=1e-9), case
+
+
 @pytest.mark.parametrize("completion, text", [
     ("<answer>A</answer>", "<answer>A</answer>"),
     ([{"role": "assistant", "content": "plain"}], "plain"),
