@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import base64
 import io
 import logging
@@ -109,7 +111,8 @@ def test_every_input_kind_loads_as_rgb(assets, name, budget):
     assert all(isinstance(f, Image.Image) and f.mode == "RGB" for f in out)
     if budget is not None:
         assert all(f.width % 28 == 0 and f.height % 28 == 0 for f in out)
-        assert all(16384 <= f.width * f.height <= 36864 for f in out)
+        assert all(F.budget_size(*f.size) == f.size for f in out)   # at its served size: a fixed point
+        assert all(16384 * 0.75 <= f.width * f.height <= 36864 * 1.25 for f in out)
 
 
 @pytest.mark.parametrize("name", ["jpg", "jpeg", "bmp", "webp", "tif", "tiff", "gif"])
@@ -150,24 +153,40 @@ def test_video_timestamps_pick_frames_in_given_order(assets, timestamps, expecte
 
 
 @pytest.mark.parametrize("size", [(640, 480), (100, 100), (1920, 1080), (50, 2000), (28, 28), (193, 191),
-                                  (4000, 28), (28, 5000), (1, 111), (3, 500)])
-def test_budget_resize_keeps_sides_multiple_of_28_and_area_in_range(size):
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as processor_resize
+                                  (4000, 28), (28, 5000), (1, 111), (3, 500), (224, 224), (112, 112)])
+def test_budget_resize_is_the_authors_two_steps(size):
+    """EasyR1's process_image (PIL, int sides) then the real Qwen2-VL processor at the checkpoint's own budget."""
+    from transformers import Qwen2VLImageProcessor
 
+    image = Image.new("RGB", size)
+    w, h = size
+    for bound, grow in ((36864, False), (16384, True)):   # the authors' two ifs, in their order
+        if (w * h < bound) if grow else (w * h > bound):
+            factor = math.sqrt(bound / (w * h))
+            w, h = int(w * factor), int(h * factor)
+            image = image.resize((w, h))
+    processor = Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056)
+    grid = processor(images=[image], return_tensors="np")["image_grid_thw"][0]
+    expected = (int(grid[2]) * 14, int(grid[1]) * 14)
     out = resize_to_budget(Image.new("RGB", size))
+    assert out.size == expected == F.budget_size(*size)
     assert out.width % 28 == 0 and out.height % 28 == 0
-    assert 16384 <= out.width * out.height <= 36864
-    if max(size) / min(size) < 40:
-        assert out.width / out.height == pytest.approx(size[0] / size[1], rel=0.3)
-    # The Qwen2.5-VL processor, given the same budget, leaves these frames as they are (no second resize).
-    assert processor_resize(out.height, out.width, 28, 16384, 36864) == (out.height, out.width)
+    if max(size) / min(size) < 10:   # (a 140:1 strip is not a fixed point of the authors' steps either)
+        assert resize_to_budget(out) is out   # served size is a fixed point: no second resampling
+
+
+@pytest.mark.parametrize("size,tokens", [((224, 224), 49), ((640, 480), 48), ((112, 112), 25)])
+def test_budget_matches_the_papers_token_counts(size, tokens):
+    w, h = F.budget_size(*size)
+    assert (w // 28) * (h // 28) == tokens
 
 
 def test_budget_none_keeps_size_and_custom_budget_applies():
     image = Image.new("RGB", (333, 111))
     assert load_frame(image, budget=None).size == (333, 111)
     out = load_frame(image, budget=PixelBudget(min_pixels=4096, max_pixels=8192, factor=32))
-    assert out.width % 32 == 0 and out.height % 32 == 0 and 4096 <= out.width * out.height <= 8192
+    # 333x111 -> 156x52 (PIL step into the budget) -> 160x64 (sides rounded to the factor)
+    assert out.size == (160, 64)
 
 
 def test_off_distribution_budget_warns_once(caplog):
@@ -320,9 +339,9 @@ def test_pil_decompression_bomb_error_becomes_frame_error(tmp_path, monkeypatch)
 def test_video_seeking_matches_sequential_decode(tmp_path, monkeypatch):
     from tpru_agent import video as V
 
-    path = _video(tmp_path / "long.mp4", count=120, size=(32, 32))  # gaps of ~60 frames: seeks, not grabs
+    path = _video(tmp_path / "long.mp4", count=120, size=(32, 32))  # gaps of ~60 frames: seeks
     seeking = [np.asarray(f) for f in load_frames(path, budget=None, video_frames=3)]
-    monkeypatch.setattr(V, "_read_seeking", lambda capture, indices: None)  # as when the header over-counts
+    monkeypatch.setattr(V, "_SEEK_GAP", 10**9)  # decode every frame in one pass
     sequential = [np.asarray(f) for f in load_frames(path, budget=None, video_frames=3)]
     assert len(seeking) == len(sequential) == 3
     assert all(np.array_equal(a, b) for a, b in zip(seeking, sequential))
@@ -344,20 +363,18 @@ def test_expand_sources_names_each_loaded_frame(assets):
         expand_sources([assets["png"], assets["root"] / "missing.png"])
 
 
-def test_smart_resize_matches_qwen_vl_utils_over_a_grid():
-    """The torch-free arithmetic in frames.smart_resize equals qwen-vl-utils' own function (no drift)."""
-    qwen = pytest.importorskip("qwen_vl_utils")
-    from tpru_agent.frames import TPRU_BUDGET, PixelBudget, smart_resize
+def test_smart_resize_matches_the_qwen2_vl_processor_over_a_grid():
+    """The torch-free arithmetic in frames.smart_resize equals the processor's own function (no drift)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as theirs
 
-    budgets = [TPRU_BUDGET, PixelBudget(min_pixels=4 * 28 * 28, max_pixels=1280 * 28 * 28)]
-    for budget in budgets:
-        for h in (10, 28, 57, 100, 141, 168, 240, 480, 721, 1080, 2160):
-            for w in (10, 28, 63, 100, 190, 224, 320, 640, 1280, 1920, 3840):
-                if max(h, w) / min(h, w) > 40:
-                    continue  # qwen-vl-utils misbehaves on very elongated images (handled separately)
-                theirs = qwen.smart_resize(h, w, factor=budget.factor, min_pixels=budget.min_pixels,
-                                           max_pixels=budget.max_pixels)
-                assert smart_resize(h, w, budget) == tuple(theirs), (h, w, budget)
+    from tpru_agent.frames import smart_resize
+
+    for bounds in ((3136, 12845056), (16384, 36864), (4 * 28 * 28, 1280 * 28 * 28)):
+        for h in (10, 14, 28, 57, 100, 141, 168, 240, 480, 721, 1080, 2160):
+            for w in (10, 14, 28, 63, 100, 190, 224, 320, 640, 1280, 1920, 3840):
+                if max(h, w) / min(h, w) > 200:
+                    continue
+                assert smart_resize(h, w, 28, *bounds) == tuple(theirs(h, w, 28, *bounds)), (h, w, bounds)
 
 
 def test_resizing_does_not_import_torch(tmp_path):
