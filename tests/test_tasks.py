@@ -122,6 +122,70 @@ def test_parse_choice_invalid(raw):
     assert info.value.raw == raw
 
 
+@pytest.mark.parametrize("answer", ["A or B", "A/B", "A / B", "A B C D E", "B. Actually C", "(A) or (C)"])
+def test_an_answer_naming_several_options_is_a_parse_error(answer):
+    """Issue 14: each of these once resolved to its first letter, and verify_step said ok on it."""
+    raw = f"<think>x</think><answer>{answer}</answer>"
+    with pytest.raises(ParseError, match="more than one option") as info:
+        parse_response(raw, NEXT.validate)
+    assert info.value.raw == raw
+
+
+@pytest.mark.parametrize("raw, expected, prefix", [
+    # the answer after the reasoning wins over a draft written inside it, and the draft is not "well formed"
+    ("<think>maybe <answer>B</answer> no</think><answer>C</answer>", "C", "<think>maybe <answer>B</answer> no</think>"),
+    ("<think>x<answer>B</answer></think><answer>B</answer>", "B", "<think>x<answer>B</answer></think>"),
+    # only inside the reasoning (cut off): read leniently, scored after the text before it
+    ("<think>the answer is <answer>D</answer>", "D", "<think>the answer is "),
+    # a chat template that opened <think> itself: everything before the stray </think> is reasoning
+    ("so <answer>A</answer> or not</think><answer>B</answer>", "B", "so <answer>A</answer> or not</think>"),
+])
+def test_an_answer_inside_the_reasoning_is_never_well_formed(raw, expected, prefix):
+    from tpru_agent.tasks.answer import reasoning_prefix
+
+    parsed = parse_response(raw, NEXT.validate)
+    assert (parsed.answer, parsed.well_formed, parsed.prefix) == (expected, False, prefix)
+    assert reasoning_prefix(raw) == prefix
+
+
+@pytest.mark.parametrize("raw", [
+    "<think>x</think><answer>B</answer><answer>C</answer>",
+    "<think>x</think><answer>B</answer> wait, <answer>D</answer>",
+    "<think>a <answer>B</answer> b <answer>C</answer>",
+])
+def test_different_answer_blocks_are_a_parse_error(raw):
+    with pytest.raises(ParseError, match="2 different answers") as info:
+        parse_response(raw, NEXT.validate)
+    assert info.value.raw == raw
+
+
+def test_a_repeated_identical_answer_block_is_accepted_but_not_well_formed():
+    parsed = parse_response("<think>x</think><answer>B</answer><answer> B </answer>", NEXT.validate)
+    assert (parsed.answer, parsed.well_formed) == ("B", False)
+
+
+def test_normalize_tags_is_the_reference_regex_in_linear_time():
+    import random
+    import re
+    import time
+
+    from tpru_agent.tasks import normalize_tags
+
+    rng = random.Random(0)
+    alphabet = ["<", ">", "/", " ", "\t", "\n", "\u00a0", "a", "B"]
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        assert normalize_tags(text) == re.sub(r"\s*([<>/])\s*", r"\1", text), repr(text)
+    started = time.perf_counter()
+    for raw in (" " * 40_000, "<think>" + " " * 40_000 + "</think><answer> B </answer>"):
+        normalize_tags(raw)
+        try:
+            parse_response(raw, NEXT.validate)
+        except ParseError:
+            pass
+    assert time.perf_counter() - started < 1.0  # was 40 s: the regex retried the whitespace run per character
+
+
 def test_extract_answer_first_block_wins():
     assert extract_answer("<answer>B</answer><answer>A</answer>") == "B"
     assert extract_answer("no answer") is None
@@ -204,6 +268,20 @@ def test_default_preamble_wraps_question():
     assert ORDER4.problem in text
     assert text.count(IMAGE) == 4
     assert "<think>" in text and "<answer>" in text and "None of the choices provided" in text
+
+
+@pytest.mark.parametrize("question", [ordering.build(2), ordering.build(3), ORDER4, NEXT, previous.build(3, 4),
+                                      ordering.build_mcq(4, ["ABCD", "DCBA", "BADC"])])
+def test_one_prompt_gives_at_most_one_example_answer(question):
+    """Issue 13: the question said "for example DCBA" and the preamble "BDAC" in the same prompt."""
+    import re
+
+    text = render_prompt(question.problem)
+    examples = set(re.findall(r"\b[A-J]{2,}\b", text)) - {o.value for o in question.options}
+    assert len(examples) <= 1, examples
+    if question.task == "ordering":
+        assert examples == {"".join(reversed(question.labels))}
+    assert "<answer>" in text and "</think>" in text
 
 
 def test_reference_template_renders_as_the_authors_did(reference_dir):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import ParseError
 
-_TAG_SPACE = re.compile(r"\s*([<>/])\s*")
+_TAG_CHAR = re.compile(r"([<>/])")
 _FORMAT = re.compile(r"<think>.*?</think><answer>[A-Z]+</answer>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
@@ -25,8 +25,21 @@ FORMAT_SCORE = 0.2
 
 
 def normalize_tags(text: str) -> str:
-    """Remove whitespace around ``<``, ``>`` and ``/`` (the reference reward's first step)."""
-    return _TAG_SPACE.sub(r"\1", text)
+    """Remove whitespace around ``<``, ``>`` and ``/`` (the reference reward's first step).
+
+    The same result as ``re.sub(r"\\s*([<>/])\\s*", r"\\1", text)``, in linear time: that regex retries a long
+    whitespace run from each of its characters (40k spaces took 40 s; issue 14).
+
+    Example:
+        >>> normalize_tags("< answer > B </ answer >")
+        '<answer>B</answer>'
+    """
+    parts = _TAG_CHAR.split(text)  # even indices: the text between tag characters; odd: the characters
+    last = len(parts) - 1
+    for k in range(0, len(parts), 2):
+        part = parts[k].lstrip() if k > 0 else parts[k]
+        parts[k] = part.rstrip() if k < last else part
+    return "".join(parts)
 
 
 def extract_answer(text: str) -> str | None:
@@ -72,50 +85,136 @@ def tpru_reward(completion: str, answer: str) -> float:
 
 @dataclass(frozen=True)
 class Parsed:
-    """A response reduced to its answer string and its reasoning (if any)."""
+    """A response reduced to its answer string and its reasoning (if any).
+
+    Attributes:
+        answer: the validated answer (``"CABD"``, ``"B"``).
+        think: the reasoning inside the first ``<think>`` block, or ``None``.
+        well_formed: the response is exactly the trained format, one ``<think>`` block then one ``<answer>`` block
+            of capital letters, with no answer tag inside the reasoning. ``False`` means the answer was read
+            leniently (missing tags, quotes, ``C-A-B-D``, ``(B)``, an answer written inside ``<think>``...).
+        prefix: the response up to the answer block that was read (what the answer is scored after).
+    """
 
     answer: str
     think: str | None
     well_formed: bool
+    prefix: str = ""
+
+
+# Tags as the reference reward sees them (whitespace next to "<", ">" and "/" ignored), found in one linear scan.
+_TAG = re.compile(r"<\s*(/?)\s*(think|answer)\s*>")
+
+
+@dataclass(frozen=True)
+class _Block:
+    start: int
+    content: str
+    in_think: bool
+
+
+def _answer_blocks(raw: str) -> list[_Block]:
+    """Every closed ``<answer>`` block, marked when it lies inside the reasoning.
+
+    Inside the reasoning means after an open ``<think>`` not yet closed, or before a stray ``</think>`` (models whose
+    chat template opens the think block for them write only its end).
+    """
+    blocks: list[_Block] = []
+    in_think, opened = False, None
+    for tag in _TAG.finditer(raw):
+        closing, name = tag.group(1) == "/", tag.group(2)
+        if name == "think":
+            if closing and not in_think:  # a stray end: everything so far was reasoning
+                blocks = [_Block(b.start, b.content, True) for b in blocks]
+                opened = None if opened is None else (opened[0], opened[1], True)
+            in_think = not closing
+        elif not closing:
+            opened = opened or (tag.start(), tag.end(), in_think)
+        elif opened is not None:
+            blocks.append(_Block(opened[0], raw[opened[1]:tag.start()], opened[2]))
+            opened = None
+    return blocks
+
+
+def _content(text: str) -> str:
+    return normalize_tags(text).strip().strip(_QUOTES).strip()
+
+
+def _chosen_block(raw: str) -> tuple[_Block | None, list[str], bool]:
+    """The block that holds the answer (the first outside the reasoning, else the first inside it), the distinct
+    contents of its group (outside blocks, or inside ones when there are no outside ones), and whether any answer
+    block lies inside the reasoning."""
+    blocks = _answer_blocks(raw)
+    group = [b for b in blocks if not b.in_think] or blocks
+    distinct = list(dict.fromkeys(_content(b.content) for b in group))
+    return (group[0] if group else None), distinct, any(b.in_think for b in blocks)
 
 
 def parse_response(raw: str, valid: "callable[[str], str | None]") -> Parsed:
     """Parse a response and validate its answer with ``valid`` (returns an error message or ``None``).
 
     Accepts the trained format; when the answer tags are missing, a response that is nothing but a valid
-    answer (``"CABD"``) is accepted too. Anything else raises :class:`ParseError` carrying ``raw``.
+    answer (``"CABD"``) is accepted too, as are sloppy spellings of one answer (``"C-A-B-D"``, ``"(B)"``); those
+    are marked ``well_formed=False``. An ``<answer>`` outside the reasoning wins over one inside it. Anything
+    else raises :class:`ParseError` carrying ``raw``, in particular an answer that names more than one option
+    (``"A or B"``, ``"A/B"``, ``"B. Actually C"``) or several different answer blocks.
+
+    Example:
+        >>> parse_response("<think>x</think><answer>B</answer>", lambda a: None if a in "ABC" else "no").answer
+        'B'
     """
-    answer = extract_answer(raw)
-    if answer is None:
+    block, distinct, answered_in_think = _chosen_block(raw)
+    think = extract_think(raw)
+    if block is None:
         bare = _THINK.sub("", raw).strip().strip(_QUOTES).strip()
         if bare and valid(bare) is None:
-            return Parsed(bare, extract_think(raw), False)
+            return Parsed(bare, think, False, raw)
         raise ParseError("no <answer>...</answer> block in the model output", raw=raw)
+    if len(distinct) > 1:
+        raise ParseError(f"the output gives {len(distinct)} different answers ({', '.join(map(repr, distinct))}); "
+                         "cannot tell which one the model meant", raw=raw)
+    answer, prefix = distinct[0], raw[: block.start]
+    well_formed = format_score(raw) > 0 and not answered_in_think
     if not answer:
         raise ParseError("the <answer> block is empty", raw=raw)
     problem = valid(answer)
     if problem is None:
-        return Parsed(answer, extract_think(raw), format_score(raw) > 0)
-    for variant in _variants(answer):  # untuned models write "C-A-B-D", "(B)", "E. None of ...": accept, flagged
-        if valid(variant) is None:
-            return Parsed(variant, extract_think(raw), False)
-    raise ParseError(f"invalid answer {answer!r}: {problem}", raw=raw)
+        return Parsed(answer, think, well_formed, prefix)
+    return Parsed(_lenient_reading(answer, problem, valid, raw), think, False, prefix)
 
 
 _LEADING_LETTER = re.compile(r"^\W*([A-Z])(?:\W|$)")
+_LONE_CAPITAL = re.compile(r"(?<![A-Za-z])[A-Z](?![A-Za-z])")
+_SEPARATED = re.compile(r"[A-Z\s,;\-–>.()]+")
 
 
-def _variants(answer: str) -> list[str]:
-    """Readings of a sloppy answer: the capital letters alone (``C, A, B, D``), or a leading option letter."""
-    out = [re.sub(r"[^A-Z]", "", answer)] if re.fullmatch(r"[A-Z\s,;\-–>.()]+", answer) else []
+def _lenient_reading(answer: str, problem: str, valid, raw: str) -> str:
+    """The one answer a sloppy answer text means (``C, A, B, D``; ``(B)``; ``E. None of ...``), else ParseError.
+
+    The capital letters alone are read first (a permutation written with separators); then a leading option
+    letter, but only when the text names no other valid option: ``"A or B"``, ``"A/B"``, ``"A B C D E"`` and
+    ``"B. Actually C"`` name several (issue 14: they once became their first letter).
+    """
+    if _SEPARATED.fullmatch(answer):
+        letters = re.sub(r"[^A-Z]", "", answer)
+        if valid(letters) is None:
+            return letters
     lead = _LEADING_LETTER.match(answer)
-    return out + ([lead.group(1)] if lead else [])
-
-
-_ANSWER_OPEN = re.compile(r"<\s*answer\s*>")
+    if lead and valid(lead.group(1)) is None:
+        named = list(dict.fromkeys(c for c in _LONE_CAPITAL.findall(answer) if valid(c) is None))
+        if len(named) > 1:
+            raise ParseError(f"the answer {answer!r} names more than one option ({', '.join(named)})", raw=raw)
+        return lead.group(1)
+    raise ParseError(f"invalid answer {answer!r}: {problem}", raw=raw)
 
 
 def reasoning_prefix(raw: str) -> str:
-    """The response up to its first answer tag (spaces inside the tag allowed): what the answer is scored after."""
-    match = _ANSWER_OPEN.search(raw)
-    return raw[: match.start()] if match else raw
+    """The response up to the answer block :func:`parse_response` reads (spaces inside tags allowed), or all of
+    it when there is none: what the answer is scored after.
+
+    Example:
+        >>> reasoning_prefix("<think>a <answer>B</answer></think><answer>C</answer>")
+        '<think>a <answer>B</answer></think>'
+    """
+    block, _, _ = _chosen_block(raw)
+    return raw if block is None else raw[: block.start]

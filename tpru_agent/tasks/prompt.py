@@ -1,6 +1,8 @@
 """The answer-rules preamble wrapped around every question.
 
-The default wording is this project's own statement of the TPRU answer contract. ``template=`` takes a Jinja file
+The default wording is this project's own statement of the TPRU answer contract. It carries no example answer of
+its own: an ordering question already shows one (``for example DCBA``), and a second, different one in the same
+prompt (it once said ``BDAC``) left the model two examples to copy (issue 13). ``template=`` takes a Jinja file
 instead (rendered with ``content`` = the question text), so a user can pass the TPRU authors' own template and
 reproduce the paper's setup exactly.
 """
@@ -20,14 +22,14 @@ The task below is about a set of images from one procedure.
 
 Look at every image and check it against the text before answering. Rules for the answer:
 - Ordering question (images labelled A, B, C, ...): answer with the labels in the order the events happen, \
-as one string without spaces, for example BDAC.
+as one string without spaces, written like the example in the question.
 - Multiple-choice question (options A, B, C, ...): answer with the single letter of the correct option. If no \
 option is correct, or the text does not match the images, answer with the letter of the option \
 "None of the choices provided".
 
-Reason inside <think></think> tags, then give only the answer inside <answer></answer> tags, for example:
-<think>Image B shows the starting state, then ... so the order is B, D, A, C.</think>
-<answer>BDAC</answer>"""
+Reason inside <think></think> tags, then give only the answer inside <answer></answer> tags:
+<think>what each image shows, and why the answer follows</think>
+<answer>the answer alone</answer>"""
 
 
 @lru_cache(maxsize=8)
