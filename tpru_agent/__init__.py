@@ -15,7 +15,7 @@ from .errors import (
     ParseError,
     TPRUError,
 )
-from .results import CheckEvent, ChoiceResult, OrderResult, Status, StepVerdict
+from .results import CheckEvent, ChoiceResult, OrderResult, ProgressResult, Status, StepVerdict
 
 __version__ = "0.1.0"
 
@@ -29,7 +29,7 @@ from .model import TPRU  # noqa: E402
 from .checker import ProcedureChecker  # noqa: E402
 
 __all__ = [
-    "TPRU", "ProcedureChecker", "OrderResult", "ChoiceResult", "StepVerdict", "CheckEvent", "Status",
+    "TPRU", "ProcedureChecker", "OrderResult", "ChoiceResult", "StepVerdict", "ProgressResult", "CheckEvent", "Status",
     "TPRUError", "FrameError", "ParseError", "ModelNotFoundError", "EngineUnavailableError", "ConfigError",
     "__version__",
 ]

@@ -19,7 +19,8 @@ from .engines.base import Engine, GenerationOptions, Request
 from .errors import ConfigError, ParseError
 from .frames import TPRU_BUDGET, PixelBudget, load_frame, load_frames
 from .hub import DEFAULT_MODEL, resolve
-from .results import ChoiceResult, OrderResult, StepVerdict
+from .progress import estimate as estimate_progress
+from .results import ChoiceResult, OrderResult, ProgressResult, StepVerdict
 from .tasks import continuation, next_frame, ordering, parse_response, previous, render_prompt
 from .tasks.answer import reasoning_prefix
 from .tasks.question import MAX_CANDIDATES, MAX_ORDER_LABELS, Question
@@ -264,6 +265,32 @@ class TPRU:
         return OrderResult(order, labels, math.exp(log_conf / len(answered)), {}, "\n".join(d["raw"] for d in details),
                            self.engine_name, mode, self._timings(started, prepare_s, [a for _, _, a in answered]),
                            windows=tuple(details))
+
+    # ---------------------------------------------------------------- progress
+    def progress(self, frames, *, description: str | None = None, reference=None, mode: str = "fast",
+                 method: str = "auto", video_frames: int = 16) -> ProgressResult:
+        """Task progress in [0, 1] of each frame, from the model's temporal preferences (frames in any order).
+
+        Costs the covering windows' passes (20 for 16 frames; see :mod:`tpru_agent.progress`), or one pass per
+        frame with a ``reference`` demonstration (which also fixes the direction for the classic engine).
+
+        Args:
+            frames: 2..64 frames (paths, a glob, a folder, a video: ``video_frames`` sampled, PIL images, arrays).
+            description: the procedure in words; optional.
+            reference: frames of a demonstration of the same task, in time order (anchors the values).
+            mode: ``"fast"`` (score each window) or ``"reason"``.
+            method: ``"auto"``, ``"rank"``, ``"seriation"`` or ``"reference"``.
+
+        Example:
+            >>> TPRU("classic").progress("episode.mp4").values   # doctest: +SKIP
+        """
+        started = time.perf_counter()
+        images = load_frames(frames, budget=self.budget, bgr=self.bgr, video_frames=video_frames,
+                             min_frames=2, max_frames=MAX_ORDER_FRAMES, what="frames")
+        ref = None if reference is None else load_frames(reference, budget=self.budget, bgr=self.bgr,
+                                                         video_frames=video_frames, min_frames=2, what="reference")
+        return estimate_progress(self, images, description=description, reference=ref, mode=_check_mode(mode),
+                                 method=method, started=started, prepare_s=time.perf_counter() - started)
 
     # ---------------------------------------------------------------- multiple choice
     def predict_next(self, history, candidates, *, goal=None, description: str | None = None,

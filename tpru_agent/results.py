@@ -92,6 +92,38 @@ class StepVerdict(_ToDict):
     timings: dict[str, float]
 
 
+@dataclass(frozen=True)
+class ProgressResult(_ToDict):
+    """Task progress of each input frame (``TPRU.progress``).
+
+    Attributes:
+        values: one progress value in [0, 1] per input frame, in input order (0 = start, 1 = done).
+        order: input indices sorted by progress (the implied temporal order).
+        confidence: how sure the model is of that order (window methods: geometric mean over the windows of the
+            probability of the order restricted to each; ``"reference"``: mean of ``frame_confidence``).
+        frame_confidence: per input frame: mean probability of the implied order over the windows holding it, or
+            (``"reference"``) the probability of the most likely slot among the reference frames.
+        direction_known: False when the engine has no sense of direction (the classic engine without a
+            reference): the values are then mirrored or not by a guess from the input order.
+        method: ``"rank"``, ``"seriation"`` or ``"reference"`` (see :mod:`tpru_agent.progress`).
+        passes: questions asked (one scoring pass each in fast mode).
+        alternatives: the other methods' values from the same passes, by method name.
+    """
+
+    values: tuple[float, ...]
+    order: tuple[int, ...]
+    confidence: float
+    frame_confidence: tuple[float, ...]
+    direction_known: bool
+    method: str
+    passes: int
+    alternatives: dict[str, tuple[float, ...]]
+    raw: str
+    engine: str
+    mode: str
+    timings: dict[str, float]
+
+
 class Status(str, enum.Enum):
     """Verdict of a ProcedureChecker event."""
 
