@@ -1,4 +1,4 @@
-"""``tpru serve``: the model behind an OpenAI-compatible HTTP API plus task routes (see tpru_agent.server).
+"""``tpru serve``: the model behind an OpenAI-compatible HTTP API plus task routes (see tpru_agent.serve).
 
 Imports only click and the CLI's printer at module level; the model and the web stack load inside the command.
 """
@@ -39,7 +39,8 @@ def _is_loopback(host: str) -> bool:
 @click.option("--port", "-p", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--api-key", envvar="TPRU_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on /v1/* (also from TPRU_API_KEY).")
-@click.option("--served-model-name", default=None, help="Model name clients send (default: --model).")
+@click.option("--served-model-name", default=None,
+              help="Model name clients send (default: the model folder's name, or the alias / Hub id given).")
 @click.option("--max-body-mb", default=32.0, show_default=True, type=click.FloatRange(0.01, 4096),
               help="Largest request body in MB (HTTP 413 above it).")
 @click.option("--max-images", default=16, show_default=True, type=click.IntRange(1, 256),
@@ -52,12 +53,20 @@ def _is_loopback(host: str) -> bool:
               help="Reasoning budget of the task routes, and the default max_tokens of chat completions.")
 @click.option("--max-logprobs", default=20, show_default=True, type=click.IntRange(1, 1_000_000),
               help="Largest top_logprobs / prompt_logprobs a request may ask for (as vLLM's flag).")
+@click.option("--max-model-len", default=None, type=click.IntRange(16, 10_000_000),
+              help="Context limit in tokens (prompt + images + reply), counted before a request runs; longer "
+                   "requests get a 400 (default: the model's own maximum).")
+@click.option("--max-score-continuations", default=64, show_default=True, type=click.IntRange(1, 100000),
+              help="Most tpru_score continuations in one request.")
+@click.option("--max-score-tokens", default=8192, show_default=True, type=click.IntRange(1, 10_000_000),
+              help="Most tokens of all tpru_score continuations of one request together.")
 @click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=click.FloatRange(1, 86400),
-              help="Seconds a request may wait for the model (HTTP 504 after).")
+              help="Seconds a request may take (HTTP 504 after; a running generation stops).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(model, engine, quantization, device, template, base_url, host, port, api_key, served_model_name,
-          max_body_mb, max_images, max_queue, max_batch, max_new_tokens, max_logprobs, timeout_s, log_level):
+          max_body_mb, max_images, max_queue, max_batch, max_new_tokens, max_logprobs, max_model_len,
+          max_score_continuations, max_score_tokens, timeout_s, log_level):
     """Serve a TPRU model over HTTP: OpenAI-compatible /v1/chat/completions and /v1/order, /v1/next,
     /v1/previous, /v1/verify (images as data URLs). Drive it from Python with
     TPRU("NAME", engine="openai", base_url="http://127.0.0.1:8000/v1")."""
@@ -66,7 +75,7 @@ def serve(model, engine, quantization, device, template, base_url, host, port, a
     require("fastapi", "serve", what="tpru serve")
     uvicorn = require("uvicorn", "serve", what="tpru serve")
     from tpru_agent import TPRU
-    from tpru_agent.server import ServerConfig, create_app
+    from tpru_agent.serve import ServerConfig, create_app, served_name
 
     if engine == "openai":
         from tpru_agent.errors import ConfigError
@@ -81,13 +90,15 @@ def serve(model, engine, quantization, device, template, base_url, host, port, a
         render.warn(f"binding {host} without --api-key: anyone who can reach this port can use the model")
     config = ServerConfig(host=host, port=port, api_key=api_key, served_name=served_model_name,
                           max_body_bytes=int(max_body_mb * (1 << 20)), max_images=max_images, max_queue=max_queue,
-                          max_batch=max_batch, request_timeout_s=timeout_s, max_logprobs=max_logprobs)
+                          max_batch=max_batch, request_timeout_s=timeout_s, max_logprobs=max_logprobs,
+                          max_model_len=max_model_len, max_score_continuations=max_score_continuations,
+                          max_score_tokens=max_score_tokens)
     kwargs = {"base_url": base_url} if base_url else {}
     render.note(f"loading {model} (engine {engine}) ...")
     tpru = TPRU(model, engine=engine, quantization=quantization, device=device, template=template,
                 max_new_tokens=max_new_tokens, **kwargs)
     app = create_app(tpru, config)
-    name = served_model_name or model
+    name = served_model_name or served_name(model)
     render.note(f"serving {name!r} ({tpru.engine_name} engine, loaded in {tpru.load_s:.1f} s) on "
                 f"http://{host}:{port}/v1{'  (API key required)' if api_key else ''}")
     try:

@@ -34,6 +34,7 @@ from ..errors import ConfigError, TPRUError, require
 from .base import GenerationOptions, Request
 from .chat import common_prefix, expand_image_pads
 from .hf_options import QUANTIZATIONS, check_quantization, pick_device, pick_dtype, split_prompt
+from .hf_tokens import HFTokens
 from .prefix_cache import PrefixCache, Span, fork, image_key, kv_nbytes, tensors_nbytes
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,11 @@ log = logging.getLogger(__name__)
 SCORE_CACHE_BYTES = {"cuda": 2 << 30, "mps": 1 << 30, "cpu": 1 << 30}
 
 
-class HFEngine:
+class HFEngine(HFTokens):
     """Qwen2.5-VL through transformers: ``generate`` (batched, left padded) and cached-prefix ``score``.
+
+    Token-level methods (conversations, token counts, completions with usage and stop sequences, traces) come
+    from :class:`~tpru_agent.engines.hf_tokens.HFTokens`; ``tpru serve`` uses them.
 
     Args:
         model: alias (``"tpru-3b"``), Hub id or local folder (see :func:`tpru_agent.hub.locate`).
@@ -144,25 +148,10 @@ class HFEngine:
         and leaves its prompt + reply there (a ``score`` after the reasoning then runs only the answer).
         """
         model, torch = self._live(), self._torch
-        if options.max_new_tokens < 1 or options.temperature < 0 or not 0 < options.top_p <= 1:
-            raise ConfigError(f"invalid generation options {options}: need max_new_tokens >= 1, temperature >= 0 "
-                              "and 0 < top_p <= 1")
+        kwargs = self._generation_kwargs(options, ignore_eos=self.ignore_eos)  # validates the options too
         if not requests:
             return []
         tok = self.processor.tokenizer
-        eos = [] if self.ignore_eos else model.generation_config.eos_token_id
-        eos = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
-        im_end = tok.convert_tokens_to_ids("<|im_end|>")
-        if not self.ignore_eos and isinstance(im_end, int) and im_end not in eos:
-            eos.append(im_end)
-        # Explicit values override the release's generation_config (Qwen ships sampling defaults and a
-        # repetition penalty): what the caller's options say is what runs, on every engine alike.
-        kwargs = dict(max_new_tokens=options.max_new_tokens, eos_token_id=eos or None, pad_token_id=tok.pad_token_id,
-                      repetition_penalty=1.0)
-        if options.temperature > 0:
-            kwargs.update(do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         seed = options.seed if options.temperature > 0 else None
         with self._lock, torch.inference_mode(), self._seeded(seed):
             if len(requests) == 1 and self.prefix_cache.enabled:

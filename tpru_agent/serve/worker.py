@@ -9,6 +9,7 @@ latency grow without bound.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import threading
@@ -17,8 +18,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .engines.base import GenerationOptions, Request
-from .errors import TPRUError
+from ..engines.base import GenerationOptions, Request
+from ..errors import ConfigError, EngineUnavailableError, FrameError, ParseError, TPRUError
+from .errors import ClientError
 
 log = logging.getLogger(__name__)
 
@@ -176,4 +178,53 @@ class ModelWorker:
         self._thread.join(timeout)
 
 
-__all__ = ["ModelWorker", "QueueFullError", "WorkerClosedError"]
+async def run_model(state, call: Callable[[], Any] | None = None, *, submit: Callable[[], Any] | None = None,
+                    cancel: threading.Event | None = None) -> Any:
+    """Queue ``call`` on the model thread (or a job with ``submit()``), await it, map failures to HTTP errors.
+
+    ``state`` is the app's state (``worker``, ``config``, ``scrub``). After ``config.request_timeout_s`` the
+    request gets a 504, the job is dropped if it has not started, and ``cancel`` is set so a running generation
+    stops at its next token.
+    """
+    try:
+        fut = submit() if submit is not None else state.worker.submit(call)
+    except QueueFullError as exc:
+        raise ClientError(503, str(exc), kind="server_busy", code="queue_full", headers={"Retry-After": "1"}) from exc
+    except WorkerClosedError as exc:
+        raise ClientError(503, str(exc), kind="server_busy", code="shutting_down") from exc
+    try:
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), state.config.request_timeout_s)
+    except asyncio.TimeoutError as exc:
+        fut.cancel()
+        if cancel is not None:
+            cancel.set()
+        raise ClientError(504, f"the model did not answer within {state.config.request_timeout_s:g} s (tpru serve "
+                          "--timeout)", kind="timeout", code="timeout") from exc
+    except asyncio.CancelledError:  # the client went away: stop the work it asked for
+        fut.cancel()
+        if cancel is not None:
+            cancel.set()
+        raise
+    except Exception as exc:  # noqa: BLE001 - mapped or re-raised below
+        raise model_error(exc, state.scrub) from exc
+
+
+def model_error(exc: Exception, scrub: Callable[[str], str] = str) -> Exception:
+    """The HTTP error for a failed model call (typed SDK errors); anything else is returned as is (a 500)."""
+    if isinstance(exc, ClientError):
+        return exc
+    if isinstance(exc, (FrameError, ConfigError)):
+        return ClientError(400, scrub(str(exc)), code=type(exc).__name__)
+    if isinstance(exc, ParseError):
+        return ClientError(422, scrub(str(exc)), kind="parse_error", code="unparseable_model_output")
+    if isinstance(exc, WorkerClosedError):
+        return ClientError(503, str(exc), kind="server_busy", code="shutting_down")
+    if isinstance(exc, EngineUnavailableError):
+        return ClientError(503, scrub(str(exc)), kind="server_error", code="engine_unavailable")
+    if isinstance(exc, TPRUError):
+        log.warning("model call failed: %s", exc)
+        return ClientError(502, scrub(f"{type(exc).__name__}: {exc}"), kind="server_error", code="engine_error")
+    return exc
+
+
+__all__ = ["ModelWorker", "QueueFullError", "WorkerClosedError", "model_error", "run_model"]
