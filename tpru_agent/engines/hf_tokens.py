@@ -186,20 +186,10 @@ class HFTokens:
         width, height = image.size
         return int(proc.get_number_of_image_patches(height, width, {})) // (proc.merge_size ** 2)
 
-    def count_tokens(self, turns: Turns, images: Sequence, *, reply: str = "", limit: int | None = None) -> int:
-        """Prompt tokens of a conversation, image tokens included, without running the model.
-
-        With ``limit``, a text too long to fit is not tokenized: the count returned is then a lower bound above
-        ``limit`` (no token is longer than the longest entry of the vocabulary).
-        """
-        prompt = self.render(turns, reply=reply)
-        images = self._frames(images)
-        if limit is not None:
-            floor = len(prompt) // self.max_token_chars()
-            if floor > limit:
-                return floor
-        ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return len(ids) + sum(self.image_tokens(im) - 1 for im in images)
+    def count_tokens(self, turns: Turns, images: Sequence, *, reply: str = "") -> int:
+        """Prompt tokens of a conversation, image tokens included, without running the model."""
+        ids = self.processor.tokenizer(self.render(turns, reply=reply), add_special_tokens=False)["input_ids"]
+        return len(ids) + sum(self.image_tokens(im) - 1 for im in self._frames(images))
 
     def text_tokens(self, text: str) -> int:
         """Tokens of a plain piece of text (no template)."""

@@ -101,7 +101,7 @@ def _hf_job(engine: HFTokens, call: ChatCall, images: list, body: ChatBody, stat
     started = time.monotonic()
     limit = context_limit(engine, state.limits)
     prefill = call.prefill or ""
-    prompt = engine.count_tokens(call.turns, images, reply=prefill, limit=limit)
+    prompt = count_prompt(engine, call.turns, images, reply=prefill, limit=limit)
     budget = fit_context(prompt, requested=requested, default_new=state.tpru.options.max_new_tokens, limit=limit)
     opts = replace(call.options, max_new_tokens=budget)
     if on_start is not None:

@@ -44,7 +44,7 @@ def context_limit(engine, limits: Limits) -> int:
     return min(limits.max_model_len, own) if own else limits.max_model_len
 
 
-def fit_context(prompt: int, *, requested: int | None, default_new: int, limit: int) -> int:
+def fit_context(prompt: int, *, requested: int | None, default_new: int, limit: int, at_least: bool = False) -> int:
     """The generation budget for a counted prompt (as vLLM: the room left when ``max_tokens`` is not given).
 
     Raises:
@@ -52,17 +52,28 @@ def fit_context(prompt: int, *, requested: int | None, default_new: int, limit: 
     """
     if prompt >= limit or (requested is not None and prompt + requested > limit):
         asked = f" + {requested} requested completion tokens" if requested is not None else ""
-        raise ClientError(400, f"this model's context limit is {limit} tokens, but the request has {prompt} prompt "
-                          f"tokens{asked}; shorten the messages or send fewer images (tpru serve "
-                          "--max-model-len)", param="messages", code="context_length_exceeded")
+        raise ClientError(400, f"this model's context limit is {limit} tokens, but the request has "
+                          f"{'at least ' if at_least else ''}{prompt} prompt tokens{asked}; shorten the messages or "
+                          "send fewer images (tpru serve --max-model-len)", param="messages",
+                          code="context_length_exceeded")
     return requested if requested is not None else min(default_new, limit - prompt)
 
 
 def count_prompt(engine, turns: Sequence[tuple[str, str]], images: Sequence, *, reply: str, limit: int) -> int:
-    """Prompt tokens (hf engine: exact, images included) or UTF-8 bytes of the text (other engines)."""
-    if isinstance(engine, HFTokens):
-        return engine.count_tokens(turns, images, reply=reply, limit=limit)
-    return sum(len(text.encode()) for _, text in turns) + len(reply.encode())
+    """Prompt tokens (hf engine: exact, images included) or UTF-8 bytes of the text (other engines).
+
+    A text too long to fit is refused without tokenizing it: no token is longer than the longest entry of the
+    vocabulary, which gives a lower bound of its tokens.
+
+    Raises:
+        ClientError: that lower bound is over ``limit``.
+    """
+    if not isinstance(engine, HFTokens):
+        return sum(len(text.encode()) for _, text in turns) + len(reply.encode())
+    floor = len(engine.render(turns, reply=reply)) // engine.max_token_chars()
+    if floor >= limit:
+        fit_context(floor, requested=None, default_new=0, limit=limit, at_least=True)
+    return engine.count_tokens(turns, images, reply=reply)
 
 
 def check_score(engine, continuations: Sequence[str], prompt: int, limits: Limits, limit: int) -> None:
