@@ -73,7 +73,8 @@ def data() -> None:
 @click.option("--shard-size", type=int, default=None, help="Rows per parquet shard (default 256).")
 @click.option("--workers", "-w", type=int, default=None, help="Worker processes (default 1).")
 @click.option("--keep-work", is_flag=True, default=None, help="Keep the episode cache (OUT/.work).")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace a build with other settings in OUT.")
+@click.option("--overwrite", is_flag=True, default=None,
+              help="Start afresh: replace whatever build OUT holds (finished, partial or with other settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def build_cmd(sources, out, config_file, seed, samples_per_episode, test_fraction, holdout_tasks, shard_size,
               workers, keep_work, overwrite, as_json):
@@ -105,7 +106,9 @@ def build_cmd(sources, out, config_file, seed, samples_per_episode, test_fractio
     if m["skips"]["total"]:
         reasons = ", ".join(f"{k} {v}" for k, v in m["skips"]["by_reason"].items())
         render.warn(f"{m['skips']['total']} skipped: {reasons} (details in {result.out / 'manifest.json'})")
-    render.note(f"wrote {sum(m['samples'].values())} samples to {result.out}  content hash {m['content_hash'][:16]}")
+    total = sum(m["samples"].values())
+    render.note(f"wrote {total} sample{'' if total == 1 else 's'} to {result.out}  content hash "
+                f"{m['content_hash'][:16]}")
 
 
 def _show_counts(counts: dict) -> None:

@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from .manifest import build_manifest, write_json
 from .plan import Planner, _rng
 from .samples import plan_samples
 from .sources.registry import Unit, parse_spec, plan_units
-from .tpru_format import TPRURow, write_parquet
+from .tpru_format import TPRURow, intact, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class BuildConfig:
         shard_size: rows per parquet shard, also the resume granularity of the render step (default 256).
         workers: worker processes for ingest and render (1: run in this process).
         keep_work: keep ``OUT/.work`` (the episode cache) after a successful build.
-        overwrite: replace a previous build with other settings in ``out``.
+        overwrite: start afresh: remove whatever build ``out`` holds (finished, partial, other settings).
     """
 
     sources: tuple[str, ...] = ()
@@ -171,6 +172,28 @@ class BuildResult:
     already_done: bool = False
 
 
+def _has_samples(out: Path) -> bool:
+    return (out / "manifest.json").exists() or any((out / d).exists() for d in ("train", "test"))
+
+
+def _wrote_nothing(out: Path) -> bool:
+    """True when a folder holds no finished or cached work: no manifest, no shard, no cached unit."""
+    return not (_has_samples(out) or any((out / ".work" / "units").glob("*.parquet")))
+
+
+def _fingerprint_in(file: Path) -> str | None:
+    try:
+        return json.loads(file.read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return "unreadable"   # a torn or foreign file: treated as another build's
+
+
+def _clear(out: Path) -> None:
+    for name in OWNED - {".lock"}:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
 def _prepare(cfg: BuildConfig, out: Path) -> None:
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OWNED)
     if foreign:
@@ -180,17 +203,15 @@ def _prepare(cfg: BuildConfig, out: Path) -> None:
     stamp = work / "config.json"
     previous = None
     if manifest.is_file():
-        previous = json.loads(manifest.read_text()).get("fingerprint")
+        previous = _fingerprint_in(manifest)
     elif stamp.is_file():
-        previous = json.loads(stamp.read_text()).get("fingerprint")
-    if previous not in (None, cfg.fingerprint()) or (previous is None and any((out / d).exists() for d in
-                                                                              ("train", "test"))):
-        if not cfg.overwrite:
-            raise ConfigError(f"{str(out)!r} holds a build with other settings; pass --overwrite to replace it, "
-                              "or pick another --out")
-        for name in OWNED - {".lock"}:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        previous = _fingerprint_in(stamp)
+    other = previous not in (None, cfg.fingerprint()) or (previous is None and _has_samples(out))
+    if cfg.overwrite or (other and not _has_samples(out)):
+        _clear(out)   # --overwrite starts afresh; a build that never wrote a sample blocks nothing
+    elif other:
+        raise ConfigError(f"{str(out)!r} holds a build with other settings; pass --overwrite to replace it, "
+                          "or pick another --out")
     (work / "units").mkdir(parents=True, exist_ok=True)
     for tmp in out.rglob(".*.tmp"):
         tmp.unlink(missing_ok=True)             # leftovers of a killed run (never renamed into place)
@@ -244,6 +265,7 @@ def build(cfg: BuildConfig, *, progress: Progress | None = None) -> BuildResult:
     progress = progress or Progress()
     cfg = dataclasses.replace(cfg, source_state=sources_state(cfg.sources))  # changed inputs = another build
     out = Path(cfg.out).expanduser()
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     # An OS lock (released when the process dies, SIGKILL included): one build per folder at a time.
     lock = open(out / ".lock", "w")
@@ -256,12 +278,20 @@ def build(cfg: BuildConfig, *, progress: Progress | None = None) -> BuildResult:
         _prepare(cfg, out)
         manifest_path = out / "manifest.json"
         if manifest_path.is_file():
-            shutil.rmtree(out / ".work", ignore_errors=True)
+            if not cfg.keep_work:
+                shutil.rmtree(out / ".work", ignore_errors=True)
             (out / ".lock").unlink(missing_ok=True)
             return BuildResult(out, json.loads(manifest_path.read_text()), already_done=True)
         result = _build_locked(cfg, out, progress)
         (out / ".lock").unlink(missing_ok=True)   # a finished dataset folder holds only the dataset
         return result
+    except BaseException:
+        (out / ".lock").unlink(missing_ok=True)
+        if _wrote_nothing(out):   # a failed start leaves no trace (the corrected command then runs as new)
+            shutil.rmtree(out / ".work", ignore_errors=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        raise
     finally:
         lock.close()
 
@@ -277,12 +307,12 @@ def _build_locked(cfg: BuildConfig, out: Path, progress: Progress) -> BuildResul
         progress.start(f"source{i}", spec.text, len(mine))
         done = sum(Path(path_of[u.key]).is_file() for u in mine)
         progress.advance(f"source{i}", done, "cached" if done else "")
-    todo = [(u, prefixes[u.source], path_of[u.key]) for u in units if not Path(path_of[u.key]).is_file()]
+    todo = [(u, prefixes[u.source], path_of[u.key]) for u in units if not intact(Path(path_of[u.key]))]
     with_pool = _pool(cfg.workers)   # worker processes start on the first job only
     try:
         _run_jobs(with_pool, ingest_unit, todo,
                   lambda job, r: progress.advance(f"source{job[0].source}", 1, f"{r['episodes']} episodes"))
-        records, skips = _load_records(units, path_of, specs)
+        records, skips = _load_records(units, path_of, specs, prefixes)
         planner = Planner(records, cfg)
         usable = planner._usable()
         if not usable:
@@ -297,7 +327,7 @@ def _build_locked(cfg: BuildConfig, out: Path, progress: Progress) -> BuildResul
         samples = plan_samples(planner, usable)
         jobs = _shard_jobs(samples, planner, path_of, out, cfg)
         progress.start("render", "write shards", len(jobs))
-        pending = [job for job in jobs if not Path(job[1]).is_file()]
+        pending = [job for job in jobs if not intact(Path(job[1]), rows=len(job[0]))]
         progress.advance("render", len(jobs) - len(pending))
         _run_jobs(with_pool if len(pending) > 1 else None, _render_shard, pending,
                   lambda job, n: progress.advance("render", 1, f"{n} rows"))
@@ -311,10 +341,17 @@ def _build_locked(cfg: BuildConfig, out: Path, progress: Progress) -> BuildResul
     return BuildResult(out, manifest)
 
 
-def _load_records(units: list[Unit], path_of: dict, specs) -> tuple[list, list]:
+def _load_records(units: list[Unit], path_of: dict, specs, prefixes: list[str]) -> tuple[list, list]:
     records, skips = [], []
     for unit in units:
-        recs, unit_skips = read_unit(Path(path_of[unit.key]), unit, len(records))
+        path = Path(path_of[unit.key])
+        try:
+            recs, unit_skips = read_unit(path, unit, len(records))
+        except (OSError, ValueError, KeyError) as exc:   # damaged cache file (pyarrow's errors subclass these): ingest the unit again
+            log.warning("cache file %s is damaged (%s); ingesting it again", path, exc)
+            path.unlink(missing_ok=True)
+            ingest_unit(unit, prefixes[unit.source], str(path))
+            recs, unit_skips = read_unit(path, unit, len(records))
         records.extend(recs)
         skips.extend([specs[unit.source].text, eid, reason] for eid, reason in unit_skips)
     return records, skips
@@ -368,6 +405,6 @@ def sources_state(sources) -> str:
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         for path in files:
             st = path.stat()
-            digest.update(f"{path.relative_to(root) if path != root else path.name}:{st.st_size}:{st.st_mtime_ns}"
-                          .encode())
+            name = os.fsencode(path.relative_to(root) if path != root else path.name)  # any bytes, UTF-8 or not
+            digest.update(name + f":{st.st_size}:{st.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]

@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tpru_agent.errors import ConfigError
+from tpru_agent.fsutil import replace_file
 
 from .stats import calibration, mcnemar, percentile, proportion
 
@@ -129,7 +130,7 @@ def header(config, tpru, dataset: dict, skipped: list[dict], wall_s: float) -> d
 def _save(fig, path: Path) -> str:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    replace_file(tmp, path)
     return path.name
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tpru_agent.errors import ConfigError, FrameError, ParseError
+from tpru_agent.fsutil import write_text
 
 from . import eval_report
 from .eval_data import EvalDataset, EvalRow, open_dataset
@@ -145,10 +146,7 @@ class ItemLog:
 
 def write_json(obj: Any, path: Path) -> None:
     """Write JSON atomically (temporary file + ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def _check_resume(out: Path, settings: dict, overwrite: bool) -> None:

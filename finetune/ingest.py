@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tpru_agent.errors import require
+from tpru_agent.fsutil import replace_file
 
 from .features import EMBED_SIDE, THUMB_LEN, fit_budget, frame_features
 from .sources.registry import Unit, run_unit
@@ -90,7 +91,7 @@ def ingest_unit(unit: Unit, prefix: str, path: str) -> dict:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         pq.write_table(table, tmp, compression="none", row_group_size=1)   # one episode per row group
-        os.replace(tmp, target)
+        replace_file(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()

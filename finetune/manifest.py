@@ -6,9 +6,10 @@ Deterministic (no times, no output paths) so that two builds of the same setting
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
+
+from tpru_agent.fsutil import write_text
 
 from .plan import CHOICE_LETTERS
 from .tpru_format import content_hash
@@ -20,10 +21,7 @@ MAX_LISTED_SKIPS = 2000
 
 def write_json(path: Path, data) -> None:
     """Write JSON atomically (sorted keys, stable bytes)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def split_counts(samples: list) -> dict:

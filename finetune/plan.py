@@ -162,7 +162,8 @@ class Planner:
             target = 1
         test, count = set(held), 0
         for g in rest:
-            if count >= target or len(test) - len(held) >= len(rest) - 1:
+            # a test fraction below 1 keeps at least one group to train on; 1.0 asks for a test set only
+            if count >= target or (cfg.test_fraction < 1 and len(test) - len(held) >= len(rest) - 1):
                 break
             test.add(g)
             count += len(groups[g])

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tpru_agent.errors import ConfigError, FrameError, require
+from tpru_agent.fsutil import replace_file
 from tpru_agent.tasks import IMAGE
 
 #: Column order of the files this project writes.
@@ -150,11 +151,26 @@ def write_parquet(rows: Iterable[TPRURow], path: str | Path) -> int:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         pq.write_table(table, tmp, compression="zstd", row_group_size=64)
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return len(rows)
+
+
+def intact(path: Path, *, rows: int | None = None) -> bool:
+    """A complete parquet file: non-empty, with a readable footer (and ``rows`` rows when given).
+
+    A build trusts no file for its name alone: a 0-byte or torn file is redone, not shipped.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    pq = require("pyarrow.parquet", "finetune", what="the TPRU parquet format")
+    try:
+        meta = pq.read_metadata(path)
+    except Exception:  # noqa: BLE001 - any failure to read the footer means the file must be written again
+        return False
+    return rows is None or meta.num_rows == rows
 
 
 def parquet_files(path: str | Path) -> list[Path]:
@@ -168,7 +184,9 @@ def parquet_files(path: str | Path) -> list[Path]:
         return [p]
     if not p.is_dir():
         raise ConfigError(f"{str(p)!r} does not exist; pass a TPRU parquet file or a folder of them")
-    files = sorted(f for f in p.rglob("*.parquet") if not f.name.startswith("."))
+    # hidden names (a build's .work cache, temporary files) are not part of the dataset
+    files = sorted(f for f in p.rglob("*.parquet")
+                   if not any(part.startswith(".") for part in f.relative_to(p).parts))
     if not files:
         raise ConfigError(f"{str(p)!r} holds no .parquet files; pass a folder built by `tpru data build` or the "
                           "TPRU-25k / TPRU-test files")

@@ -1,15 +1,121 @@
-"""Atomic file-system moves shared by everything that writes a folder (checkpoints, exports)."""
+"""Atomic, durable writes shared by everything that writes a file or a folder (data, checkpoints, exports, reports).
+
+Each write goes to a temporary name beside the target, is flushed to disk (fsync), gets the usual permissions
+(``0666`` / ``0777`` minus the umask: ``mkstemp``, ``mkdtemp`` and safetensors make private ``0600`` files), and is
+renamed over the target; the folder is then fsync'ed so the rename survives a power cut.
+
+Example:
+    >>> from pathlib import Path
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "a.json"
+    >>> write_text(target, "{}")
+    >>> target.read_text()
+    '{}'
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
 
+def umask() -> int:
+    """The process umask (from /proc where it is listed, so no other thread sees it change)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(path: Path) -> None:
+    """Give a private file or folder (no group / other bits) the mode a plain ``open`` / ``mkdir`` would."""
+    mode = stat.S_IMODE(path.lstat().st_mode)
+    if path.is_symlink() or mode & 0o077:
+        return
+    full = 0o777 if path.is_dir() or mode & 0o100 else 0o666
+    os.chmod(path, full & ~umask())
+
+
+def fsync_file(path: Path) -> None:
+    """Flush one file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move the finished temporary file ``tmp`` over ``path``: fsync, usual mode, rename, fsync the folder."""
+    tmp, path = Path(tmp), Path(path)
+    fsync_file(tmp)
+    usual_mode(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def temp_path(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
+    """A fresh hidden temporary name beside ``path`` (same folder, so the final rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably."""
+    tmp = temp_path(path)
+    try:
+        tmp.write_bytes(data)
+        replace_file(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically and durably (a lone surrogate, from a file name that is not
+    UTF-8, is written as its ``\\udcXX`` escape, which JSON reads back as the same character)."""
+    write_bytes(path, text.encode("utf-8", "backslashreplace"))
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``; an existing ``dst`` is moved aside first, so readers never see a half folder."""
+    """Move folder ``src`` to ``dst``; an existing ``dst`` is moved aside first, so readers never see a half folder.
+
+    Every file in ``src`` is fsync'ed and private files and folders get the usual permissions first.
+    """
+    src, dst = Path(src), Path(dst)
+    for folder, dirs, files in os.walk(src):
+        for name in files:
+            file = Path(folder) / name
+            if not file.is_symlink():
+                fsync_file(file)
+            usual_mode(file)
+        for name in dirs:
+            usual_mode(Path(folder) / name)
+    usual_mode(src)
     if dst.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
         os.replace(dst, old / "x")
@@ -17,3 +123,4 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+    fsync_dir(dst.parent)

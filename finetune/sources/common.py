@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,16 @@ log = logging.getLogger(__name__)
 SkipFn = Callable[[str, str], None]
 #: Episode metadata keys a ``meta.json`` (or a video's sidecar ``.json``) may set.
 META_KEYS = ("description", "domain", "task")
+
+
+def text_name(name) -> str:
+    """A file name as storable text: bytes that are not UTF-8 (kept by Python as surrogates) become ``\\xff``.
+
+    Example:
+        >>> text_name("ep\\udcff")
+        'ep\\\\xff'
+    """
+    return os.fsencode(os.fspath(name)).decode("utf-8", "backslashreplace")
 
 
 def skip(on_skip: SkipFn | None, episode_id: str, reason: str) -> None:

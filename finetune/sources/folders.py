@@ -19,7 +19,7 @@ from tpru_agent.errors import ConfigError, FrameError
 
 from ..features import fit_budget
 from .base import Episode
-from .common import SkipFn, check_count, even_indices, natural_key, read_meta, skip
+from .common import SkipFn, check_count, even_indices, natural_key, read_meta, skip, text_name
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 META_FILE = "meta.json"
@@ -78,7 +78,7 @@ def folder_episodes(root: str | Path, *, episodes: Sequence[str] | None = None, 
     defaults.update({k: v for k, v in read_meta(root / META_FILE).items() if k in defaults and v})
     for name in names:
         folder = root / name
-        episode_id = f"{root.name}/{name}" if name != "." else root.name
+        episode_id = text_name(f"{root.name}/{name}" if name != "." else root.name)
         if not folder.is_dir():
             raise ConfigError(f"episode folder {str(folder)!r} does not exist")
         meta = {**defaults, **{k: v for k, v in read_meta(folder / META_FILE).items() if k in defaults and v}}
@@ -95,6 +95,6 @@ def folder_episodes(root: str | Path, *, episodes: Sequence[str] | None = None, 
         yield Episode(
             episode_id=episode_id, frames=frames, description=meta["description"], domain=meta["domain"],
             task=meta["task"] or meta["description"],
-            meta={"source": "frames", "path": str(folder), "files": [f.name for f in picked],
+            meta={"source": "frames", "path": text_name(folder), "files": [text_name(f.name) for f in picked],
                   "total_frames": len(files)},
         )

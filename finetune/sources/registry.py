@@ -183,6 +183,12 @@ def plan_units(spec: SourceSpec, source: int, *, seed: int = 0) -> list[Unit]:
         from .folders import list_episodes
 
         names = list_episodes(args["path"])
+        if names == ["."]:
+            raise ConfigError(
+                f"source {spec.text!r}: {str(args['path'])!r} holds images, not episode folders. A build takes a "
+                "folder of episode folders (DIR/episode_1/*.png, DIR/episode_2/*.png ...): questions need other "
+                "episodes for distractors and a test split. For this one episode, move its images into a "
+                "subfolder (DIR/episode_1/) and add more episodes beside it")
         root = args.pop("path")
         return [Unit(source, i, "frames", {"root": root, "episodes": chunk, **args})
                 for i, chunk in enumerate(_chunks(names, PER_UNIT["frames"]))]

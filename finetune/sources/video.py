@@ -21,7 +21,7 @@ from tpru_agent.errors import ConfigError, FrameError
 
 from ..features import NEAR_DUP_MAX_DIFF, dedup_consecutive, fit_budget, frame_features, thumbs_array
 from .base import Episode
-from .common import SkipFn, check_count, even_indices, natural_key, read_meta, skip
+from .common import SkipFn, check_count, even_indices, natural_key, read_meta, skip, text_name
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
 MODES = ("even", "scenes")
@@ -109,7 +109,7 @@ def video_episodes(paths: str | Path | Sequence[str | Path], *, frames: int = 16
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
     videos = [v for item in items for v in list_videos(item)]
     for video in videos:
-        episode_id = f"{video.parent.name}/{video.stem}"   # the same however the videos are chunked into units
+        episode_id = text_name(f"{video.parent.name}/{video.stem}")   # the same however the videos are chunked into units
         meta = _sidecar(video)
         try:
             raw = read_video(video, video_frames=frames * oversample)
@@ -127,5 +127,5 @@ def video_episodes(paths: str | Path | Sequence[str | Path], *, frames: int = 16
         yield Episode(
             episode_id=episode_id, frames=tuple(candidates[i] for i in keep), description=text,
             domain=meta.get("domain") or domain or "video", task=meta.get("task") or task or text,
-            meta={"source": "video", "path": str(video), "mode": mode, "candidates": len(candidates)},
+            meta={"source": "video", "path": text_name(video), "mode": mode, "candidates": len(candidates)},
         )
