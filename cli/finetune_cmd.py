@@ -87,7 +87,7 @@ def finetune(config_file, sets, resume, dry_run, as_json, **flags):
     \b
     Examples:
       tpru finetune --base qwen2.5-vl-3b --data data/tpru -o runs/3b
-      tpru finetune --config examples/tpru-7b.yaml --num-gpus 8 --deepspeed zero3
+      tpru finetune --config examples/tpru-7b.yaml --data data/tpru --num-gpus 8 --deepspeed zero3
       tpru finetune -o runs/3b --resume
     """
     from tpru_agent.finetune.config import resolve_config
@@ -97,14 +97,14 @@ def finetune(config_file, sets, resume, dry_run, as_json, **flags):
     saved = Path(overrides.get("output_dir") or "runs/tpru") / "config.yaml"
     if resume and config_file is None and saved.is_file():
         config_file = str(saved)  # resume with the run's own settings unless told otherwise
-    cfg = resolve_config(config_file, overrides)
+    cfg = resolve_config(config_file, overrides, need_data=not dry_run)
     if dry_run:
         _dry_run(cfg, resume, as_json)
         return
     from tpru_agent.finetune.launch import check_launchable, launch_command, needs_launch
     from tpru_agent.hub import locate
 
-    locate(cfg.base)  # fail here, with the SDK's message, before any process starts
+    locate(cfg.base, inference=False)  # fail here, with the SDK's message, before any process starts
     if needs_launch(cfg):
         from tpru_agent.finetune.train import prepare_run
 
@@ -136,14 +136,14 @@ def finetune(config_file, sets, resume, dry_run, as_json, **flags):
 
 
 def _dry_run(cfg, resume: bool, as_json: bool) -> None:
-    from tpru_agent.finetune.config import estimate_for
     from tpru_agent.finetune.launch import launch_command, needs_launch
+    from tpru_agent.finetune.memory import estimate_for, model_shape
 
-    size = "7b" if "7b" in cfg.base.lower() else "3b"
-    estimate = estimate_for(cfg, size)
+    shape = model_shape(cfg.base)
+    estimate = estimate_for(cfg, shape)
     command = launch_command(cfg, Path(cfg.output_dir) / "config.yaml", resume=resume) if needs_launch(cfg) else None
-    payload = {"config": cfg.to_dict(), "memory_gib_per_gpu": {k: round(v, 1) for k, v in estimate.items()},
-               "memory_model": f"Qwen2.5-VL-{size.upper()}", "launch": command,
+    payload = {"config": cfg.to_dict(), "memory_gib_per_gpu": {k: round(v, 3) for k, v in estimate.items()},
+               "memory_model": shape["name"], "launch": command,
                "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
                "generation_batch_size": cfg.generation_batch_size}
     if as_json:
@@ -151,6 +151,8 @@ def _dry_run(cfg, resume: bool, as_json: bool) -> None:
         return
     render.show_table("Resolved config", ["key", "value"], [[k, json.dumps(v)] for k, v in cfg.to_dict().items()])
     render.show_table(f"Estimated GPU memory per GPU, {payload['memory_model']} (GiB)", ["part", "GiB"],
-                      [[k, f"{v:.1f}"] for k, v in estimate.items()])
+                      [[k, f"{v:.2f}"] for k, v in estimate.items()])
+    if not cfg.data:
+        render.warn("data is not set: a real run needs --data DIR (a folder in the TPRU layout)")
     if command:
         render.console.print("launch: " + " ".join(command), highlight=False, soft_wrap=True)

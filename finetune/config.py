@@ -2,8 +2,14 @@
 
 Defaults reproduce the TPRU recipe (paper, section "Reward and training"): GRPO without an SFT stage, vision tower
 trainable, 5 rollouts per prompt at temperature 1.0 / top-p 0.99, KL (k3) coefficient 0.01, lr 1e-6 constant,
-AdamW with weight decay 0.01, grad clip 1.0, bf16 on GPU, 2 epochs, responses up to 1,024 tokens, 256 prompts
-per rollout and 128 per update, frames at 16,384..36,864 pixels. Everything is overridable.
+AdamW with weight decay 0.01, grad clip 1.0, bf16 on GPU, 2 epochs, responses up to 1,024 tokens, prompts over
+7,000 tokens left out, 256 prompts per rollout and 128 per update, clipping 0.2 / 0.3 with dual clip 3.0 (the
+authors' EasyR1 ``clip_ratio_low / high / dual``; TRL's ``epsilon / epsilon_high / delta``), frames at
+16,384..36,864 pixels. Everything is overridable.
+
+Any field of TRL's ``GRPOConfig`` that this dataclass does not declare is passed through as is: a YAML key or
+``--set epsilon_high=0.28`` lands in :attr:`FinetuneConfig.trl` (typed against ``GRPOConfig``'s own field types),
+which starts from :data:`PAPER_TRL`.
 
 Resolution order: dataclass defaults < preset (``--preset``) < YAML file (``--config``) < CLI flags. Unknown keys
 fail with a close-match suggestion; the resolved config is written to the run folder as ``config.yaml`` and is
@@ -30,8 +36,17 @@ from tpru_agent.errors import ConfigError, close_matches
 METHODS = ("grpo", "sft", "sft+grpo")
 PEFTS = ("none", "lora", "qlora")
 DEEPSPEED = ("zero2", "zero3")
+#: What SFT trains the assistant to write: a one-sentence reasoning + the answer block, or the answer block alone.
+SFT_TARGETS = ("reasoning", "answer")
 #: Language-model projections only: the vision MLP has gate_proj / up_proj / down_proj too, so names alone would
 #: also wrap the vision tower. Matched with ``re.fullmatch`` against module names (transformers 5 layout).
+#: GRPOConfig fields the paper preset sets (EasyR1 ``clip_ratio_low 0.2``, ``clip_ratio_high 0.3``,
+#: ``clip_ratio_dual 3.0``): TRL's ``delta`` caps the ratio of negative-advantage tokens at 3, as dual-clip PPO does.
+PAPER_TRL: dict[str, Any] = {"epsilon": 0.2, "epsilon_high": 0.3, "delta": 3.0}
+#: GRPOConfig fields ``grpo_args`` computes from this config: set the named key instead.
+DERIVED_TRL = {"gradient_accumulation_steps": "prompts_per_update", "generation_batch_size": "prompts_per_rollout",
+               "steps_per_generation": "prompts_per_rollout", "use_cpu": "device", "output_dir": "output_dir",
+               "data_seed": "seed"}
 LORA_TARGET = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
@@ -57,6 +72,7 @@ class FinetuneConfig:
     data_cache_dir: str | None = None
     min_pixels: int = 16384
     max_pixels: int = 36864
+    max_prompt_length: int | None = 7000
     # GRPO (TPRU recipe)
     num_generations: int = 5
     temperature: float = 1.0
@@ -69,6 +85,8 @@ class FinetuneConfig:
     prompts_per_update: int = 128
     rewards: list[str] = field(default_factory=lambda: ["tpru"])
     reward_weights: list[float] | None = None
+    generation_chunk_size: int | None = None
+    trl: dict[str, Any] = field(default_factory=lambda: dict(PAPER_TRL))
     # optimisation
     learning_rate: float = 1e-6
     optim: str = "adamw_torch"
@@ -102,6 +120,7 @@ class FinetuneConfig:
     sft_max_steps: int = -1
     sft_batch_size: int = 4
     sft_gradient_accumulation_steps: int = 1
+    sft_target: str = "reasoning"
     # scale-out
     num_gpus: int = 1
     num_nodes: int = 1
@@ -127,27 +146,31 @@ class FinetuneConfig:
         """Completions generated per rollout (TRL's ``generation_batch_size``)."""
         return self.prompts_per_rollout * self.num_generations
 
-    def validate(self) -> FinetuneConfig:
-        """Check values and their combinations; returns ``self``.
+    def validate(self, *, need_data: bool = True) -> FinetuneConfig:
+        """Check values and their combinations; returns ``self`` (``need_data=False``: a dry run may omit data).
 
         Raises:
             ConfigError: naming the key, the value and the accepted values or the fix.
         """
         _choice("method", self.method, METHODS)
         _choice("peft", self.peft, PEFTS)
+        _choice("sft_target", self.sft_target, SFT_TARGETS)
         if self.preset is not None:
             _choice("preset", self.preset, tuple(PRESETS))
         if self.deepspeed is not None:
             _choice("deepspeed", self.deepspeed, DEEPSPEED)
         _choice("device", self.device, ("auto", "cpu", "cuda"))
-        if not self.data:
+        if need_data and not self.data:
             raise ConfigError("data is not set: pass --data DIR (a folder in the TPRU layout: train/*.parquet, "
                               "test/*.parquet), e.g. one built by `tpru data build`")
         for key in ("num_generations", "prompts_per_rollout", "prompts_per_update", "per_device_train_batch_size",
                     "max_completion_length", "save_steps", "logging_steps", "num_gpus", "num_nodes", "sft_batch_size",
-                    "lora_r", "min_pixels", "max_pixels", "sft_gradient_accumulation_steps"):
-            if getattr(self, key) < 1:
+                    "lora_r", "min_pixels", "max_pixels", "sft_gradient_accumulation_steps", "max_prompt_length",
+                    "generation_chunk_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_steps == 0 or self.sft_max_steps == 0:
+            raise ConfigError("max_steps / sft_max_steps must be >= 1, or -1 for whole epochs; 0 would train nothing")
         if self.num_generations < 2:
             raise ConfigError(f"num_generations must be >= 2 (GRPO compares rollouts of one prompt), "
                               f"got {self.num_generations}")
@@ -228,65 +251,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESET_BUDGET_GIB = {"24gb": 24, "48gb": 48, "80gb": 80}
 
 
-def estimate_memory_gib(*, params_b: float, layers: int, hidden: int, intermediate: int, kv_dim: int,
-                        vocab: int, peft: str, beta: float, gradient_checkpointing: bool, batch: int,
-                        prompt_tokens: int = 2500, completion_tokens: int = 1024, lora_r: int = 64,
-                        optim: str = "adamw_torch", world_size: int = 1, zero: int = 0) -> dict[str, float]:
-    """Peak GPU memory of one GRPO micro-step, by part (GiB); a planning estimate, not a measurement.
-
-    Bytes per parameter. Full fine-tuning: fp32 master weights 4, fp32 gradients 4, AdamW moments 8 (8-bit
-    AdamW: 2), and, with the KL term, a bf16 reference copy 2. LoRA / QLoRA: the frozen base in bf16 (2) or NF4
-    (0.6, counting the unquantised vision tower and embeddings); adapters train in fp32 (4 + 4 + 8); the reference
-    is the base with adapters disabled (no copy). ZeRO-2 divides gradients and optimizer states by the GPU count,
-    ZeRO-3 also the weights and the reference. Activations: with checkpointing, one hidden state per layer and
-    token (2 bytes x hidden) plus one layer's working set (~34 x hidden x 2 bytes per token); without, every
-    layer's working set. Log-probs: fp32 logits over the completion tokens (vocab x 4 bytes per token). KV cache for
-    generation: 2 x layers x kv_dim x 2 bytes per token. Plus 1.5 GiB CUDA context and 10% fragmentation.
-    """
-    gib = 1024 ** 3
-    n = params_b * 1e9
-    tokens = batch * (prompt_tokens + completion_tokens)
-    state_shard = world_size if zero >= 2 else 1
-    weight_shard = world_size if zero >= 3 else 1
-    adam = 2.0 if "8bit" in optim else 8.0
-    parts: dict[str, float] = {}
-    if peft == "none":
-        parts["weights"] = n * 4.0 / weight_shard
-        parts["grads+optimizer"] = n * (4 + adam) / state_shard
-        parts["reference"] = n * 2.0 / weight_shard if beta > 0 else 0.0
-    else:
-        parts["weights"] = n * (0.6 if peft == "qlora" else 2.0) / weight_shard
-        lora = layers * lora_r * (2 * hidden + 2 * (hidden + kv_dim) + 2 * hidden + 3 * (hidden + intermediate))
-        parts["grads+optimizer"] = lora * (4 + 4 + adam) / state_shard
-        parts["reference"] = 0.0
-    per_layer = 34 * hidden * 2
-    parts["activations"] = tokens * (layers * hidden * 2 + per_layer if gradient_checkpointing
-                                     else layers * per_layer)
-    parts["logits"] = batch * completion_tokens * vocab * 4
-    parts["kv_cache"] = tokens * 2 * layers * kv_dim * 2
-    out = {k: v / gib for k, v in parts.items()}
-    out["overhead"] = 1.5 + 0.1 * sum(out.values())
-    out["total"] = sum(out.values())
-    return out
-
-
-def estimate_for(cfg: FinetuneConfig, size: str | None = None) -> dict[str, float]:
-    """:func:`estimate_memory_gib` for a config; ``size`` ``"3b"`` / ``"7b"`` (guessed from the base name when None)."""
-    size = size or ("7b" if "7b" in cfg.base.lower() else "3b")
-    zero = {"zero2": 2, "zero3": 3}.get(cfg.deepspeed or "", 0)
-    return estimate_memory_gib(**MODEL_SHAPES[size], peft=cfg.peft, beta=cfg.beta,
-                               gradient_checkpointing=cfg.gradient_checkpointing is not False,
-                               batch=cfg.per_device_train_batch_size, completion_tokens=cfg.max_completion_length,
-                               lora_r=cfg.lora_r, optim=cfg.optim, world_size=cfg.world_size, zero=zero)
-
-
-#: Shapes of the supported bases (Qwen2.5-VL model cards; parameters counted on the meta device).
-MODEL_SHAPES = {
-    "3b": dict(params_b=3.755, layers=36, hidden=2048, intermediate=11008, kv_dim=256, vocab=151936),
-    "7b": dict(params_b=8.29, layers=28, hidden=3584, intermediate=18944, kv_dim=512, vocab=152064),
-}
-
-
 # ----------------------------------------------------------------------------------------------- resolution
 def _choice(key: str, value, choices) -> None:
     if value not in choices:
@@ -309,6 +273,41 @@ _HINTS = typing.get_type_hints(FinetuneConfig)
 _LIST_ITEM = {"rewards": str, "reward_weights": float}
 
 
+def _trl_hints() -> dict[str, Any]:
+    """Field types of TRL's ``GRPOConfig`` (empty when TRL is not installed)."""
+    try:
+        from trl import GRPOConfig
+    except ImportError:
+        return {}
+    return typing.get_type_hints(GRPOConfig)
+
+
+def _split_trl(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Separate our keys from GRPOConfig pass-through keys (typed against GRPOConfig); ``trl:`` maps merge in.
+
+    Raises:
+        ConfigError: a key that is neither ours nor GRPOConfig's (with close matches from both), or a GRPOConfig
+            key this config computes (naming the key to set instead).
+    """
+    ours, passed = {}, {}
+    nested = values.get("trl") or {}
+    if not isinstance(nested, dict):
+        raise ConfigError(f"trl must be a mapping of TRL GRPOConfig fields, got {nested!r}")
+    hints = None
+    for key, value in [*((k, v) for k, v in values.items() if k != "trl"), *nested.items()]:
+        if key in _FIELDS and key not in nested:
+            ours[key] = value
+            continue
+        hints = _trl_hints() if hints is None else hints
+        if key in DERIVED_TRL:
+            raise ConfigError(f"{key} is computed from {DERIVED_TRL[key]!r}; set that instead")
+        if key not in hints:
+            raise ConfigError(f"unknown config key {key!r}.{close_matches(key, [*_FIELDS, *hints])} Valid keys: "
+                              f"{', '.join(_FIELDS)}, or any field of TRL's GRPOConfig")
+        passed[key] = _coerce_as(key, value, hints[key])
+    return ours, passed
+
+
 def coerce(key: str, value: Any) -> Any:
     """Convert a YAML / CLI value to the field's type (``"1e-6"`` -> 1e-06, ``"null"`` -> None).
 
@@ -318,7 +317,11 @@ def coerce(key: str, value: Any) -> Any:
     if key not in _FIELDS:
         raise ConfigError(f"unknown config key {key!r}.{close_matches(key, _FIELDS)} Valid keys: "
                           f"{', '.join(_FIELDS)}")
-    allowed = _hint_types(_HINTS[key])
+    return _coerce_as(key, value, _HINTS[key])
+
+
+def _coerce_as(key: str, value: Any, hint) -> Any:
+    allowed = _hint_types(hint)
     nullable = type(None) in allowed
     if value is None or (nullable and isinstance(value, str) and value.strip().lower() in {"none", "null", "~", ""}):
         if nullable:
@@ -345,7 +348,9 @@ def coerce(key: str, value: Any) -> Any:
                 return str(value)
             if tp is list:
                 items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
-                return [_LIST_ITEM[key](v) for v in items]
+                return [_LIST_ITEM.get(key, str)(v) for v in items]
+            if tp is dict and isinstance(value, dict):
+                return dict(value)
         except (TypeError, ValueError):
             continue
     names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
@@ -372,8 +377,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def resolve_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
-    """Defaults < preset < YAML file < overrides (CLI flags); validated.
+def resolve_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None, *,
+                   need_data: bool = True) -> FinetuneConfig:
+    """Defaults < preset < YAML file < overrides (CLI flags); validated (``need_data=False``: data may be unset).
 
     Args:
         path: optional YAML file.
@@ -382,13 +388,19 @@ def resolve_config(path: str | os.PathLike | None = None, overrides: dict[str, A
     Raises:
         ConfigError: unknown keys, wrong types, invalid combinations.
     """
-    from_file = {k: coerce(k, v) for k, v in (load_yaml(path) if path else {}).items()}
-    from_flags = {k: coerce(k, v) for k, v in (overrides or {}).items() if v is not None}
+    file_values, file_trl = _split_trl(load_yaml(path) if path else {})
+    flag_values, flag_trl = _split_trl({k: v for k, v in (overrides or {}).items() if v is not None})
+    from_file = {k: coerce(k, v) for k, v in file_values.items()}
+    from_flags = {k: coerce(k, v) for k, v in flag_values.items()}
     explicit = {**from_file, **from_flags}
+    explicit["trl"] = {**PAPER_TRL, **file_trl, **flag_trl}
     values: dict[str, Any] = {}
     preset = explicit.get("preset")
     if preset is not None:
         _choice("preset", preset, tuple(PRESETS))
         values.update(PRESETS[preset])
     values.update(explicit)
-    return FinetuneConfig(**values).validate()
+    return FinetuneConfig(**values).validate(need_data=need_data)
+
+
+from .memory import MODEL_SHAPES, estimate_for, estimate_memory_gib, model_shape  # noqa: E402,F401  (old home)

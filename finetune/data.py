@@ -8,6 +8,10 @@ metadata columns the rewards read. The answer-rules preamble is added here (:fun
 the same function the SDK uses at inference, so training and serving prompts cannot drift.
 
 Rows are converted on access (``datasets`` transform), so the images stay encoded on disk until a batch needs them.
+Prompts longer than ``max_prompt_length`` tokens (text plus image tokens, as the model sees them) are left out,
+as the authors' EasyR1 run did (``filter_overlong_prompts``, 7,000); the count is logged and reported. The
+``answer`` column reaches the reward as stored (the authors' reward compares it unstripped); rows whose answer has
+surrounding whitespace can never score, and are counted in a warning.
 """
 
 from __future__ import annotations
@@ -77,16 +81,85 @@ def has_split(data: str | os.PathLike, split: str) -> bool:
     return target.is_dir() and any(target.rglob("*.parquet"))
 
 
+def prompt_lengths(ds, processor, *, template: str | None, budget) -> list[int]:
+    """Tokens of each row's prompt as the model sees it: chat text, plus the visual tokens of its resized images.
+
+    Image sizes come from the encoded headers (no pixels are decoded) and :func:`tpru_agent.frames.budget_size`;
+    the text is tokenized in batches.
+    """
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from tpru_agent import frames
+
+    raw = ds.select_columns(["problem", "images"]).cast_column("images", datasets.List(datasets.Image(decode=False)))
+    factor = getattr(processor.image_processor, "patch_size", 14) * getattr(processor.image_processor,
+                                                                            "merge_size", 2)
+    lengths: list[int] = []
+    for start in range(0, len(raw), 256):
+        rows = raw[start:start + 256]
+        texts = [processor.apply_chat_template(to_messages(p, template), tokenize=False, add_generation_prompt=True)
+                 for p in rows["problem"]]
+        ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for tokens, images in zip(ids, rows["images"]):
+            visual = 0
+            for image in images or []:
+                with Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]) as im:
+                    w, h = frames.budget_size(*im.size, budget)
+                visual += (w // factor) * (h // factor) - 1  # the placeholder token is already counted
+            lengths.append(len(tokens) + visual)
+    return lengths
+
+
+def drop_overlong(ds, processor, max_prompt_length: int | None, *, template: str | None, budget,
+                  split: str) -> tuple[Any, dict[str, int]]:
+    """``ds`` without rows whose prompt exceeds ``max_prompt_length`` tokens, and what was dropped.
+
+    Raises:
+        ConfigError: every row is too long (nothing would train), naming the longest and the key to raise.
+    """
+    if not max_prompt_length or processor is None or len(ds) == 0:
+        return ds, {"dropped": 0, "rows": len(ds)}
+    lengths = prompt_lengths(ds, processor, template=template, budget=budget)
+    keep = [i for i, n in enumerate(lengths) if n <= max_prompt_length]
+    report = {"dropped": len(ds) - len(keep), "rows": len(ds), "max_prompt_length": max_prompt_length,
+              "longest": max(lengths)}
+    if not keep:
+        raise ConfigError(f"every prompt of split {split!r} is over max_prompt_length={max_prompt_length} tokens "
+                          f"(longest {max(lengths)}); raise it (--set max_prompt_length=N) or use fewer/smaller "
+                          "images")
+    if report["dropped"]:
+        log.warning("left out %d of %d prompts of split %r over %d tokens (longest %d), as the authors' run "
+                    "did (filter_overlong_prompts)", report["dropped"], len(ds), split, max_prompt_length,
+                    max(lengths))
+        ds = ds.select(keep)
+    return ds, report
+
+
+def _warn_spaced_answers(ds, split: str) -> int:
+    spaced = sum(1 for a in ds["answer"] if str(a) != str(a).strip())
+    if spaced:
+        log.warning("%d answers of split %r have surrounding whitespace: the TPRU reward compares the answer as "
+                    "stored, as the authors' does, so those rows can never score; strip them in the data", spaced,
+                    split)
+    return spaced
+
+
 def load_split(data: str | os.PathLike, split: str, *, template: str | None = None,
                min_pixels: int = 16384, max_pixels: int = 36864, limit: int | None = None,
-               completion_fn: Callable[..., str] | None = None, cache_dir: str | None = None):
+               completion_fn: Callable[..., str] | None = None, cache_dir: str | None = None,
+               processor=None, max_prompt_length: int | None = None, report: dict | None = None):
     """A ``datasets.Dataset`` of one split whose rows read as TRL multimodal examples.
 
     Each example: ``prompt`` (conversational, image placeholders), ``images`` (PIL, at the pixel budget),
     ``answer``, ``task``, ``domain``, ``negative``, ``episode_id`` and ``row_id`` (the row's index in the split,
     which the run logs to prove the data order on resume). With ``completion_fn(answer, task=, negative=)``, also
     ``completion``: the assistant turn supervised training targets. ``cache_dir``: where ``datasets`` keeps its
-    memory-mapped copy (default: the Hugging Face datasets cache).
+    memory-mapped copy (default: the Hugging Face datasets cache). With ``processor`` and ``max_prompt_length``,
+    longer prompts are left out (:func:`drop_overlong`); ``report``, when given, receives ``overlong`` (what was
+    dropped) and ``spaced_answers``.
 
     Raises:
         ConfigError: missing split, rows whose placeholders and images disagree.
@@ -105,6 +178,10 @@ def load_split(data: str | os.PathLike, split: str, *, template: str | None = No
     budget = PixelBudget(min_pixels=min_pixels, max_pixels=max_pixels)
     if template is not None:
         render_prompt("", template)  # fail now, not in the middle of a batch
+    ds, overlong = drop_overlong(ds, processor, max_prompt_length, template=template, budget=budget, split=split)
+    spaced = _warn_spaced_answers(ds, split)
+    if report is not None:
+        report.update(overlong=overlong, spaced_answers=spaced)
 
     def transform(batch: dict[str, list]) -> dict[str, list]:
         n = len(batch["problem"])
@@ -119,7 +196,7 @@ def load_split(data: str | os.PathLike, split: str, *, template: str | None = No
         for column in META_COLUMNS:
             default = False if column == "negative" else ""
             out[column] = batch.get(column, [default] * n)
-        out["answer"] = [str(a).strip() for a in out["answer"]]
+        out["answer"] = [str(a) for a in out["answer"]]  # as stored: the reward compares it as the authors' does
         if completion_fn is not None:
             out["completion"] = [
                 [{"role": "assistant", "content": completion_fn(a, task=t or "", negative=bool(neg))}]

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tpru_agent.errors import TPRUError, require
+from tpru_agent.errors import ConfigError, TPRUError, require
 
 from .config import FinetuneConfig
 from .modeling import gradient_checkpointing, lora_config, use_bf16, use_cuda
@@ -93,21 +93,81 @@ def check_multimodal_batch(batch: dict[str, Any], *, image_token_id: int, merge_
     return summary
 
 
+def slice_multimodal(fields: dict[str, Any], images: list | None, rows: slice) -> dict[str, Any]:
+    """The processor outputs of prompt rows ``rows``: per-image, per-patch and per-row fields sliced to match.
+
+    Tensors are laid out per image (``image_grid_thw``), per patch (``pixel_values``, ``t*h*w`` rows per image)
+    or per prompt row; lists are per prompt row.
+
+    Raises:
+        BatchCheckError: a field whose length matches none of these layouts.
+    """
+    per_row = [len(imgs or []) for imgs in images] if images is not None else []
+    first_image, end_image = sum(per_row[:rows.start]), sum(per_row[:rows.stop])
+    grid = fields.get("image_grid_thw")
+    patches = grid.prod(dim=-1).tolist() if grid is not None else []
+    first_patch, end_patch = sum(patches[:first_image]), sum(patches[:end_image])
+    n_rows = len(per_row)
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        length = len(value)
+        if not hasattr(value, "shape"):
+            out[key] = value[rows]
+        elif grid is not None and length == len(patches) and key != "pixel_values":
+            out[key] = value[first_image:end_image]
+        elif grid is not None and length == sum(patches):
+            out[key] = value[first_patch:end_patch]
+        elif length == n_rows:
+            out[key] = value[rows]
+        else:
+            raise BatchCheckError(f"cannot split the processor output {key!r} ({length} rows) into generation "
+                                  f"chunks: not per image, per patch or per prompt; set generation_chunk_size: null")
+    return out
+
+
 class TPRUGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` that checks every rollout batch and reports the rows each rollout used.
 
     Args:
         on_rollout: called as ``on_rollout(global_step, row_ids, summary)`` after each rollout.
+        generation_chunk_size: most completions one ``generate`` call holds (``None``: the whole rollout, TRL's way).
         *args, **kwargs: as for ``trl.GRPOTrainer``.
     """
 
-    def __init__(self, *args, on_rollout: Callable[[int, list, dict], None] | None = None, **kwargs):
+    def __init__(self, *args, on_rollout: Callable[[int, list, dict], None] | None = None,
+                 generation_chunk_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.on_rollout = on_rollout
+        self.generation_chunk_size = generation_chunk_size
         self.last_batch_summary: dict[str, Any] | None = None
         config = self.model.config
         self._image_token_id = getattr(config, "image_token_id", None)
         self._merge_size = getattr(self.processing_class.image_processor, "merge_size", 2)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's generation, at most ``generation_chunk_size`` completions per ``generate`` call.
+
+        TRL generates a whole rollout (``prompts_per_rollout x num_generations`` completions) in one call: its
+        prefill runs every prompt's images through the vision tower together, whose attention grows with the square
+        of all patches in the call. 512 seven-image prompts outgrew 24 GB on a 4 MB model; chunks keep the peak
+        at what one micro-batch needs.
+        """
+        chunk = self.generation_chunk_size
+        paged = getattr(self.args, "use_transformers_paged", False) or \
+            getattr(self.args, "use_transformers_continuous_batching", False)
+        if self.use_vllm or paged or not chunk or len(prompt_ids) <= chunk:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        completion_ids, logprobs = [], []
+        for start in range(0, len(prompt_ids), chunk):
+            rows = slice(start, min(len(prompt_ids), start + chunk))
+            part_images = images[rows] if images is not None else None
+            fields = slice_multimodal(multimodal_fields, images, rows)
+            ids, lps = super()._generate_single_turn(prompt_ids[rows], part_images, fields, num_generations,
+                                                     has_tool_images)
+            completion_ids.extend(ids)
+            logprobs = None if lps is None or logprobs is None else logprobs + list(lps)
+        return completion_ids, logprobs
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -126,11 +186,12 @@ def grpo_args(cfg: FinetuneConfig, output_dir: str | Path, *, max_steps: int | N
     TRL counts completions: a rollout generates ``prompts_per_rollout x num_generations`` completions
     (``generation_batch_size``), an optimizer update consumes ``prompts_per_update x num_generations`` of them
     (``per_device_train_batch_size x GPUs x gradient_accumulation_steps``). The paper's 256 / 128 prompts thus
-    give two optimizer updates per rollout; TRL's ``global_step`` counts updates.
+    give two optimizer updates per rollout; TRL's ``global_step`` counts updates. ``cfg.trl`` (GRPOConfig fields
+    passed through, e.g. the paper's clipping ``epsilon 0.2 / epsilon_high 0.3 / delta 3.0``) is applied last.
     """
     cuda = use_cuda(cfg)
     vllm = cfg.use_vllm if cfg.use_vllm is not None else (cuda and _vllm_installed())
-    return GRPOConfig(
+    kwargs = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -150,8 +211,44 @@ def grpo_args(cfg: FinetuneConfig, output_dir: str | Path, *, max_steps: int | N
         use_vllm=vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         log_completions=False,
         # The policy keeps fp32 master weights (see modeling.train_dtype); the frozen reference needs only bf16.
-        model_init_kwargs={"dtype": "bfloat16"} if use_bf16(cfg) and cfg.peft == "none" and cfg.beta > 0 else None,
+        # The reference model is loaded from the base folder: safetensors only, as the policy (no pickles).
+        model_init_kwargs={"use_safetensors": True, **({"dtype": "bfloat16"} if use_bf16(cfg) and cfg.peft == "none"
+                                                       and cfg.beta > 0 else {})},
     )
+    # GRPOConfig fields passed through from the config (paper clipping by default: epsilon / epsilon_high / delta)
+    return GRPOConfig(**{**kwargs, **cfg.trl})
+
+
+def fit_rollout(cfg: FinetuneConfig, rows: int) -> tuple[FinetuneConfig, str | None]:
+    """Shrink the rollout and the update to a training split smaller than one rollout; ``(cfg, note)``.
+
+    TRL drops an incomplete rollout, so a split with fewer prompts than ``prompts_per_rollout`` would train 0
+    steps. The update becomes the largest prompt count <= ``min(prompts_per_update, rows)`` whose completions
+    fill whole micro-batches, and the rollout the largest multiple of it <= ``rows``. ``note`` (``None`` when
+    nothing changed) says what was changed, for the log and the model card.
+
+    Raises:
+        ConfigError: no update size fits the micro-batch, naming the fix.
+    """
+    from dataclasses import replace
+
+    if rows >= cfg.prompts_per_rollout:
+        return cfg, None
+    per_step = cfg.per_device_train_batch_size * cfg.world_size
+    update = next((u for u in range(min(cfg.prompts_per_update, rows), 0, -1)
+                   if (u * cfg.num_generations) % per_step == 0), None)
+    if update is None:
+        raise ConfigError(
+            f"the train split has {rows} prompts, fewer than one rollout (prompts_per_rollout="
+            f"{cfg.prompts_per_rollout}), and no update of <= {rows} prompts x {cfg.num_generations} generations "
+            f"fills micro-batches of {per_step} completions: set per_device_train_batch_size to "
+            f"{cfg.num_generations} (or a divisor of it), or add training data")
+    rollout = rows // update * update
+    note = (f"the train split has {rows} prompts, fewer than one rollout (prompts_per_rollout="
+            f"{cfg.prompts_per_rollout}): fitted prompts_per_rollout {cfg.prompts_per_rollout} -> {rollout} and "
+            f"prompts_per_update {cfg.prompts_per_update} -> {update}, so that training runs; each update averages "
+            f"over {update} prompts instead of {cfg.prompts_per_update}")
+    return replace(cfg, prompts_per_rollout=rollout, prompts_per_update=update), note
 
 
 def _vllm_installed() -> bool:
@@ -173,4 +270,5 @@ def build_grpo_trainer(cfg: FinetuneConfig, model, processor, dataset, *, output
         peft_config=lora_config(cfg),
         callbacks=callbacks,
         on_rollout=on_rollout,
+        generation_chunk_size=cfg.generation_chunk_size or cfg.per_device_train_batch_size,
     )

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tpru_agent.errors import ConfigError, require
+from tpru_agent.errors import ConfigError, ModelNotFoundError, require
 
 from .config import FinetuneConfig
 
@@ -90,11 +90,32 @@ def train_dtype(cfg: FinetuneConfig):
     return torch.bfloat16
 
 
+def check_safetensors(folder: str | os.PathLike) -> None:
+    """Refuse a folder whose weights are pickles (``*.bin``), as inference does, even beside other safetensors.
+
+    Raises:
+        ModelNotFoundError: the folder has ``*.bin`` weights and no ``model.safetensors`` (or shard index).
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return  # a Hub id resolved elsewhere, or an adapter folder: from_pretrained(use_safetensors=True) decides
+    pickles = sorted(p.name for p in folder.glob("*.bin") if p.name != "training_args.bin")
+    safe = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    if pickles and not safe:
+        raise ModelNotFoundError(f"model folder {str(folder)!r} has no model.safetensors weights. It has {pickles}: "
+                                 "pickle weights are refused; convert them to safetensors.")
+
+
 def load_model(path: str | os.PathLike, cfg: FinetuneConfig):
-    """The base model for training (:func:`train_dtype`), 4-bit for QLoRA, vision frozen on request / with PEFT."""
+    """The base model for training (:func:`train_dtype`), 4-bit for QLoRA, vision frozen on request / with PEFT.
+
+    Raises:
+        ModelNotFoundError: pickle weights (:func:`check_safetensors`); only safetensors are loaded.
+    """
     require("torch", "finetune", what="fine-tuning")
     transformers = require("transformers", "finetune", what="fine-tuning")
-    kwargs: dict[str, Any] = {"dtype": train_dtype(cfg), "trust_remote_code": False}
+    check_safetensors(path)
+    kwargs: dict[str, Any] = {"dtype": train_dtype(cfg), "trust_remote_code": False, "use_safetensors": True}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     quant = quantization_config(cfg)
@@ -159,7 +180,9 @@ def merge_adapter(base_path: str | os.PathLike, adapter_dir: str | os.PathLike, 
     from transformers import AutoModelForImageTextToText
 
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
-    base = AutoModelForImageTextToText.from_pretrained(str(base_path), dtype=dtype, trust_remote_code=False)
+    check_safetensors(base_path)
+    base = AutoModelForImageTextToText.from_pretrained(str(base_path), dtype=dtype, trust_remote_code=False,
+                                                       use_safetensors=True)
     return peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
@@ -191,6 +214,11 @@ def write_final(trainer, processor, cfg: FinetuneConfig, base_path: str | os.Pat
         _point_adapter_at(tmp, cfg.base)
     info = dict(provenance, weights="adapter" if adapter and not cfg.merge else "full")
     (tmp / PROVENANCE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
+    from tpru_agent.frames import BUDGET_FILE
+
+    # the budget the model was trained at: TPRU(path) serves it at the same size (train as served)
+    (tmp / BUDGET_FILE).write_text(json.dumps({"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}) + "\n",
+                                   encoding="utf-8")
     shutil.rmtree(staging, ignore_errors=True)
     _swap_in(tmp, target)
     return target

@@ -238,8 +238,9 @@ def plot_curves(metrics_path: Path, png: Path) -> Path | None:
 
 
 def model_card(cfg_dict: dict[str, Any], *, base: str, base_path: str, data: dict[str, Any], steps: dict[str, int],
-               evaluation: dict[str, Any] | None, weights: str) -> str:
-    """The README.md written next to the final weights."""
+               evaluation: dict[str, Any] | None, weights: str, data_report: dict | None = None) -> str:
+    """The README.md written next to the final weights (``data_report``: per stage, prompts left out and rollout
+    fitting, from the run)."""
     lines = [
         "---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [tpru, qwen2.5-vl, grpo]",
         "---", "", f"# TPRU fine-tune of {base}", "",
@@ -258,8 +259,18 @@ def model_card(cfg_dict: dict[str, Any], *, base: str, base_path: str, data: dic
         lines.append(f"- data manifest: `{json.dumps(data['manifest'], default=str)[:800]}`")
     keys = ("num_generations", "temperature", "top_p", "beta", "learning_rate", "lr_scheduler_type", "weight_decay",
             "max_grad_norm", "num_train_epochs", "max_completion_length", "prompts_per_rollout", "prompts_per_update",
-            "rewards", "min_pixels", "max_pixels", "freeze_vision", "seed")
-    lines += ["- recipe: " + ", ".join(f"{k}={cfg_dict[k]}" for k in keys if k in cfg_dict), "", "## Evaluation", ""]
+            "rewards", "min_pixels", "max_pixels", "max_prompt_length", "freeze_vision", "seed", "trl")
+    lines.append("- recipe: " + ", ".join(f"{k}={cfg_dict[k]}" for k in keys if k in cfg_dict))
+    for stage, report in (data_report or {}).items():
+        overlong = report.get("overlong") or {}
+        if overlong.get("dropped"):
+            lines.append(f"- {stage}: left out {overlong['dropped']} of {overlong['rows']} prompts over "
+                         f"{overlong['max_prompt_length']} tokens (longest {overlong['longest']})")
+        if report.get("fitted"):
+            lines.append(f"- {stage}: {report['fitted']}")
+    from .recipe import differences_markdown
+
+    lines += ["", *differences_markdown(), "## Evaluation", ""]
     if evaluation:
         lo, hi = evaluation["accuracy_ci"]
         lines.append(f"Held-out accuracy (greedy, {evaluation['n']} items of split `{cfg_dict['eval_split']}`): "

@@ -22,8 +22,13 @@ from .modeling import gradient_checkpointing, lora_config, use_bf16, use_cuda
 log = logging.getLogger(__name__)
 
 
-def sft_target(answer: str, *, task: str = "", negative: bool = False) -> str:
+def sft_target(answer: str, *, task: str = "", negative: bool = False, style: str = "reasoning") -> str:
     """The assistant text the warm-up trains on: one sentence of reasoning, then the answer block.
+
+    ``style="answer"`` trains the answer block alone (``<answer>CABD</answer>``): what fast mode scores, and the
+    target that lets a small model learn the order itself instead of the format tokens around it (FIELD-NOTES:
+    with the reasoning target a 5.8M model stayed at chance even on 64 memorised questions; with the answer
+    target it reached 0.94).
 
     Example:
         >>> sft_target("CABD").split("</think>")[1]
@@ -34,6 +39,8 @@ def sft_target(answer: str, *, task: str = "", negative: bool = False) -> str:
         True
     """
     answer = answer.strip()
+    if style == "answer":
+        return f"<answer>{answer}</answer>"
     if len(answer) > 1:
         why = f"Following the procedure step by step, the images in temporal order are {', '.join(answer)}."
     elif negative:
@@ -44,10 +51,22 @@ def sft_target(answer: str, *, task: str = "", negative: bool = False) -> str:
     return f"<think>{why}</think><answer>{answer}</answer>"
 
 
+def sft_steps(cfg: FinetuneConfig) -> int:
+    """Step limit of the warm-up: the smaller of ``sft_max_steps`` and ``max_steps`` (``--max-steps`` bounds every
+    stage); -1 (whole epochs) when neither is set.
+
+    Example:
+        >>> sft_steps(FinetuneConfig(data="d", max_steps=2)), sft_steps(FinetuneConfig(data="d", sft_max_steps=5))
+        (2, 5)
+    """
+    limits = [n for n in (cfg.sft_max_steps, cfg.max_steps) if n > 0]
+    return min(limits) if limits else -1
+
+
 def sft_args(cfg: FinetuneConfig, output_dir: str | Path, *, max_steps: int | None = None):
     """TRL's ``SFTConfig`` for the warm-up (no truncation: a cut prompt would drop image tokens)."""
     trl = require("trl", "finetune", what="SFT training")
-    steps = cfg.sft_max_steps if max_steps is None else max_steps
+    steps = sft_steps(cfg) if max_steps is None else max_steps
     return trl.SFTConfig(
         output_dir=str(output_dir), per_device_train_batch_size=cfg.sft_batch_size,
         gradient_accumulation_steps=cfg.sft_gradient_accumulation_steps,

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ class RunResult:
     checkpoint: Path | None = None
     steps: dict[str, int] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
+    data: dict[str, dict[str, Any]] = field(default_factory=dict)  # per stage: prompts left out, rollout fitted
 
 
 def stages(method: str) -> list[str]:
@@ -98,6 +100,7 @@ def train(cfg: FinetuneConfig, *, resume: bool = False, console=None) -> RunResu
             result.steps[stage] = info["steps"]
             current_base = Path(info["weights"])
             result.evaluation = info.get("evaluation") or result.evaluation
+            result.data[stage] = info.get("data") or {}
             log.info("stage %s already finished (%d steps); skipping", stage, info["steps"])
             continue
         target = out / "final" if last else stage_dir / "model"
@@ -112,97 +115,152 @@ def train(cfg: FinetuneConfig, *, resume: bool = False, console=None) -> RunResu
     return result
 
 
+class NoTrainingError(TPRUError, RuntimeError):
+    """A stage ended after zero optimizer steps: nothing was trained, so no weights are written."""
+
+
+@dataclass
+class _Stage:
+    """What one stage works with: the data, the processor, the callbacks and where its records go."""
+
+    processor: Any
+    train_set: Any
+    eval_set: Any
+    cfg: FinetuneConfig
+    data_report: dict[str, Any]
+    metrics_path: Path
+    rollouts_path: Path
+
+
 def _run_stage(cfg: FinetuneConfig, stage: str, base_path: Path, stage_dir: Path, target: Path, result: RunResult,
                *, resume: bool, console, final: bool) -> str:
-    from . import data as data_mod
-    from .modeling import load_model, load_processor, write_final
-    from .run import (HeldoutCallback, MetricsCallback, PlotCallback, ProgressCallback, SigtermCallback,
-                      append_jsonl, checkpoint_step, last_checkpoint, plot_curves, truncate_jsonl)
+    from .run import SigtermCallback, checkpoint_step, last_checkpoint, truncate_jsonl
 
     out = Path(cfg.output_dir)
-    metrics_path, rollouts_path = out / "metrics.jsonl", out / "rollouts.jsonl"
     checkpoint = last_checkpoint(stage_dir) if resume else None
     if _is_main():
-        for path in (metrics_path, rollouts_path):
+        for path in (out / "metrics.jsonl", out / "rollouts.jsonl"):
             if path.exists():
                 truncate_jsonl(path, stage, checkpoint_step(checkpoint))
-    processor = load_processor(base_path, cfg)
-    model = load_model(base_path, cfg)
-    if cfg.peft != "none":
-        from .modeling import check_lora_targets
-
-        check_lora_targets(model, cfg)
-    split_kwargs = dict(template=cfg.template, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                        cache_dir=cfg.data_cache_dir)
-    if stage == "sft":
-        from .sft import sft_target
-
-        split_kwargs["completion_fn"] = sft_target
-    train_set = data_mod.load_split(cfg.data, cfg.train_split, limit=cfg.max_train_samples, **split_kwargs)
-    eval_set = None
-    if cfg.eval_samples > 0 and data_mod.has_split(cfg.data, cfg.eval_split) and cfg.world_size == 1:
-        eval_set = data_mod.load_split(cfg.data, cfg.eval_split, limit=cfg.eval_samples,
-                                       **{k: v for k, v in split_kwargs.items() if k != "completion_fn"})
-
-    metrics = MetricsCallback(metrics_path, stage)
+    ctx = _prepare(cfg, stage, base_path)
     sigterm = SigtermCallback()
-    callbacks = [metrics, sigterm, PlotCallback(metrics_path, out / "curves.png")]
-    if cfg.progress:
-        callbacks.append(ProgressCallback(metrics, stage, console=console))
-
-    def evaluate(m):
-        from .heldout import evaluate_generation
-
-        return evaluate_generation(m, processor, eval_set, limit=cfg.eval_samples,
-                                   max_new_tokens=cfg.eval_max_new_tokens)
-
-    if eval_set is not None and cfg.eval_steps > 0:
-        callbacks.append(HeldoutCallback(cfg.eval_steps, evaluate, metrics))
-
-    if stage == "sft":
-        from .sft import build_sft_trainer
-
-        trainer = build_sft_trainer(cfg, model, processor, train_set, output_dir=stage_dir, callbacks=callbacks)
-    else:
-        from .grpo import build_grpo_trainer
-
-        def on_rollout(step: int, rows: list, summary: dict) -> None:
-            if _is_main():
-                append_jsonl(rollouts_path, {"stage": stage, "step": step, "rows": rows,
-                                             "image_tokens": summary.get("image_tokens_per_row"),
-                                             "features": summary.get("features_per_row")})
-
-        trainer = build_grpo_trainer(cfg, model, processor, train_set, output_dir=stage_dir, callbacks=callbacks,
-                                     on_rollout=on_rollout)
-    from transformers import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress line, not stdout
+    trainer, evaluate = _build_trainer(ctx, stage, base_path, stage_dir, sigterm, console)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     steps = trainer.state.global_step
     result.steps[stage] = steps
     if sigterm.stopped:
         result.checkpoint = last_checkpoint(stage_dir)
         return "interrupted"
+    if steps == 0:
+        raise NoTrainingError(
+            f"the {stage} stage ran 0 optimizer steps on {len(ctx.train_set)} training rows; nothing was trained "
+            f"and no weights were written. Set --max-steps N, or add training data")
+    _finish(ctx, stage, trainer, evaluate, base_path, stage_dir, target, result, final)
+    return "finished"
 
+
+def _prepare(cfg: FinetuneConfig, stage: str, base_path: Path) -> _Stage:
+    """Processor, training split (overlong prompts left out; the GRPO rollout fitted to it) and held-out split."""
+    from . import data as data_mod
+    from .modeling import load_processor
+
+    out = Path(cfg.output_dir)
+    processor = load_processor(base_path, cfg)
+    split_kwargs: dict[str, Any] = dict(template=cfg.template, min_pixels=cfg.min_pixels,
+                                        max_pixels=cfg.max_pixels, cache_dir=cfg.data_cache_dir)
+    report: dict[str, Any] = {}
+    completion = None
+    if stage == "sft":
+        from .sft import sft_target
+
+        completion = functools.partial(sft_target, style=cfg.sft_target)
+    train_set = data_mod.load_split(cfg.data, cfg.train_split, limit=cfg.max_train_samples, completion_fn=completion,
+                                    processor=processor, max_prompt_length=cfg.max_prompt_length, report=report,
+                                    **split_kwargs)
+    if stage == "grpo":
+        from .grpo import fit_rollout
+
+        cfg, note = fit_rollout(cfg, len(train_set))
+        if note:
+            log.warning("%s", note)
+            report["fitted"] = note
+    eval_set = None
+    if cfg.eval_samples > 0 and data_mod.has_split(cfg.data, cfg.eval_split) and cfg.world_size == 1:
+        eval_set = data_mod.load_split(cfg.data, cfg.eval_split, limit=cfg.eval_samples, **split_kwargs)
+    return _Stage(processor, train_set, eval_set, cfg, report, out / "metrics.jsonl", out / "rollouts.jsonl")
+
+
+def _build_trainer(ctx: _Stage, stage: str, base_path: Path, stage_dir: Path, sigterm, console):
+    """The stage's TRL trainer with the run's callbacks; returns it and the held-out evaluation function."""
+    from .modeling import load_model
+    from .run import HeldoutCallback, MetricsCallback, PlotCallback, ProgressCallback, append_jsonl
+
+    cfg = ctx.cfg
+    model = load_model(base_path, cfg)
+    if cfg.peft != "none":
+        from .modeling import check_lora_targets
+
+        check_lora_targets(model, cfg)
+    metrics = MetricsCallback(ctx.metrics_path, stage)
+    callbacks = [metrics, sigterm, PlotCallback(ctx.metrics_path, Path(cfg.output_dir) / "curves.png")]
+    if cfg.progress:
+        callbacks.append(ProgressCallback(metrics, stage, console=console))
+
+    def evaluate(m):
+        from .heldout import evaluate_generation
+
+        return evaluate_generation(m, ctx.processor, ctx.eval_set, limit=cfg.eval_samples,
+                                   max_new_tokens=cfg.eval_max_new_tokens)
+
+    if ctx.eval_set is not None and cfg.eval_steps > 0:
+        callbacks.append(HeldoutCallback(cfg.eval_steps, evaluate, metrics))
+    if stage == "sft":
+        from .sft import build_sft_trainer
+
+        trainer = build_sft_trainer(cfg, model, ctx.processor, ctx.train_set, output_dir=stage_dir,
+                                    callbacks=callbacks)
+    else:
+        from .grpo import build_grpo_trainer
+
+        def on_rollout(step: int, rows: list, summary: dict) -> None:
+            if _is_main():
+                append_jsonl(ctx.rollouts_path, {"stage": stage, "step": step, "rows": rows,
+                                                 "image_tokens": summary.get("image_tokens_per_row"),
+                                                 "features": summary.get("features_per_row")})
+
+        trainer = build_grpo_trainer(cfg, model, ctx.processor, ctx.train_set, output_dir=stage_dir,
+                                     callbacks=callbacks, on_rollout=on_rollout)
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress line, not stdout
+    return trainer, evaluate
+
+
+def _finish(ctx: _Stage, stage: str, trainer, evaluate, base_path: Path, stage_dir: Path, target: Path,
+            result: RunResult, final: bool) -> None:
+    """Held-out evaluation (last stage), final weights, model card and the stage's done marker."""
+    from .modeling import write_final
+    from .run import append_jsonl, plot_curves
+
+    cfg, steps = ctx.cfg, trainer.state.global_step
     evaluation = None
-    if eval_set is not None and final:
+    if ctx.eval_set is not None and final:
         evaluation = evaluate(trainer.model)
         result.evaluation = evaluation
         if _is_main():
-            append_jsonl(metrics_path, {"stage": stage, "step": steps, "eval_accuracy": evaluation["accuracy"],
-                                        "eval_format": evaluation["format"], "final": True})
+            append_jsonl(ctx.metrics_path, {"stage": stage, "step": steps, "eval_accuracy": evaluation["accuracy"],
+                                            "eval_format": evaluation["format"], "final": True})
+    result.data[stage] = ctx.data_report
     provenance = {"base": cfg.base, "base_path": str(base_path), "method": cfg.method, "stage": stage,
                   "peft": cfg.peft, "steps": dict(result.steps), "evaluation": evaluation,
-                  "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}
-    merge_cfg = cfg if final else _merged(cfg)
-    write_final(trainer, processor, merge_cfg, base_path, target, provenance)
+                  "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels, "data": dict(result.data)}
+    write_final(trainer, ctx.processor, cfg if final else _merged(cfg), base_path, target, provenance)
     if _is_main():
         if final:
             _write_card(cfg, target, base_path, result)
-        plot_curves(metrics_path, out / "curves.png")
-        (stage_dir / DONE).write_text(json.dumps({"steps": steps, "weights": str(target),
-                                                  "evaluation": evaluation}), encoding="utf-8")
-    return "finished"
+        plot_curves(ctx.metrics_path, Path(cfg.output_dir) / "curves.png")
+        (stage_dir / DONE).write_text(json.dumps({"steps": steps, "weights": str(target), "evaluation": evaluation,
+                                                  "data": ctx.data_report}), encoding="utf-8")
 
 
 def _merged(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -219,7 +277,8 @@ def _write_card(cfg: FinetuneConfig, final: Path, base_path: Path, result: RunRe
 
     info = json.loads((final / PROVENANCE).read_text(encoding="utf-8")) if (final / PROVENANCE).is_file() else {}
     card = model_card(cfg.to_dict(), base=cfg.base, base_path=str(base_path), data=manifest(cfg.data),
-                      steps=result.steps, evaluation=result.evaluation, weights=info.get("weights", "full"))
+                      steps=result.steps, evaluation=result.evaluation, weights=info.get("weights", "full"),
+                      data_report=result.data)
     (final / "README.md").write_text(card, encoding="utf-8")
     (Path(cfg.output_dir) / "MODEL_CARD.md").write_text(card, encoding="utf-8")
 

@@ -345,9 +345,9 @@ def test_full_fine_tuning_keeps_fp32_master_weights_and_ships_bf16(tiny_checkpoi
     weight = torch.tensor([0.02], dtype=torch.bfloat16)
     assert bool(weight + 1e-6 == weight)  # why: the update is below bf16 resolution
     args = grpo_args(FinetuneConfig(data="d", bf16=True, device="cpu"), tmp_path / "o")
-    assert args.model_init_kwargs == {"dtype": "bfloat16"}  # the frozen reference model only
+    assert args.model_init_kwargs == {"dtype": "bfloat16", "use_safetensors": True}  # the frozen reference only
     no_kl = FinetuneConfig(data="d", bf16=True, device="cpu", beta=0.0)
-    assert grpo_args(no_kl, tmp_path / "o").model_init_kwargs is None
+    assert grpo_args(no_kl, tmp_path / "o").model_init_kwargs == {"use_safetensors": True}
 
     folder = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, folder)

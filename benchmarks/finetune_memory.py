@@ -1,0 +1,125 @@
+"""Peak memory and time of one GRPO step of ``tpru finetune`` (tiny model, CPU), by rollout size.
+
+Each point trains one optimizer step (``max_steps 1``) in its own subprocess, through the product path
+(``tpru_agent.finetune.train``), on a TPRU-layout dataset of 4- and 3-frame ordering and 7-image next-frame
+questions at the TPRU pixel budget, and reports the subprocess's peak RSS (``ru_maxrss``) and wall time. The child
+runs under an address-space cap (``--cap-gib``, default 6): a point that would grow past it fails fast instead of
+taking the machine down, and is reported as ``over_cap``.
+
+The figures show what the rollout costs: TRL generates a whole rollout (``prompts_per_rollout x num_generations``
+completions) before the first update. ``generation_chunk_size`` (default: ``per_device_train_batch_size``) bounds
+how many completions one ``generate`` call holds; without that bound, a 294-row split at the paper's 256 prompts
+per rollout put 512 prompts of 7 images through one prefill.
+
+    OMP_NUM_THREADS=1 python benchmarks/finetune_memory.py --workdir /tmp/tpru-memory
+    OMP_NUM_THREADS=1 python -m benchmarks finetune_memory --size tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+#: (label, prompts per rollout, rollouts per prompt, completion tokens, generation batch or None for the default)
+POINTS = (
+    ("rollout 8 x 2, 64 tok", 8, 2, 64, None),
+    ("rollout 32 x 2, 64 tok", 32, 2, 64, None),
+    ("rollout 32 x 2, 64 tok, one generate call", 32, 2, 64, 64),
+    ("rollout 32 x 2, 256 tok", 32, 2, 256, None),
+)
+
+
+def write_data(root: Path, rows: int) -> Path:
+    """A TPRU-layout dataset of ``rows`` train rows (the test suite's growing-bar questions)."""
+    if (root / "manifest.json").is_file():
+        return root
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_finetune import write_dataset  # the same synthetic questions the tests train on
+
+    return write_dataset(root, n_train=rows, n_test=2)
+
+
+def child(spec: dict) -> None:
+    """Runs inside the subprocess: one GRPO step; prints one JSON line with the figures."""
+    import torch
+
+    torch.set_num_threads(1)
+    from tpru_agent.finetune.config import resolve_config
+    from tpru_agent.finetune.train import train
+
+    started = time.perf_counter()
+    result = train(resolve_config(overrides=spec))
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"steps": result.steps.get("grpo", 0), "peak_rss_mib": round(peak_kib / 1024, 1),
+                      "wall_s": round(time.perf_counter() - started, 1)}))
+
+
+def measure(workdir: Path, model: Path, data: Path, point: tuple, cap_gib: float) -> dict:
+    label, prompts, generations, tokens, gen_batch = point
+    spec = dict(base=str(model), data=str(data), output_dir=str(workdir / f"run-{time.time_ns()}"), method="grpo",
+                device="cpu", progress=False, max_steps=1, num_generations=generations,
+                per_device_train_batch_size=generations * 2, prompts_per_rollout=prompts,
+                prompts_per_update=prompts, max_completion_length=tokens, beta=0.0, eval_samples=0, save_steps=1000,
+                rewards=["tpru", "label_density"], data_cache_dir=str(workdir / "datasets-cache"))
+    if gen_batch is not None:
+        spec["generation_chunk_size"] = gen_batch
+    cap = int(cap_gib * 1024 ** 3)
+    code = f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.finetune_memory import child; " \
+           f"child(json.loads({json.dumps(json.dumps(spec))}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)),
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        over = "MemoryError" in proc.stderr or "Cannot allocate" in proc.stderr or proc.returncode < 0
+        return {"label": label, "over_cap": over, "error": proc.stderr.strip().splitlines()[-1:] or ["?"]}
+    return {"label": label, **json.loads(lines[-1])}
+
+
+def measure_all(workdir: Path, *, size: str = "tiny", rows: int = 40, cap_gib: float = 6.0,
+                points: tuple = POINTS) -> dict:
+    from tpru_agent.testing import build_tiny_checkpoint
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = build_tiny_checkpoint(workdir / f"model-{size}", size=size, seed=0)
+    data = write_data(workdir / f"data-{rows}", rows)
+    out: dict = {"train_rows": rows, "cap_gib": cap_gib}
+    for point in points:
+        figures = measure(workdir, model, data, point, cap_gib)
+        key = figures.pop("label")
+        out[key] = figures
+    return out
+
+
+def run(args) -> dict:
+    """Suite entry point (``python -m benchmarks finetune_memory``): tiny model, a few minutes."""
+    size = args.size if getattr(args, "size_given", False) else "tiny"
+    if size not in ("tiny", "mid"):
+        return {"skipped": f"finetune_memory runs on the offline tiny / mid models, not {size!r}"}
+    root = Path(args.workdir) if getattr(args, "workdir", None) else Path(tempfile.gettempdir()) / "tpru-memory"
+    points = POINTS[:1] if getattr(args, "quick", False) else POINTS
+    return measure_all(root, size=size, points=points)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "tpru-memory"))
+    parser.add_argument("--size", default="tiny", choices=["tiny", "mid"])
+    parser.add_argument("--rows", type=int, default=40)
+    parser.add_argument("--cap-gib", type=float, default=6.0)
+    a = parser.parse_args()
+    print(json.dumps(measure_all(Path(a.workdir), size=a.size, rows=a.rows, cap_gib=a.cap_gib), indent=2))
+
+
+if __name__ == "__main__":
+    main()
