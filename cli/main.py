@@ -269,7 +269,11 @@ SUBCOMMANDS = {
     "serve": "tpru_agent.cli.serve_cmd:serve",
     "bench": "tpru_agent.cli.bench_cmd:bench",
     "testing": "tpru_agent.cli.testing_cmd:testing",
+    "progress": "tpru_agent.cli.progress_cmd:progress",
+    "label": "tpru_agent.cli.label_cmd:label",
 }
+#: Commands added to a group another module defines: (group, command name, target).
+GROUP_SUBCOMMANDS = [("eval", "voc", "tpru_agent.cli.voc_cmd:voc")]
 
 
 def _register() -> None:
@@ -278,6 +282,10 @@ def _register() -> None:
         if importlib.util.find_spec(module_name) is None:
             continue
         cli.add_command(getattr(importlib.import_module(module_name), attr), name)
+    for group, name, target in GROUP_SUBCOMMANDS:
+        module_name, attr = target.split(":")
+        if group in cli.commands and importlib.util.find_spec(module_name) is not None:
+            cli.commands[group].add_command(getattr(importlib.import_module(module_name), attr), name)
 
 
 _register()

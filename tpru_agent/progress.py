@@ -59,8 +59,8 @@ METHODS = ("auto", "rank", "seriation", "reference", "anchored")
 SYMMETRY_TOL = 1e-6
 #: Where the reference frames sit in the demonstration (fractions of its length): four equal slots.
 ANCHORS = (0.25, 0.5, 0.75)
-#: Questions spent orienting window values on a reference ("anchored"): pairs of opposite-end frames.
-ORIENT_PAIRS = 2
+#: Pairs of opposite-end frames placed against the reference to orient window values ("anchored"; 2 passes each).
+ORIENT_PAIRS = 1
 
 Dist = dict  # tuple of global frame indices (first in time first) -> probability
 
@@ -261,23 +261,25 @@ def _orient_by_reference(tpru, images: Sequence, reference: Sequence, values: li
                          mode: str, pairs: int = ORIENT_PAIRS):
     """Mirror ``values`` unless the reference says the low end comes first.
 
-    Each question shows the demonstration's first and last frames and one frame from each end of ``values``;
-    conditioned on the demonstration's two frames in their known order, ``P(low end before high end)`` is averaged
-    over ``pairs`` such questions.
+    Each question shows the demonstration's first and last frames and one frame from an end of ``values``;
+    conditioned on the demonstration's frames in their known order, the query falls before, between or after them
+    (slot 0, 1, 2). The low end should sit in an earlier slot than the high end. Asking about each end on its own
+    (not both ends in one question) matters: in one question a path-following engine puts the two query frames
+    next to each other and attaches them by their closer end, which reverses them when the demonstration looks
+    different (another scene, another colour).
     """
     order = implied_order(values)
     pairs = max(1, min(pairs, len(order) // 2))
     pool = [reference[0], reference[-1], *images]  # reference frames are pool indices 0 and 1
-    question = ordering.build(MAX_ORDER_LABELS, description=description)
-    forward, answers = 0.0, []
+    question = ordering.build(3, description=description)
+    margin, answers = 0.0, []
     for k in range(pairs):
-        lo, hi = 2 + order[k], 2 + order[-1 - k]
-        dist, ans = _ask_window(tpru, question, pool, _shown((0, 1, lo, hi), "orient"), mode)
-        kept = {o: p for o, p in dist.items() if o.index(0) < o.index(1)}
-        total = sum(kept.values())
-        forward += (sum(p for o, p in kept.items() if o.index(lo) < o.index(hi)) / total if total else 0.5) / pairs
-        answers.append(ans)
-    return (list(values) if forward >= 0.5 else [1.0 - v for v in values]), forward, answers
+        for sign, end in ((-1.0, order[k]), (1.0, order[-1 - k])):
+            dist, ans = _ask_window(tpru, question, pool, _shown((0, 1, 2 + end), "orient"), mode)
+            slots = slot_distribution(dist, 2 + end, [0, 1])
+            margin += sign * sum(s * p for s, p in enumerate(slots))
+            answers.append(ans)
+    return (list(values) if margin >= 0 else [1.0 - v for v in values]), margin, answers
 
 
 def estimate(tpru, images: Sequence, *, description: str | None = None, reference: Sequence | None = None,
