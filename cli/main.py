@@ -20,6 +20,27 @@ from tpru_agent.errors import EngineUnavailableError, ModelNotFoundError, TPRUEr
 from . import render
 
 DEFAULT_MODEL = "tpru-3b"
+#: What the CLI runs when the default model's weights are missing (and neither --model nor --strict is given).
+FALLBACK_MODEL = "classic"
+FALLBACK_LABEL = "the no-weights classic engine (visual continuity only, no TPRU model)"
+
+#: Top-level module -> the extra that installs it, for the one-line "missing extra" error.
+EXTRA_OF = {"torch": "hf", "torchvision": "hf", "transformers": "hf", "qwen_vl_utils": "hf", "accelerate": "hf",
+            "safetensors": "hf", "tokenizers": "hf", "huggingface_hub": "hf", "bitsandbytes": "quant",
+            "onnxruntime": "onnx", "onnx": "onnx", "fastapi": "serve", "uvicorn": "serve", "httpx": "serve",
+            "openai": "serve", "trl": "finetune", "peft": "finetune", "datasets": "finetune", "pyarrow": "finetune",
+            "matplotlib": "finetune", "yaml": "finetune", "metaworld": "sim", "miniwob": "sim", "selenium": "sim",
+            "gymnasium": "sim", "mujoco": "sim"}
+
+
+def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
+    """"needs the [finetune] extra ..." for a module an extra installs; None for any other missing module."""
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF.get(top)
+    if extra is None:
+        return None
+    return (f"this command needs the [{extra}] extra (module {top!r} is not installed). Install it: "
+            f"pip install 'tpru-agent[{extra}]', or from a clone of the repository: pip install -e '.[{extra}]'")
 
 
 class TPRUGroup(click.Group):
@@ -28,10 +49,16 @@ class TPRUGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (TPRUError, OSError) as exc:
+        except (TPRUError, OSError, ModuleNotFoundError) as exc:
             if ctx.obj and ctx.obj.get("verbose"):
                 raise
-            render.error(str(exc) if isinstance(exc, TPRUError) else f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, ModuleNotFoundError):
+                message = missing_extra_message(exc)
+                if message is None:
+                    raise
+            else:
+                message = str(exc) if isinstance(exc, TPRUError) else f"{type(exc).__name__}: {exc}"
+            render.error(message)
             ctx.exit(1)
 
 
@@ -51,7 +78,7 @@ def model_options(func):
     options = [
         click.option("--model", "-m", default=None,
                      help=f"Name (tpru-3b, tpru-7b, qwen2.5-vl-3b...), Hub id, local folder, or 'classic'. "
-                          f"Default {DEFAULT_MODEL}, falling back to the classic engine when its weights are missing."),
+                          f"Default {DEFAULT_MODEL}, falling back to {FALLBACK_MODEL!r} when its weights are missing."),
         click.option("--engine", "-e", default="auto", type=click.Choice(["auto", "hf", "onnx", "openai", "classic"]),
                      help="Runtime. auto: classic for 'classic', onnx for an export folder, else hf."),
         click.option("--quantization", "-q", default=None, type=click.Choice(["4bit", "8bit"]),
@@ -76,7 +103,7 @@ def model_options(func):
 
 def open_model(model: str | None, engine: str, quantization: str | None, device: str, template: str | None,
                base_url: str | None, strict: bool, debias: int = 1):
-    """Load the model; without --model and --strict, fall back to the classic engine when weights are missing."""
+    """Load the model; without --model and --strict, fall back to FALLBACK_MODEL when the weights are missing."""
     from tpru_agent import TPRU
 
     kwargs = {"base_url": base_url} if base_url else {}
@@ -88,45 +115,80 @@ def open_model(model: str | None, engine: str, quantization: str | None, device:
         if strict or model is not None or engine != "auto":
             raise
         render.warn(f"{exc}")
-        render.warn(f"falling back to the no-weights classic engine (visual continuity only, no TPRU model). "
-                    f"For the real model: download {name} (see `tpru models`) or pass --model DIR; "
-                    "--strict refuses this fallback.")
-        return TPRU("classic", template=template, debias=debias)
+        render.warn(f"falling back to {FALLBACK_LABEL}. For the real model: {_download_hint(name)}, or pass "
+                    "--model DIR; --strict refuses this fallback.")
+        return TPRU(FALLBACK_MODEL, template=template, debias=debias)
+
+
+def _download_hint(name: str) -> str:
+    from tpru_agent.hub import ALIASES, download_command
+
+    target = ALIASES.get(name.lower())
+    return f"`{download_command(target)}`" if target else f"download {name} (see `tpru models`)"
+
+
+class _ReasonParseHint:
+    """Adds "try --mode fast" to a ParseError raised in reason mode (the chain of thought ended without an answer)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        from tpru_agent.errors import ParseError
+
+        if self.mode == "reason" and isinstance(exc, ParseError):
+            raise TPRUError(f"{exc}. In reason mode the model must end its reasoning with a parsable answer; "
+                            "--mode fast scores the options in one pass instead and always answers") from exc
+        return False
 
 
 def split_inputs(values: tuple[str, ...]) -> list[str]:
-    """Accept repeated flags and comma-separated lists: ``--history a.png,b.png --history c.png``."""
+    """Accept repeated flags and comma-separated lists: ``--history a.png,b.png --history c.png``.
+
+    A value naming an existing file or folder is kept whole, so ``-H a,b.png`` passes the file ``a,b.png``.
+    """
     out = []
     for value in values:
-        out.extend(part for part in value.split(",") if part)
+        if "," in value and Path(value).expanduser().exists():
+            out.append(value)
+        else:
+            out.extend(part for part in value.split(",") if part)
     return out
 
 
-def frame_names(inputs) -> list[str]:
-    """Display names of the frames the loader will produce (paths expand like the loader expands them)."""
+def frame_names(inputs, *, video_frames: int = 4, what: str = "frames") -> list[str]:
+    """Display names of the frames the loader will produce; checks that every path exists (no decoding)."""
     from tpru_agent.frames import expand_sources
 
-    return [str(x) for x in expand_sources(inputs)]
+    return [str(x) for x in expand_sources(inputs, video_frames=video_frames, what=what)]
 
 
 @cli.command("order")
 @click.argument("frames", nargs=-1, required=True)
 @click.option("--description", "-d", default=None, help="The procedure in words, e.g. 'making coffee'.")
+@click.option("--video-frames", type=click.IntRange(2, 64), default=4, show_default=True,
+              help="Frames sampled evenly from each video input.")
 @click.option("--sheet", type=click.Path(dir_okay=False), default=None, help="Write a PNG contact sheet here.")
 @model_options
-def order_cmd(frames, description, sheet, model, engine, quantization, device, mode, template, base_url, debias,
-              strict, as_json):
+def order_cmd(frames, description, video_frames, sheet, model, engine, quantization, device, mode, template,
+              base_url, debias, strict, as_json):
     """Put FRAMES (files, globs, a folder or a video) in temporal order."""
     from tpru_agent.frames import load_frames
+    from tpru_agent.model import MAX_ORDER_FRAMES
 
     inputs = list(frames)
+    names = frame_names(inputs, video_frames=video_frames)
+    # frames first: a typo'd path fails here, before any model is looked up or downloaded
+    images = load_frames(inputs, budget=None, video_frames=video_frames, min_frames=2, max_frames=MAX_ORDER_FRAMES)
     tpru = open_model(model, engine, quantization, device, template, base_url, strict, debias)
-    result = tpru.order_frames(inputs if len(inputs) > 1 else inputs[0], description=description, mode=mode)
-    names = frame_names(inputs)
+    with _ReasonParseHint(mode):
+        result = tpru.order_frames(images, description=description, mode=mode)
     if sheet:
         from tpru_agent.sheet import contact_sheet, save_image
 
-        images = load_frames(inputs, budget=None)
         ordered = [images[i] for i in result.order]
         labels = [f"{step}. {Path(names[i]).name}" for step, i in enumerate(result.order, 1)]
         save_image(contact_sheet(ordered, labels, title=f"order {result.answer}  confidence "
@@ -145,13 +207,17 @@ def order_cmd(frames, description, sheet, model, engine, quantization, device, m
 def _choice_command(kind: str):
     def run(context, candidates, goal, description, model, engine, quantization, device, mode, template, base_url,
             debias, strict, as_json, **_):
-        tpru = open_model(model, engine, quantization, device, template, base_url, strict, debias)
         ctx_in, cand_in = split_inputs(context), split_inputs(candidates)
-        if kind == "next":
-            result = tpru.predict_next(ctx_in, cand_in, goal=goal, description=description, mode=mode)
-        else:
-            result = tpru.review_previous(ctx_in, cand_in, description=description, mode=mode)
-        names = frame_names(cand_in)
+        frame_names(ctx_in, what="history" if kind == "next" else "later frames")
+        names = frame_names(cand_in, what="candidates")
+        if goal:
+            frame_names([goal], what="goal")
+        tpru = open_model(model, engine, quantization, device, template, base_url, strict, debias)
+        with _ReasonParseHint(mode):
+            if kind == "next":
+                result = tpru.predict_next(ctx_in, cand_in, goal=goal, description=description, mode=mode)
+            else:
+                result = tpru.review_previous(ctx_in, cand_in, description=description, mode=mode)
         if as_json:
             render.emit_json({**result.to_dict(), "candidates": names})
         else:
@@ -162,7 +228,8 @@ def _choice_command(kind: str):
 @cli.command("next")
 @click.option("--history", "-H", "context", multiple=True, required=True,
               help="Frames so far, in order (repeat the flag or separate with commas; globs and folders work).")
-@click.option("--candidates", "-c", multiple=True, required=True, help="Candidate next frames (1..8).")
+@click.option("--candidates", "-c", multiple=True, required=True,
+              help="Candidate next frames (1..8; repeat the flag or separate with commas).")
 @click.option("--goal", "-g", default=None, help="The final frame of the procedure, if known.")
 @click.option("--description", "-d", default=None, help="The procedure in words.")
 @model_options
@@ -174,7 +241,8 @@ def next_cmd(context, candidates, goal, description, **kw):
 @cli.command("prev")
 @click.option("--later", "-L", "context", multiple=True, required=True,
               help="The later frames, in order (repeat the flag or separate with commas).")
-@click.option("--candidates", "-c", multiple=True, required=True, help="Candidate previous frames (1..8).")
+@click.option("--candidates", "-c", multiple=True, required=True,
+              help="Candidate previous frames (1..8; repeat the flag or separate with commas).")
 @click.option("--description", "-d", default=None, help="The procedure in words.")
 @model_options
 def prev_cmd(context, candidates, description, **kw):
@@ -184,15 +252,22 @@ def prev_cmd(context, candidates, description, **kw):
 
 @cli.command("verify")
 @click.argument("observation")
-@click.option("--history", "-H", multiple=True, required=True, help="Accepted frames so far, in order.")
+@click.option("--history", "-H", multiple=True, required=True,
+              help="Accepted frames so far, in order (repeat the flag or separate with commas).")
 @click.option("--goal", "-g", default=None, help="The final frame of the procedure, if known.")
 @click.option("--description", "-d", default=None, help="The procedure in words.")
 @model_options
 def verify_cmd(observation, history, goal, description, model, engine, quantization, device, mode, template,
                base_url, debias, strict, as_json):
     """Is OBSERVATION a valid next step after the history? Exit 0 yes, 3 no (1 error, 2 usage)."""
+    hist = split_inputs(history)
+    frame_names(hist, what="history")
+    frame_names([observation], what="observation")
+    if goal:
+        frame_names([goal], what="goal")
     tpru = open_model(model, engine, quantization, device, template, base_url, strict, debias)
-    verdict = tpru.verify_step(split_inputs(history), observation, goal=goal, description=description, mode=mode)
+    with _ReasonParseHint(mode):
+        verdict = tpru.verify_step(hist, observation, goal=goal, description=description, mode=mode)
     if as_json:
         render.emit_json({**verdict.to_dict(), "observation": observation})
     else:
@@ -249,15 +324,22 @@ def env_cmd(as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def models_cmd(as_json):
     """Known model names, what they point to, and whether their weights are in the local cache."""
-    from tpru_agent.hub import ALIASES, cache_dir, cache_state
+    from tpru_agent.hub import ALIASES, SIZES, cache_dir, cache_state, download_command
 
-    rows = [{"name": name, "hub_id": hub_id, "state": cache_state(name)} for name, hub_id in ALIASES.items()]
-    rows.append({"name": "classic", "hub_id": "(no weights)", "state": "built in"})
+    rows = []
+    for name, hub_id in ALIASES.items():
+        state = cache_state(name)
+        rows.append({"name": name, "hub_id": hub_id, "state": state, "size": SIZES.get(hub_id),
+                     "download": None if state in ("cached", "local") else f"hf download {hub_id}"})
+    rows.append({"name": "classic", "hub_id": "(no weights)", "state": "built in", "size": None, "download": None})
     if as_json:
         render.emit_json({"cache_dir": str(cache_dir()), "models": rows})
         return
-    render.show_table(f"Models (cache: {cache_dir()})", ["name", "hub id", "state"],
-                      [[r["name"], r["hub_id"], r["state"]] for r in rows])
+    render.show_table(f"Models (cache: {cache_dir()})", ["name", "hub id", "state", "get it with"],
+                      [[r["name"], r["hub_id"], r["state"],
+                        download_command(r["hub_id"]) if r["download"] else "-"] for r in rows])
+    render.note("`hf download` comes with the [hf] extra (huggingface_hub); it fills the cache above, which "
+                "HF_HOME / HF_HUB_CACHE move. Any folder holding config.json and *.safetensors works as --model DIR.")
 
 
 #: Sub-commands other modules contribute, imported only when present (each keeps its heavy imports inside verbs).
@@ -293,6 +375,10 @@ _register()
 
 def main() -> None:
     """Console entry point."""
+    for stream in (sys.stdout, sys.stderr):
+        # a file name the terminal's encoding cannot show (or an undecodable one) prints escaped, not as a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     cli(prog_name="tpru")
 
 

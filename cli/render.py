@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -10,8 +11,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a line is never broken mid-phrase at the width rich assumes for a pipe (80); tables still fit it
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def print_table(table: Table) -> None:
+    """A table on stdout; in a pipe (no terminal, no COLUMNS) it takes the width it needs instead of rich's 80."""
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        width = console.measure(table, options=console.options.update(width=1000)).maximum
+        Console(file=console.file, width=max(width, console.width), no_color=console.no_color).print(table)
+        return
+    console.print(table)
 
 
 def emit_json(obj: Any) -> None:
@@ -50,7 +61,7 @@ def show_order(result, names: list[str]) -> None:
     table.add_column("input #", justify="right")
     for step, index in enumerate(result.order, 1):
         table.add_row(str(step), escape(names[index]), str(index))
-    console.print(table)
+    print_table(table)
     console.print(f"answer [bold]{result.answer}[/]  confidence [bold]{result.confidence:.3f}[/]", highlight=False)
     if result.windows:
         agree = sum(w["agrees"] for w in result.windows)
@@ -72,7 +83,7 @@ def show_choice(result, names: list[str], title: str) -> None:
         mark = "[bold green]>[/] " if letter == result.letter else "  "
         name = "None of the choices" if value is None else names[value]
         table.add_row(mark + letter, escape(name), f"{result.probabilities[letter]:.3f}")
-    console.print(table)
+    print_table(table)
     picked = "none of the candidates" if result.index is None else names[result.index]
     console.print(f"answer [bold]{result.letter}[/] -> {picked}  confidence [bold]{result.confidence:.3f}[/]",
                   highlight=False)
@@ -94,4 +105,4 @@ def show_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
         table.add_column(col)
     for row in rows:
         table.add_row(*[str(c) for c in row])
-    console.print(table)
+    print_table(table)

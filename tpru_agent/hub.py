@@ -21,6 +21,10 @@ ALIASES: dict[str, str] = {
     "qwen2.5-vl-32b": "Qwen/Qwen2.5-VL-32B-Instruct",
 }
 DEFAULT_MODEL = "tpru-3b"
+#: Download sizes of the bf16 safetensors, for messages (parameters x 2 bytes).
+SIZES: dict[str, str] = {"Stephengzk/TPRU-3B": "~7.5 GB", "Stephengzk/TPRU-7B": "~16.6 GB",
+                         "Stephengzk/TPRU-32B": "~67 GB", "Qwen/Qwen2.5-VL-3B-Instruct": "~7.5 GB",
+                         "Qwen/Qwen2.5-VL-7B-Instruct": "~16.6 GB", "Qwen/Qwen2.5-VL-32B-Instruct": "~67 GB"}
 #: Files a Qwen2.5-VL folder needs; ``*.bin`` / pickles are never fetched (safetensors only).
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken", "README.md"]
 ONNX_MANIFEST = "tpru_onnx.json"
@@ -87,6 +91,7 @@ def _check_folder(folder: Path, name: str) -> Path:
         return folder  # a LoRA adapter: the hf engine loads its base and applies it
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"model folder {str(folder)!r} (from {name!r}) has no config.json")
+    _check_config(folder / "config.json", name)
     if not any(folder.glob("*.safetensors")):
         pickles = [p.name for p in folder.glob("*.bin")]
         extra = f" It has {pickles}: pickle weights are refused; convert them to safetensors." if pickles else ""
@@ -94,11 +99,35 @@ def _check_folder(folder: Path, name: str) -> Path:
     return folder
 
 
+#: Architectures the engines load without code from the model folder.
+KNOWN_MODEL_TYPES = frozenset({"qwen2_5_vl", "qwen2_vl"})
+
+
+def _check_config(file: Path, name: str) -> None:
+    """A readable config.json of an architecture transformers ships (no remote code is ever run)."""
+    import json
+
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"{str(file)!r} (from {name!r}) is not readable JSON ({exc}); the folder is not a "
+                                 "usable model") from exc
+    if not isinstance(config, dict):
+        raise ModelNotFoundError(f"{str(file)!r} (from {name!r}) does not hold a model configuration")
+    model_type = config.get("model_type")
+    if config.get("auto_map") and model_type not in KNOWN_MODEL_TYPES:
+        raise ModelNotFoundError(
+            f"model folder {str(file.parent)!r} (from {name!r}) is a remote-code model (model_type "
+            f"{model_type!r}, config.json 'auto_map'); tpru-agent runs Qwen2.5-VL checkpoints "
+            f"({', '.join(sorted(KNOWN_MODEL_TYPES))}) and never executes code shipped in a model folder")
+
+
 def locate(name: str | os.PathLike, *, revision: str | None = None, cache: str | os.PathLike | None = None,
-           local_files_only: bool | None = None) -> Path:
+           local_files_only: bool | None = None, inference: bool = True) -> Path:
     """A local folder with the model's config, processor files and safetensors weights.
 
     Hub names are looked up in the cache first and downloaded only when allowed (not ``HF_HUB_OFFLINE``).
+    ``inference=False`` (training) leaves the no-weights classic engine out of the error's ways out.
 
     Raises:
         ModelNotFoundError: the name is unknown, or the weights are neither cached nor downloadable; the
@@ -123,21 +152,38 @@ def locate(name: str | os.PathLike, *, revision: str | None = None, cache: str |
             folder = snapshot_download(ref.target, revision=revision, cache_dir=cache,
                                        allow_patterns=ALLOW_PATTERNS, etag_timeout=10)
         except Exception as exc:
-            raise ModelNotFoundError(_missing(ref, cache, f"download failed: {type(exc).__name__}: {exc}")) from exc
+            raise ModelNotFoundError(_missing(ref, cache, f"download failed: {type(exc).__name__}: {exc}",
+                                              inference)) from exc
     if folder is None:
-        raise ModelNotFoundError(_missing(ref, cache, "not in the local cache and HF_HUB_OFFLINE is set"))
+        raise ModelNotFoundError(_missing(ref, cache, "not in the local cache and downloads are off "
+                                          "(HF_HUB_OFFLINE is set)" if only_local and offline() else
+                                          "not in the local cache (local_files_only)", inference))
     return _check_folder(Path(folder), ref.name)
 
 
-def _missing(ref: ModelRef, cache, why: str) -> str:
+def download_command(target: str) -> str:
+    """The shell command that fetches a Hub model into the cache, with its size when known.
+
+    Example:
+        >>> download_command("Stephengzk/TPRU-3B")
+        'hf download Stephengzk/TPRU-3B  (~7.5 GB)'
+    """
+    size = SIZES.get(target)
+    return f"hf download {target}" + (f"  ({size})" if size else "")
+
+
+def _missing(ref: ModelRef, cache, why: str, inference: bool = True) -> str:
     where = cache or cache_dir()
     why = " ".join(why.split())  # one line: the Hub's own messages span several
-    return (
-        f"weights for {ref.name!r} ({ref.target}) are not available: {why}. Cache folder: {where}. "
-        f"Fix: download them on a machine with access (huggingface-cli download {ref.target}) and copy the "
-        "cache here, or pass a local folder path; set HF_HUB_OFFLINE=1 to use only the cache; "
-        "or use the no-weights baseline with engine='classic' (CLI: --engine classic)."
-    )
+    size = f", {SIZES[ref.target]} of bf16 safetensors" if ref.target in SIZES else ""
+    ways = [f"download them with `hf download {ref.target}`{size} (on a machine with access, then copy the cache "
+            "here)", "or pass a local model folder"]
+    if not offline():
+        ways.append("set HF_HUB_OFFLINE=1 to use only the cache without trying the network")
+    if inference:
+        ways.append("or use the no-weights baseline: engine='classic' (CLI: --engine classic)")
+    return (f"weights for {ref.name!r} ({ref.target}) are not available: {why}. Cache folder: {where}. "
+            f"Fix: {'; '.join(ways)}.")
 
 
 def cache_state(name: str) -> str:
