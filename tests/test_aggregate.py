@@ -53,3 +53,28 @@ def test_exact_matches_brute_force_on_random_preferences():
         pref[i][j], pref[j][i] = p, 1 - p
     brute = max(itertools.permutations(range(n)), key=lambda o: agreement(o, pref))
     assert agreement(best_order(pref), pref) == pytest.approx(agreement(brute, pref))
+
+
+@pytest.mark.parametrize("n", [3, 6, 9, 10])
+def test_shortest_path_is_exact_up_to_the_limit(n):
+    from tpru_agent.aggregate import path_length, shortest_path
+
+    rng = random.Random(n)
+    points = [(rng.random(), rng.random()) for _ in range(n)]
+    dist = [[abs(a[0] - b[0]) + abs(a[1] - b[1]) for b in points] for a in points]
+    brute = min(path_length(p, dist) for p in itertools.permutations(range(n)))
+    found = shortest_path(dist)
+    assert sorted(found) == list(range(n)) and path_length(found, dist) == pytest.approx(brute)
+
+
+@pytest.mark.parametrize("n", [11, 24, 64])
+def test_shortest_path_recovers_a_shuffled_line_beyond_the_exact_limit(n):
+    from tpru_agent.aggregate import shortest_path
+
+    rng = random.Random(n)
+    positions = sorted(rng.random() for _ in range(n))
+    shown = list(range(n))
+    rng.shuffle(shown)
+    dist = [[abs(positions[a] - positions[b]) for b in shown] for a in shown]
+    got = [shown[i] for i in shortest_path(dist)]
+    assert got in (list(range(n)), list(range(n))[::-1])

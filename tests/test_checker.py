@@ -106,3 +106,38 @@ def test_progress_reaches_the_end_of_a_long_reference():
     checker, _ = make(reference=reference, window=3, threshold=1e-6)  # every 4th step: accept the jumps
     events = [checker.observe(frame(s)) for s in range(1, 25, 4)] + [checker.observe(frame(24))]
     assert events[-1].matched_step == 23 and events[-1].progress == pytest.approx(1.0)
+
+
+def test_reference_as_an_explicit_list_keeps_its_order_and_a_video_gives_reference_frames(tmp_path):
+    """A folder is read in natural file-name order; a list is used as given; a video is sampled evenly."""
+    from episode_data import frame as episode_frame, write_video
+
+    from tpru_agent.checker import same_frame
+
+    reference = [frame(s) for s in (1, 2, 3, 4)]
+    names = ["d.png", "c.png", "b.png", "a.png"]  # file-name order is the reverse of time order here
+    for name, image in zip(names, reference):
+        image.save(tmp_path / name)
+    listed, _ = make(reference=[tmp_path / n for n in names])
+    assert [same_frame(a, b) for a, b in zip(listed.reference, reference)] == [True] * 4
+    folder, _ = make(reference=tmp_path)
+    assert [same_frame(a, b) for a, b in zip(folder.reference, reference[::-1])] == [True] * 4
+    write_video(tmp_path / "demo.mp4", [episode_frame((40, 90, 160), i, 24) for i in range(24)])
+    video, _ = make(reference=tmp_path / "demo.mp4", reference_frames=8)
+    assert len(video.reference) == 8
+    assert len(make(reference=tmp_path / "demo.mp4")[0].reference) == 16
+
+
+def test_no_change_seen_by_verify_step_is_a_duplicate_not_a_doubt():
+    checker, _ = make(duplicate_threshold=0.0)  # the checker's own test never fires
+    checker.observe(frame(1))
+    checker.observe(frame(2))
+    event = checker.observe(frame(2))
+    assert event.status == Status.ACCEPTED and event.duplicate
+
+
+def test_a_lenient_parse_is_flagged_on_the_event():
+    engine = PixelOracle(reply="<think>x</think><answer>(A)</answer>")
+    checker = ProcedureChecker(TPRU(engine=engine), mode="reason")
+    events = [checker.observe(frame(s)) for s in (1, 2)]
+    assert events[1].status == Status.ACCEPTED and events[1].lenient and not events[0].lenient

@@ -160,3 +160,105 @@ def test_one_context_frame_prefers_the_closest_new_frame(engine):
     q = next_frame.build(1, 4)                                   # only step 1 given, which is step 2?
     p = probs(engine, q, [MOVING[0], FAR[0], MOVING[3], MOVING[1], FAR[2]])
     assert q.option(max(p, key=p.get)).value == 2
+
+
+# ------------------------------------------------------------------ issue 14: no echo, honest direction, contract
+def _episode(n: int, seed: int = 0):
+    from episode_data import frame, palette
+
+    colour = palette(3, seed=seed)[seed % 3]
+    return [frame(colour, i, n) for i in range(n)]
+
+
+@pytest.mark.parametrize("n, seed", [(5, 0), (8, 1), (8, 2), (12, 3), (16, 4)])
+def test_more_than_four_shuffled_frames_are_ordered_not_echoed(n, seed):
+    """Each window's pairwise preferences were all 0.5, so more than 4 frames came back in input order."""
+    import random
+
+    from tpru_agent import TPRU
+
+    steps = list(range(n))
+    random.Random(seed).shuffle(steps)
+    frames = _episode(n, seed)
+    result = TPRU("classic").order_frames([frames[s] for s in steps], mode="reason")
+    got = [steps[i] for i in result.order]
+    assert got in (sorted(steps), sorted(steps)[::-1])         # the path, in one direction or the other
+    assert list(result.order) != list(range(n))                 # not the input echoed
+    assert result.order[0] < result.order[-1]                   # the tie broken by the stated rule
+    assert not result.direction_known and 0.0 < result.confidence <= 0.5
+    assert "guess" in result.raw
+    assert result.mode == "fast" and "generate_s" not in result.timings  # what ran: no generation (issue 14)
+
+
+def test_four_frames_report_the_direction_guess_and_what_ran():
+    from tpru_agent import TPRU
+
+    result = TPRU("classic").order_frames([MOVING[s] for s in (2, 0, 3, 1)], mode="reason")
+    assert result.answer in ("BDAC", "CADB") and not result.direction_known
+    assert result.probabilities[result.answer] == pytest.approx(result.probabilities[result.answer[::-1]])
+    assert result.mode == "fast" and set(result.timings) >= {"score_s"} and "generate_s" not in result.timings
+
+
+def test_order_method_handles_many_frames_and_a_direction_free_confidence(engine):
+    frames = _episode(24)
+    result = engine.order(frames[::-1])
+    assert result.order in (tuple(range(24)), tuple(range(23, -1, -1)))
+    assert result.order[0] == 0 and result.confidence <= 0.5 and result.length > 0
+    with pytest.raises(ConfigError, match="at least 2"):
+        engine.order(frames[:1])
+
+
+def test_duplicate_continuations_are_refused_like_every_engine(engine):
+    q = ordering.build(3)
+    request = Request(q, q.problem, tuple(MOVING[:3]))
+    with pytest.raises(ConfigError, match="distinct"):
+        engine.score(request, [continuation("ABC"), continuation("ABC")])
+    assert engine.score(request, []) == []
+
+
+def test_a_closed_engine_raises_a_typed_error():
+    from tpru_agent import TPRU
+    from tpru_agent.errors import EngineClosedError
+
+    model = TPRU("classic")
+    q = ordering.build(3)
+    request = Request(q, q.problem, tuple(MOVING[:3]))
+    model.close()
+    with pytest.raises(EngineClosedError, match="closed"):
+        model.engine.score(request, [continuation("ABC")])
+    with pytest.raises(EngineClosedError):
+        model.engine.generate([request])
+    with pytest.raises(EngineClosedError):
+        model.order_frames(MOVING[:3], mode="fast")
+    with pytest.raises(EngineClosedError):
+        model.order_frames(_episode(6), mode="fast")
+
+
+def test_a_step_backwards_is_not_a_valid_next_step():
+    """The README's Meta-World episode: after steps 2, 3 the classic engine accepted step 1 at P(ok) 0.79."""
+    import json
+    from pathlib import Path
+
+    from tpru_agent import TPRU
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "frames"
+    truth = json.loads((folder / "order.json").read_text())["order"]
+    steps = [Image.open(folder / name).convert("RGB") for name in truth]
+    model = TPRU("classic")
+    back = model.verify_step(steps[1:3], steps[0], mode="fast")
+    assert not back.ok and back.confidence < 0.5
+    forward = model.verify_step(steps[1:3], steps[3], mode="fast")
+    assert forward.ok and forward.confidence > 0.5
+    episode = _episode(8)
+    for k in (2, 3, 4):
+        assert not model.verify_step(episode[k:k + 2], episode[k - 1], mode="fast").ok
+        assert model.verify_step(episode[k:k + 2], episode[k + 2], mode="fast").ok
+
+
+def test_the_same_frame_again_is_no_progress():
+    """It was "valid next step, P(ok) = 0.500": a tie counted as ok."""
+    from tpru_agent import TPRU
+
+    verdict = TPRU("classic").verify_step(MOVING[:2], MOVING[1], mode="reason")
+    assert not verdict.ok and verdict.duplicate
+    assert verdict.mode == "fast" and "generate_s" not in verdict.timings

@@ -152,3 +152,60 @@ def test_an_unparsable_window_falls_back_to_its_scores():
     assert [steps[i] for i in result.order] == sorted(steps)
     assert engine.generate_calls == len(result.windows)
     assert all(w["scored_after_parse_error"] for w in result.windows)
+
+
+# ------------------------------------------------------------------ issue 14: no silent wrong answers
+class Tied(PixelOracle):
+    """Gives every continuation the same score: every option equally likely."""
+
+    def score(self, request, continuations, *, prefix=""):
+        self.score_calls += 1
+        return [0.0] * len(continuations)
+
+
+def test_a_tie_is_not_ok():
+    verdict = TPRU(engine=Tied()).verify_step([frame(1), frame(2)], frame(3), mode="fast")
+    assert verdict.confidence == pytest.approx(0.5) and not verdict.ok
+
+
+def test_the_last_history_frame_again_is_no_progress():
+    verdict = TPRU(engine=PixelOracle()).verify_step([frame(1), frame(2)], frame(2), mode="fast")
+    assert verdict.duplicate and not verdict.ok
+    assert not TPRU(engine=PixelOracle()).verify_step([frame(1), frame(2)], frame(3), mode="fast").duplicate
+
+
+@pytest.mark.parametrize("answer", ["A or B", "A/B", "A B", "A. Actually B"])
+def test_verify_step_refuses_an_answer_naming_several_options(answer):
+    """With such output verify_step said ok=True at P(ok) = 0.0067."""
+    model = TPRU(engine=PixelOracle(reply=f"<think>x</think><answer>{answer}</answer>"))
+    with pytest.raises(ParseError, match="more than one option"):
+        model.verify_step([frame(1), frame(2)], frame(3), distractors=[frame(7)], mode="reason")
+
+
+@pytest.mark.parametrize("reply, lenient", [
+    ("<think>x</think><answer>A</answer>", False),
+    ("<think>x</think><answer>(A)</answer>", True),
+    ("<think>so <answer>B</answer></think><answer>A</answer>", True),
+    ("A", True),
+])
+def test_a_lenient_parse_is_flagged_on_every_result(reply, lenient):
+    model = TPRU(engine=PixelOracle(reply=reply))
+    verdict = model.verify_step([frame(1), frame(2)], frame(3), mode="reason")
+    assert verdict.ok and verdict.lenient is lenient and verdict.choice.lenient is lenient
+    choice = model.predict_next([frame(1), frame(2)], [frame(3), frame(8)], mode="reason")
+    assert choice.index == 0 and choice.lenient is lenient
+    assert model.verify_step([frame(1), frame(2)], frame(3), mode="fast").lenient is False
+
+
+def test_a_lenient_ordering_is_flagged_single_and_windowed():
+    model = TPRU(engine=PixelOracle(reply="<think>x</think><answer>A, B, C, D</answer>"))
+    assert model.order_frames([frame(s) for s in (1, 2, 3, 4)], mode="reason").lenient
+    assert model.order_frames([frame(s) for s in (1, 2, 3, 4, 5)], mode="reason").lenient
+    strict = TPRU(engine=PixelOracle()).order_frames([frame(s) for s in (2, 1, 3, 4, 5)], mode="reason")
+    assert not strict.lenient and strict.direction_known
+
+
+def test_a_direction_blind_engine_is_reported_as_a_guess():
+    result = TPRU(engine=Tied()).order_frames([frame(s) for s in (2, 1, 3)], mode="fast")
+    assert not result.direction_known
+    assert TPRU(engine=PixelOracle()).order_frames([frame(s) for s in (2, 1, 3)], mode="fast").direction_known

@@ -61,7 +61,10 @@ def test_choice_calls(model, frames4):
     prev = model.review_previous(frames4[1:], frames4[:2], mode="fast", none_position=0)
     assert prev.options["A"] is None and prev.options["B"] == 0
     verdict = model.verify_step(frames4[:2], frames4[2], mode="fast")
-    assert verdict.ok == (verdict.choice.index == 0)
+    assert verdict.ok == (verdict.choice.index == 0 and verdict.confidence > 0.5)  # one candidate + "None"
+    assert not verdict.lenient and not verdict.duplicate and not nxt.lenient
+    again = model.verify_step(frames4[:2], frames4[1], mode="fast")  # the last history frame again: no progress
+    assert again.duplicate and not again.ok
     assert math.isclose(verdict.confidence, verdict.choice.probabilities["A"])
 
 

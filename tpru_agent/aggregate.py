@@ -9,6 +9,9 @@ programming over subsets for ``n <= 12``, else by a Copeland ranking refined wit
 helps. When every window is answered correctly with certainty the pairwise preferences form a transitive tournament
 and the true order is the unique optimum, so it is recovered exactly.
 
+The classic engine, which sees no direction, orders any number of frames by :func:`shortest_path` instead (the
+pairwise preferences of a direction-blind engine are all 0.5, and the aggregation would echo the input; issue 14).
+
 Pure Python: no torch, no numpy.
 """
 
@@ -139,3 +142,112 @@ def _local_search(pref: list[list[float]]) -> tuple[int, ...]:
                     order = rest[:best_y] + [item] + rest[best_y:]
                     improved = True
     return tuple(order)
+
+
+#: Up to this many frames :func:`shortest_path` is exact (dynamic programming over subsets, ~n^2 2^n steps).
+EXACT_PATH_LIMIT = 10
+#: Beyond it, local search starts from about this many frames (evenly spread over the inputs).
+MAX_STARTS = 12
+
+
+def path_length(path: Sequence[int], dist: Sequence[Sequence[float]]) -> float:
+    """Summed distance between consecutive frames of ``path``."""
+    return sum(dist[a][b] for a, b in zip(path, path[1:]))
+
+
+def shortest_path(dist: Sequence[Sequence[float]]) -> tuple[int, ...]:
+    """The shortest path visiting every frame once (an open path: any start, any end) through a distance matrix.
+
+    Exact for ``n <= EXACT_PATH_LIMIT``; beyond, the best of nearest-neighbour paths from ~``MAX_STARTS`` starts, each
+    improved by segment reversals and single-frame moves until neither helps (a local optimum, as for the
+    Kemeny search above). Which end comes first is arbitrary: a path and its reverse are equally long.
+
+    Example:
+        >>> shortest_path([[0, 1, 5, 2], [1, 0, 4, 9], [5, 4, 0, 3], [2, 9, 3, 0]])   # 2-3-0-1: 3 + 2 + 1
+        (2, 3, 0, 1)
+    """
+    n = len(dist)
+    if n <= 2:
+        return tuple(range(n))
+    if n <= EXACT_PATH_LIMIT:
+        return _exact_path(dist)
+    best: tuple[float, list[int]] | None = None
+    for start in sorted(set(range(0, n, max(1, n // MAX_STARTS)))):
+        path = _improve(_nearest_neighbour(start, dist), dist)
+        length = path_length(path, dist)
+        if best is None or length < best[0] - 1e-12:
+            best = (length, path)
+    return tuple(best[1])
+
+
+def _exact_path(dist: Sequence[Sequence[float]]) -> tuple[int, ...]:
+    n = len(dist)
+    full = (1 << n) - 1
+    # cost[mask][k]: shortest path through the frames in `mask` ending at k
+    cost = [[float("inf")] * n for _ in range(1 << n)]
+    back = [[-1] * n for _ in range(1 << n)]
+    for k in range(n):
+        cost[1 << k][k] = 0.0
+    for mask in range(1, 1 << n):
+        row = cost[mask]
+        for k in range(n):
+            base = row[k]
+            if base == float("inf"):
+                continue
+            for j in range(n):
+                if mask >> j & 1:
+                    continue
+                nxt, value = mask | 1 << j, base + dist[k][j]
+                if value < cost[nxt][j] - 1e-12:
+                    cost[nxt][j], back[nxt][j] = value, k
+    end = min(range(n), key=lambda k: cost[full][k])
+    path, mask = [], full
+    while end != -1:
+        path.append(end)
+        end, mask = back[mask][end], mask & ~(1 << end)
+    return tuple(reversed(path))
+
+
+def _nearest_neighbour(start: int, dist: Sequence[Sequence[float]]) -> list[int]:
+    path, left = [start], set(range(len(dist))) - {start}
+    while left:
+        last = path[-1]
+        nxt = min(left, key=lambda j: (dist[last][j], j))
+        path.append(nxt)
+        left.discard(nxt)
+    return path
+
+
+def _link(dist: Sequence[Sequence[float]], left: int | None, item: int, right: int | None) -> float:
+    """What ``item`` adds to a path between ``left`` and ``right`` (``None``: a path end)."""
+    add = (dist[left][item] if left is not None else 0.0) + (dist[item][right] if right is not None else 0.0)
+    return add - (dist[left][right] if left is not None and right is not None else 0.0)
+
+
+def _improve(path: list[int], dist: Sequence[Sequence[float]]) -> list[int]:
+    """Segment reversals (2-opt on an open path) and single-frame moves until no move shortens the path."""
+    n = len(path)
+
+    def edge(a: int, b: int) -> float:  # positions; an edge past either end costs nothing
+        return dist[path[a]][path[b]] if 0 <= a < n and 0 <= b < n else 0.0
+
+    improved = True
+    while improved:
+        improved = False
+        for i in range(n - 1):
+            for j in range(i + 1, n):
+                # reverse path[i..j]: edges (i-1, i) and (j, j+1) become (i-1, j) and (i, j+1)
+                if edge(i - 1, i) + edge(j, j + 1) - edge(i - 1, j) - edge(i, j + 1) > 1e-12:
+                    path[i:j + 1] = path[i:j + 1][::-1]
+                    improved = True
+        for i in range(n):
+            item, rest = path[i], path[:i] + path[i + 1:]
+            best_y, best_add = None, _link(dist, path[i - 1] if i else None, item, path[i + 1] if i < n - 1 else None)
+            for y in range(n):  # insert before rest[y]; y == n - 1: at the end
+                add = _link(dist, rest[y - 1] if y else None, item, rest[y] if y < n - 1 else None)
+                if add < best_add - 1e-12:
+                    best_y, best_add = y, add
+            if best_y is not None:
+                path[:] = rest[:best_y] + [item] + rest[best_y:]
+                improved = True
+    return path

@@ -36,6 +36,11 @@ def thumbnail(image) -> np.ndarray:
     return np.asarray(image.convert("L").resize((32, 32)), dtype=np.float32)
 
 
+def same_frame(a, b, threshold: float = DUPLICATE_THRESHOLD) -> bool:
+    """True when two images show no visual change (their thumbnails differ by less than ``threshold``)."""
+    return float(np.abs(thumbnail(a) - thumbnail(b)).mean()) < threshold
+
+
 @dataclass
 class _State:
     accepted: list
@@ -55,7 +60,9 @@ class ProcedureChecker:
 
     Args:
         model: a :class:`tpru_agent.TPRU` (any engine; ``TPRU("classic")`` needs no weights).
-        reference: optional demonstration of the same procedure done right (frames, a folder, a video...).
+        reference: optional demonstration of the same procedure done right, in time order: a list of frames
+            (used in the order given), a folder (its images in natural file-name order: ``frame_2`` before
+            ``frame_10``; name them so, or pass a list), or a video (``reference_frames`` frames sampled evenly).
         description: the procedure in words ("open the drawer").
         window: the most accepted frames the question shows as history (TPRU trained with 2 + the goal). The
             history is anchored: it grows from an anchor frame up to ``window`` frames, then restarts from the
@@ -66,6 +73,7 @@ class ProcedureChecker:
         log_path: optional JSONL file; one event per line, appended as they happen.
         duplicate_threshold: grey-level difference under which a frame counts as unchanged (no model call).
         bgr: numpy frames come in OpenCV's BGR order (``cv2.VideoCapture``); they are converted to RGB.
+        reference_frames: how many frames to take from a reference video (more give a finer ``progress``).
 
     Example:
         >>> checker = ProcedureChecker(TPRU("classic"), reference="demo/", description="open the drawer")  # doctest: +SKIP
@@ -77,7 +85,7 @@ class ProcedureChecker:
     def __init__(self, model, *, reference=None, description: str | None = None, window: int = 3,
                  mode: str = "fast", threshold: float = 0.5, confirm: int = 2,
                  log_path: str | os.PathLike | None = None, duplicate_threshold: float = DUPLICATE_THRESHOLD,
-                 bgr: bool = False):
+                 bgr: bool = False, reference_frames: int = 16):
         if not 1 <= window <= MAX_WINDOW:
             raise ConfigError(f"window must be 1..{MAX_WINDOW} accepted frames (one question holds at most "
                               f"{MAX_WINDOW} history frames), got {window}")
@@ -97,7 +105,7 @@ class ProcedureChecker:
         self.bgr = bgr
         budget = getattr(model, "budget", None)
         self.reference = [] if reference is None else load_frames(reference, budget=budget, bgr=bgr, min_frames=2,
-                                                                  what="reference")
+                                                                  video_frames=reference_frames, what="reference")
         self._ref_thumbs = [thumbnail(f) for f in self.reference]
         self.log_path = Path(log_path) if log_path is not None else None
         self.reset()
@@ -164,6 +172,9 @@ class ProcedureChecker:
             return self._event(status, 0.0, started, raw=exc.raw, details={"error": str(exc).split("; raw")[0]})
         details = {"p_ok": verdict.confidence, "probabilities": verdict.choice.probabilities,
                    "letter": verdict.choice.letter}
+        if verdict.duplicate:  # no change at the model's (default) threshold, though above this checker's one
+            return self._event(Status.ACCEPTED, 1.0, started, raw=verdict.raw, engine=verdict.engine, duplicate=True,
+                               details={**details, "reason": "no visual change since the last accepted frame"})
         if verdict.confidence >= self.threshold:
             s.low_streak = 0
             self._accept(image, thumb)
@@ -172,7 +183,7 @@ class ProcedureChecker:
             s.low_streak += 1
             status = Status.REJECTED if s.low_streak >= self.confirm else Status.UNCERTAIN
         return self._event(status, verdict.confidence, started, raw=verdict.raw, engine=verdict.engine,
-                           details=details)
+                           details=details, lenient=verdict.lenient)
 
     def _accept(self, image, thumb) -> None:
         s = self._s
@@ -190,14 +201,14 @@ class ProcedureChecker:
             s.matched = lo + int(np.argmin(dists))
 
     def _event(self, status: Status, confidence: float, started: float, *, raw: str, engine: str | None = None,
-               duplicate: bool = False, details: dict | None = None) -> CheckEvent:
+               duplicate: bool = False, details: dict | None = None, lenient: bool = False) -> CheckEvent:
         s = self._s
         s.last_status = status
         progress = None if s.matched is None else (s.matched + 1) / len(self.reference)
         return CheckEvent(step=s.step, status=status, confidence=float(confidence), matched_step=s.matched,
                           progress=progress, latency_s=time.perf_counter() - started, raw=raw,
                           engine=engine or getattr(self.model, "engine_name", "?"), duplicate=duplicate,
-                          details=details or {})
+                          details=details or {}, lenient=lenient)
 
     def _log(self, event: CheckEvent) -> None:
         if self.log_path is None:

@@ -45,6 +45,10 @@ class EngineUnavailableError(TPRUError, ImportError):
     """An engine's optional dependencies are missing, or its runtime cannot start here."""
 
 
+class EngineClosedError(TPRUError, RuntimeError):
+    """An engine (or a ``TPRU`` whose engine) was closed and then asked a question; create a new one."""
+
+
 class ConfigError(TPRUError, ValueError):
     """A configuration value or file is wrong; the message names the key and the accepted values."""
 

@@ -22,7 +22,6 @@ from .hub import DEFAULT_MODEL, resolve
 from .progress import estimate as estimate_progress
 from .results import ChoiceResult, OrderResult, ProgressResult, StepVerdict
 from .tasks import continuation, next_frame, ordering, parse_response, previous, render_prompt
-from .tasks.answer import reasoning_prefix
 from .tasks.question import MAX_CANDIDATES, MAX_ORDER_LABELS, Question
 
 log = logging.getLogger(__name__)
@@ -40,6 +39,8 @@ class Answer:
     probabilities: dict[str, float]
     raw: str
     timings: dict[str, float] = field(default_factory=dict)
+    #: the generated answer was read by a lenient parse (not the strict trained format; see ``Parsed``)
+    lenient: bool = False
 
     @property
     def confidence(self) -> float:
@@ -52,6 +53,11 @@ def softmax(scores: dict[str, float]) -> dict[str, float]:
     exp = {k: math.exp(v - top) for k, v in scores.items()}
     total = sum(exp.values())
     return {k: v / total for k, v in exp.items()}
+
+
+def _labels(order: Sequence[int]) -> str:
+    """Labels of an order of input indices: A = input 0, B = input 1, ... (``[26]`` beyond Z)."""
+    return "".join(chr(ord("A") + i) if i < 26 else f"[{i}]" for i in order)
 
 
 def _is_classic(model, engine) -> bool:
@@ -146,6 +152,17 @@ class TPRU:
     def engine_name(self) -> str:
         return getattr(self.engine, "name", type(self.engine).__name__)
 
+    def _classic(self):
+        """The classic engine when it runs this model (it has no chain of thought and no sense of direction)."""
+        from .engines.classic import ClassicEngine
+
+        return self.engine if isinstance(self.engine, ClassicEngine) else None
+
+    def _mode(self, mode: str) -> str:
+        """The mode that actually runs: the classic engine only scores (its "generation" explains the same scores),
+        so its results say ``"fast"`` and carry no generation time (issue 14)."""
+        return "fast" if _check_mode(mode) == "reason" and self._classic() is not None else mode
+
     # ---------------------------------------------------------------- the core: one question, one answer
     def ask(self, question: Question, images: Sequence, *, mode: str = "reason", debias: int | None = None) -> Answer:
         """Answer one rendered question over already-loaded images (the primitive every task call uses).
@@ -159,7 +176,7 @@ class TPRU:
         Raises:
             ParseError: the generated text has no valid answer (the raw text is kept on the error).
         """
-        _check_mode(mode)
+        mode = self._mode(mode)
         if len(images) != question.n_images:
             raise ConfigError(f"the question shows {question.n_images} images but {len(images)} were given")
         n = question.n_candidates
@@ -185,13 +202,13 @@ class TPRU:
         request = Request(question, render_prompt(question.problem, self.template), tuple(images))
         answers = question.answers()
         timings: dict[str, float] = {}
-        raw, prefix, chosen = "", "", None
+        raw, prefix, chosen, lenient = "", "", None, False
         if mode == "reason":
             t0 = time.perf_counter()
             raw = self.engine.generate([request], self.options)[0]
             timings["generate_s"] = time.perf_counter() - t0
-            chosen = parse_response(raw, question.validate).answer
-            prefix = reasoning_prefix(raw)
+            parsed = parse_response(raw, question.validate)
+            chosen, prefix, lenient = parsed.answer, parsed.prefix, not parsed.well_formed
         t0 = time.perf_counter()
         scores = self.engine.score(request, [continuation(a) for a in answers], prefix=prefix)
         timings["score_s"] = time.perf_counter() - t0
@@ -199,7 +216,7 @@ class TPRU:
         if chosen is None:
             chosen = max(probs, key=probs.get)
             raw = continuation(chosen)
-        return Answer(chosen, probs, raw, timings)
+        return Answer(chosen, probs, raw, timings, lenient)
 
     # ---------------------------------------------------------------- ordering
     def order_frames(self, frames, *, description: str | None = None, mode: str = "reason") -> OrderResult:
@@ -207,7 +224,12 @@ class TPRU:
 
         Up to 4 frames are one TPRU question. 5..64 frames are ordered through 4-frame covering windows whose
         pairwise preferences are aggregated (see :mod:`tpru_agent.aggregate`); the confidence is then the geometric
-        mean, over windows, of the window's probability of the final order restricted to it.
+        mean, over windows, of the window's probability of the final order restricted to it. The classic engine
+        orders more than 4 frames by its own shortest path instead (:meth:`ClassicEngine.order`).
+
+        ``direction_known`` is False when the order and its reverse were exactly as likely (always with the
+        classic engine): the direction is then a tie broken by a rule (the end shown earlier among the inputs
+        comes first), a guess, and the confidence is at most one half.
 
         Args:
             frames: paths, a glob, a folder, a video (4 frames sampled), PIL images or arrays; 2..64 frames.
@@ -218,6 +240,7 @@ class TPRU:
             >>> TPRU("classic").order_frames("examples/frames").order   # doctest: +SKIP
         """
         started = time.perf_counter()
+        mode = self._mode(mode)
         images = load_frames(frames, budget=self.budget, bgr=self.bgr,
                              min_frames=2, max_frames=MAX_ORDER_FRAMES, what="frames")
         prepare_s = time.perf_counter() - started
@@ -226,9 +249,22 @@ class TPRU:
             labels = ordering.build(len(images)).labels
             order = tuple(labels.index(label) for label in ans.answer)
             probs = dict(sorted(ans.probabilities.items(), key=lambda kv: -kv[1])[:24])
+            tied = math.isclose(ans.probabilities.get(ans.answer[::-1], -1.0), ans.confidence, rel_tol=1e-9)
             return OrderResult(order, ans.answer, ans.confidence, probs, ans.raw, self.engine_name, mode,
-                               self._timings(started, prepare_s, [ans]))
+                               self._timings(started, prepare_s, [ans]), direction_known=not tied,
+                               lenient=ans.lenient)
+        if self._classic() is not None:
+            return self._order_classic(images, started, prepare_s)
         return self._order_windows(images, description, mode, started, prepare_s)
+
+    def _order_classic(self, images: list, started: float, prepare_s: float) -> OrderResult:
+        """The classic engine's shortest path over all the frames (its windows would all answer 0.5: issue 14)."""
+        t0 = time.perf_counter()
+        path = self._classic().order(images)
+        timings = {"prepare_s": prepare_s, "path_s": time.perf_counter() - t0}
+        timings["total_s"] = time.perf_counter() - started
+        return OrderResult(path.order, _labels(path.order), path.confidence, {}, path.explanation, self.engine_name,
+                           "fast", timings, direction_known=False)
 
     def _order_windows(self, images: list, description: str | None, mode: str, started: float,
                        prepare_s: float) -> OrderResult:
@@ -261,10 +297,12 @@ class TPRU:
             details.append({"indices": list(window), "answer": ans.answer, "confidence": ans.confidence,
                             "agrees": dist.get(restricted, 0.0) == max(dist.values()), "raw": ans.raw,
                             "scored_after_parse_error": window in fell_back})
-        labels = "".join(chr(ord("A") + i) if i < 26 else f"[{i}]" for i in order)
-        return OrderResult(order, labels, math.exp(log_conf / len(answered)), {}, "\n".join(d["raw"] for d in details),
-                           self.engine_name, mode, self._timings(started, prepare_s, [a for _, _, a in answered]),
-                           windows=tuple(details))
+        reverse_tied = math.isclose(aggregate.agreement(order, pref), aggregate.agreement(order[::-1], pref),
+                                    rel_tol=1e-9)
+        return OrderResult(order, _labels(order), math.exp(log_conf / len(answered)), {},
+                           "\n".join(d["raw"] for d in details), self.engine_name, mode,
+                           self._timings(started, prepare_s, [a for _, _, a in answered]), windows=tuple(details),
+                           direction_known=not reverse_tied, lenient=any(a.lenient for _, _, a in answered))
 
     # ---------------------------------------------------------------- progress
     def progress(self, frames, *, description: str | None = None, reference=None, mode: str = "fast",
@@ -304,6 +342,7 @@ class TPRU:
             "None of the choices provided".
         """
         started = time.perf_counter()
+        mode = self._mode(mode)
         hist = load_frames(history, budget=self.budget, bgr=self.bgr, min_frames=1, max_frames=12, what="history")
         cands = load_frames(candidates, budget=self.budget, bgr=self.bgr,
                             min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
@@ -316,6 +355,7 @@ class TPRU:
                         none_position: int | None = -1) -> ChoiceResult:
         """Which candidate frame comes right before ``later_frames`` (TPRU: steps 2-4 given, pick step 1)?"""
         started = time.perf_counter()
+        mode = self._mode(mode)
         later = load_frames(later_frames, budget=self.budget, bgr=self.bgr,
                             min_frames=1, max_frames=12, what="later_frames")
         cands = load_frames(candidates, budget=self.budget, bgr=self.bgr,
@@ -329,16 +369,28 @@ class TPRU:
 
         Asks TPRU's Next-Frame Prediction question with the observation as option A (plus optional
         ``distractors`` as further candidates) and the "None of the choices provided" option last.
-        ``ok`` is True when the model picks the observation; ``confidence`` is the probability the model gives
-        the observation's option, P(ok). With a ``description``, a frame that contradicts the text should be
-        answered "None" (TPRU's negative samples train exactly this cross-check).
+        ``ok`` is True when the model picks the observation and gives it more probability than any other option (a
+        tie is not a yes); ``confidence`` is the probability the model gives the observation's option, P(ok). An
+        observation with no visual change from the last history frame is no progress: ``ok`` is False and
+        ``duplicate`` True whatever the model says (the checker treats it the same way; issue 14). With a
+        ``description``, a frame that contradicts the text should be answered "None" (TPRU's negative samples
+        train exactly this cross-check).
         """
+        from .checker import same_frame
+
+        mode = self._mode(mode)
+        hist = load_frames(history, budget=self.budget, bgr=self.bgr, min_frames=1, max_frames=12, what="history")
         extra = [] if distractors is None else load_frames(distractors, budget=self.budget, bgr=self.bgr, min_frames=0,
                                                            max_frames=MAX_CANDIDATES - 1, what="distractors")
         obs = load_frame(observation, budget=self.budget, bgr=self.bgr, what="observation")
-        choice = self.predict_next(history, [obs, *extra], goal=goal, description=description, mode=mode)
-        p_ok = choice.probabilities[next(k for k, v in choice.options.items() if v == 0)]
-        return StepVerdict(choice.index == 0, p_ok, choice, choice.raw, choice.engine, mode, choice.timings)
+        choice = self.predict_next(hist, [obs, *extra], goal=goal, description=description, mode=mode)
+        letter = next(k for k, v in choice.options.items() if v == 0)
+        p_ok = choice.probabilities[letter]
+        rival = max((p for k, p in choice.probabilities.items() if k != letter), default=0.0)
+        duplicate = same_frame(obs, hist[-1])
+        ok = choice.index == 0 and p_ok > rival and not math.isclose(p_ok, rival, rel_tol=1e-9) and not duplicate
+        return StepVerdict(ok, p_ok, choice, choice.raw, choice.engine, mode, choice.timings, lenient=choice.lenient,
+                           duplicate=duplicate)
 
     def _choose(self, build, context: list, cands: list, mode: str, started: float, prepare_s: float) -> ChoiceResult:
         """Ask a candidates question. In fast mode with ``debias > 1`` the candidates are also shown with the
@@ -357,7 +409,7 @@ class TPRU:
         letter = answers[0].answer if mode == "reason" else max(probs, key=probs.get)
         raw = answers[0].raw if mode == "reason" else continuation(letter)
         return ChoiceResult(options[letter], letter, probs[letter], probs, options, raw, self.engine_name, mode,
-                            self._timings(started, prepare_s, answers))
+                            self._timings(started, prepare_s, answers), lenient=mode == "reason" and answers[0].lenient)
 
     def _timings(self, started: float, prepare_s: float, answers: Sequence[Answer]) -> dict[str, float]:
         timings = {"prepare_s": prepare_s, "calls": float(len(answers))}

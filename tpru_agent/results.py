@@ -37,6 +37,10 @@ class OrderResult(_ToDict):
         confidence: probability of ``order`` under the model (see ``TPRU.order_frames`` for windows).
         probabilities: probability of each scored permutation (single question), best first, top 24 kept.
         windows: for more than 4 frames, each window's input indices, its order and its confidence.
+        direction_known: False when the order and its reverse were exactly as likely (always with the classic
+            engine): the direction is then a guess (the end shown earlier among the inputs comes first).
+        lenient: the model's generated answer was read by a lenient parse, not the strict trained format
+            (missing tags, quotes, ``C-A-B-D``, ``(B)``, an answer inside the reasoning...): read ``raw``.
     """
 
     order: tuple[int, ...]
@@ -48,6 +52,8 @@ class OrderResult(_ToDict):
     mode: str
     timings: dict[str, float]
     windows: tuple[dict, ...] = ()
+    direction_known: bool = True
+    lenient: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ class ChoiceResult(_ToDict):
         confidence: probability of that option (softmax over the options' scores).
         probabilities: each option letter's probability.
         options: option letter -> candidate index (``None`` for the "None" option).
+        lenient: the model's generated answer was read by a lenient parse, not the strict trained format
+            (missing tags, quotes, ``C-A-B-D``, ``(B)``, an answer inside the reasoning...): read ``raw``.
     """
 
     index: int | None
@@ -71,6 +79,7 @@ class ChoiceResult(_ToDict):
     engine: str
     mode: str
     timings: dict[str, float]
+    lenient: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,9 +87,14 @@ class StepVerdict(_ToDict):
     """Whether an observation is a valid next step.
 
     Attributes:
-        ok: the model picked the observation as the next step (rather than "None" or a distractor).
+        ok: the model picked the observation as the next step (rather than "None" or a distractor), with more
+            probability than any other option (a tie is not ok), and the observation is not a duplicate.
         confidence: probability that the observation is the next step, P(ok).
         choice: the underlying multiple-choice result.
+        duplicate: the observation shows no visual change from the last history frame: no progress, so ``ok``
+            is False whatever the model said.
+        lenient: the model's generated answer was read by a lenient parse, not the strict trained format
+            (missing tags, quotes, ``C-A-B-D``, ``(B)``, an answer inside the reasoning...): read ``raw``.
     """
 
     ok: bool
@@ -90,6 +104,8 @@ class StepVerdict(_ToDict):
     engine: str
     mode: str
     timings: dict[str, float]
+    lenient: bool = False
+    duplicate: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,7 +150,7 @@ class Status(str, enum.Enum):
 
 @dataclass(frozen=True)
 class CheckEvent(_ToDict):
-    """One ``ProcedureChecker.observe`` outcome."""
+    """One ``ProcedureChecker.observe`` outcome (``lenient``: as :class:`StepVerdict`'s, for the judged frame)."""
 
     step: int
     status: Status
@@ -146,3 +162,4 @@ class CheckEvent(_ToDict):
     engine: str
     duplicate: bool = False
     details: dict = field(default_factory=dict)
+    lenient: bool = False
