@@ -40,11 +40,11 @@ class FrameFeatures:
 
 
 def budget_size(width: int, height: int, budget=None) -> tuple[int, int]:
-    """(width, height) after the TPRU pixel-budget resize (:func:`tpru_agent.frames.smart_resize`)."""
-    from tpru_agent.frames import TPRU_BUDGET, smart_resize
+    """(width, height) after the TPRU pixel-budget resize (:func:`tpru_agent.frames.budget_size`)."""
+    from tpru_agent.frames import TPRU_BUDGET
+    from tpru_agent.frames import budget_size as sized
 
-    new_h, new_w = smart_resize(height, width, budget or TPRU_BUDGET)
-    return new_w, new_h
+    return sized(width, height, budget or TPRU_BUDGET)
 
 
 def fit_budget(image, budget=None):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tpru_agent.engines import Engine, create_engine
 from tpru_agent.engines.base import GenerationOptions, Request
@@ -189,7 +192,7 @@ def test_bitsandbytes_quantization_loads_and_answers(tiny_checkpoint, engine, fr
     (dict(quantization="4-bit"), "Did you mean '4bit'"),
     (dict(dtype="fp8"), "dtype 'fp8'"),
     (dict(device="tpu"), "not a torch device"),
-    (dict(min_pixels=5000, max_pixels=100), "min_pixels <= max_pixels"),
+    (dict(min_pixels=5000, max_pixels=1000), "larger than max_pixels"),
 ])
 def test_bad_options_are_config_errors(tiny_checkpoint, kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -321,3 +324,20 @@ def test_cached_single_generate_equals_the_batched_path(engine, frames4):
     engine.score(first, [continuation(p) for p in PERMUTATIONS[:2]])   # now the prompt is cached
     assert [engine.generate([first], options)[0], engine.generate([second], options)[0]] == batch
     assert engine.cache_info()["hits"] >= 1
+
+
+def test_engine_budget_holds_against_a_real_preprocessor_config(tiny_checkpoint):
+    """The checkpoint's preprocessor_config.json carries the real min/max_pixels keys (3136..12845056): a
+    640x480 frame handed to the engine without the SDK's resize still gets TPRU's 48 tokens, not 391."""
+    preproc = json.loads((tiny_checkpoint / "preprocessor_config.json").read_text())
+    assert (preproc["min_pixels"], preproc["max_pixels"]) == (3136, 12845056)
+    engine = HFEngine(tiny_checkpoint, prefix_cache_mb=0)
+    try:
+        raw = Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8))
+        request = engine._sized(Request(ordering.build(2), "<image><image>", (raw, raw)))
+        assert [im.size for im in request.images] == [(224, 168)] * 2
+        visual = engine._visual(request.images)
+        assert [len(feat) for _, feat, _ in visual] == [48, 48]
+        assert engine.info()["pixel_budget"] == {"min_pixels": 16384, "max_pixels": 36864, "factor": 28}
+    finally:
+        engine.close()

@@ -92,7 +92,7 @@ def test_export_writes_graphs_manifest_and_processor_files(onnx_dir, tiny_checkp
 
 
 @pytest.mark.parametrize("text, expected", [
-    (None, (168, 168)), ("196x168", (196, 168)), ("224X168", (224, 168)), ((168, 196), (168, 196)),
+    (None, (196, 196)), ("196x168", (196, 168)), ("224X168", (224, 168)), ((168, 196), (168, 196)),
 ])
 def test_parse_frame_size(text, expected):
     assert parse_frame_size(text) == expected

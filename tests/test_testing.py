@@ -8,7 +8,8 @@ import pytest
 
 from tpru_agent.errors import ConfigError
 from tpru_agent.tasks import next_frame, ordering, previous, render_prompt
-from tpru_agent.testing import CHAT_TEMPLATE, MAX_PIXELS, MIN_PIXELS, SPECIAL_TOKENS, build_tiny_checkpoint
+from tpru_agent.frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS
+from tpru_agent.testing import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="the tiny checkpoint needs the [hf] extra")
 
@@ -36,8 +37,9 @@ def test_loads_unpatched_through_the_auto_classes(tiny_checkpoint, processor):
     n_params = sum(p.numel() for p in model.parameters())
     assert 500_000 < n_params < 2_000_000, n_params
     assert type(processor).__name__ == "Qwen2_5_VLProcessor"
-    size = processor.image_processor.size
-    assert (size.shortest_edge, size.longest_edge) == (MIN_PIXELS, MAX_PIXELS)
+    # the real checkpoint's processor budget, as top-level keys like the real preprocessor_config.json
+    preproc = json.loads((tiny_checkpoint / "preprocessor_config.json").read_text())
+    assert (preproc["min_pixels"], preproc["max_pixels"]) == (PROCESSOR_MIN_PIXELS, PROCESSOR_MAX_PIXELS)
     text = model.config.text_config
     assert text.hidden_size == model.config.vision_config.out_hidden_size
     assert sum(text.rope_parameters["mrope_section"]) * 2 == text.hidden_size // text.num_attention_heads

@@ -117,21 +117,21 @@ SIZES = [(640, 480), (1920, 1080), (100, 100), (50, 4000), (224, 224), (168, 112
 
 
 @pytest.mark.parametrize("width, height", SIZES)
-def test_budget_size_matches_qwen_vl_utils(width, height):
-    qwen = pytest.importorskip("qwen_vl_utils")
-    h, w = qwen.smart_resize(height, width, factor=28, min_pixels=16384, max_pixels=36864)
-    assert budget_size(width, height) == (w, h)
+def test_budget_size_is_what_the_sdk_serves(width, height):
+    """The data builder sizes frames exactly as the SDK serves them (train as served)."""
+    from tpru_agent.frames import resize_to_budget
+
+    assert budget_size(width, height) == resize_to_budget(Image.new("RGB", (width, height))).size
 
 
 def test_fit_budget_matches_the_sdk_resize():
-    pytest.importorskip("qwen_vl_utils")
     from tpru_agent.frames import resize_to_budget
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (300, 410, 3), dtype=np.uint8))
     ours, theirs = fit_budget(image), resize_to_budget(image)
     assert ours.size == theirs.size and ours.tobytes() == theirs.tobytes()
-    assert 16384 <= ours.size[0] * ours.size[1] <= 36864
+    assert ours.size == (224, 168)   # 410x300 -> 224x163 (PIL step) -> 224x168 (sides rounded to 28)
     assert fit_budget(ours) is ours  # already in budget: untouched
     with pytest.raises(FrameError, match="aspect ratio"):
         fit_budget(Image.new("RGB", (4000, 10)))

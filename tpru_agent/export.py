@@ -45,7 +45,7 @@ GRAPHS = ("vision", "embed", "decoder")
 PROTOBUF_LIMIT = 2 * 1024**3
 #: Files copied from the source folder next to the graphs (tokenizer, chat template, processor and model config).
 PROCESSOR_FILES = (
-    "config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+    "config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json", "tpru_budget.json",
     "video_preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
@@ -56,14 +56,18 @@ def parse_frame_size(text: str | tuple[int, int] | None, *, max_pixels: int = 36
                      ) -> tuple[int, int]:
     """``"224x168"`` / ``(224, 168)`` / ``None`` -> ``(width, height)``, both multiples of ``factor``.
 
-    ``None`` picks the largest square inside the pixel budget (TPRU's 36,864 px -> 168x168, 36 visual tokens): the
-    vision graph has one fixed grid, and a square distorts portrait (GUI) and landscape (robot) frames alike.
+    ``None`` picks the square a large square frame is served at under this budget (TPRU's 36,864 px -> 196x196,
+    49 visual tokens, as training sized a 224x224 frame): the vision graph has one fixed grid, and a square
+    distorts portrait (GUI) and landscape (robot) frames alike.
 
     Raises:
         ConfigError: malformed text, or sides that are not positive multiples of ``factor``.
     """
     if text is None:
-        side = int((max_pixels ** 0.5) // factor) * factor
+        from .frames import PixelBudget, budget_size
+
+        side = budget_size(4096, 4096, PixelBudget(min_pixels=min(max_pixels, 16384), max_pixels=max_pixels,
+                                                   factor=factor))[0]
         return side, side
     if isinstance(text, str):
         parts = text.lower().replace(" ", "").split("x")
@@ -178,9 +182,11 @@ def export_onnx(model: str | os.PathLike, out: str | os.PathLike, *, int8: bool 
         raise ConfigError(f"ONNX export supports Qwen2.5-VL checkpoints; {str(model)!r} is "
                           f"{getattr(config, 'model_type', 'unknown')!r}")
     preproc = json.loads((source / "preprocessor_config.json").read_text(encoding="utf-8"))
-    budget = preproc.get("max_pixels") or preproc.get("size", {}).get("longest_edge") or 36864
+    from .frames import serving_budget
+
+    budget = serving_budget(source).max_pixels
     merge, patch = config.vision_config.spatial_merge_size, config.vision_config.patch_size
-    width, height = parse_frame_size(frame_size, max_pixels=min(int(budget), 36864), factor=patch * merge)
+    width, height = parse_frame_size(frame_size, max_pixels=budget, factor=patch * merge)
 
     step(f"loading {model} (float32, eager attention)")
     hf_model = transformers.AutoModelForImageTextToText.from_pretrained(

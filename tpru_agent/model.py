@@ -125,6 +125,9 @@ class TPRU:
         self.engine = engine if not isinstance(engine, str) else self._create(engine, quantization=quantization,
                                                                               device=device, dtype=dtype,
                                                                               **engine_kwargs)
+        if budget == "auto" and self.budget is not None:
+            # a model folder that records its own training budget (tpru-nano) is served at it
+            self.budget = getattr(self.engine, "budget", None) or self.budget
         self.load_s = time.perf_counter() - started
 
     def _create(self, engine: str, **kwargs: Any) -> Engine:
@@ -143,7 +146,7 @@ class TPRU:
             kwargs = {k: v for k, v in kwargs.items() if k not in {"quantization", "device", "dtype"}}
         if kind == "onnx":
             kwargs = {k: v for k, v in kwargs.items() if k not in {"quantization", "dtype"}}
-        if self.budget is not None and kind == "hf":
+        if self.budget is not None and kind == "hf" and self.budget is not TPRU_BUDGET:
             kwargs.setdefault("min_pixels", self.budget.min_pixels)
             kwargs.setdefault("max_pixels", self.budget.max_pixels)
         return create_engine(kind, self.model_name, **kwargs)

@@ -25,13 +25,10 @@ import tempfile
 from pathlib import Path
 
 from .errors import ConfigError, require
+from .frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS
 from .fsutil import replace_dir
 
 log = logging.getLogger(__name__)
-
-#: Pixel budget TPRU trains and serves at (per image): about 40-50 visual tokens.
-MIN_PIXELS = 16384
-MAX_PIXELS = 36864
 
 #: Qwen2-VL's special tokens, in Qwen's id order (``<|endoftext|>`` first); ids follow the trained BPE vocabulary.
 SPECIAL_TOKENS = (
@@ -69,7 +66,7 @@ SIZES: dict[str, dict] = {
 }
 VOCAB_SIZE = 2000
 #: Bumped whenever the recipe changes, so a cached build is rebuilt instead of reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 _STAMP = "tpru_tiny.json"
 
 _DESCRIPTIONS = (
@@ -289,7 +286,9 @@ def build_tiny_checkpoint(path: str | os.PathLike, *, size: str = "tiny", seed: 
         bos_token_id=config.text_config.bos_token_id, pad_token_id=config.text_config.pad_token_id,
         eos_token_id=[config.text_config.eos_token_id, config.text_config.bos_token_id],
     )
-    image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    # The real Qwen2.5-VL-3B/7B-Instruct processor budget, written as the real preprocessor_config.json writes it
+    # (top-level min_pixels / max_pixels keys, which beat a size= argument): engines must hold their own budget.
+    image_processor = Qwen2VLImageProcessor(min_pixels=PROCESSOR_MIN_PIXELS, max_pixels=PROCESSOR_MAX_PIXELS)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -299,6 +298,10 @@ def build_tiny_checkpoint(path: str | os.PathLike, *, size: str = "tiny", seed: 
         # The layout of the Qwen / TPRU releases: tokenizer files + chat template, preprocessor_config.json.
         tok.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
+        preproc_path = tmp / "preprocessor_config.json"
+        preproc = json.loads(preproc_path.read_text(encoding="utf-8"))
+        preproc.update(min_pixels=PROCESSOR_MIN_PIXELS, max_pixels=PROCESSOR_MAX_PIXELS)
+        preproc_path.write_text(json.dumps(preproc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         n_params = sum(p.numel() for p in model.parameters())
         stamp = {"recipe": RECIPE_VERSION, "size": size, "seed": seed}
         (tmp / _STAMP).write_text(json.dumps(dict(stamp, parameters=n_params), indent=2), encoding="utf-8")

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import inspect
 import json
@@ -31,6 +32,7 @@ import numpy as np
 
 from .. import hub
 from ..errors import ConfigError, TPRUError, require
+from ..frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, resize_to_budget, serving_budget
 from .base import GenerationOptions, Request
 from .chat import common_prefix, expand_image_pads
 from .hf_options import QUANTIZATIONS, check_quantization, pick_device, pick_dtype, split_prompt
@@ -57,8 +59,11 @@ class HFEngine(HFTokens):
         attn_implementation: passed to transformers (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``).
         revision, cache_dir, local_files_only: where Hub weights come from.
         trust_remote_code: off unless asked; Qwen2.5-VL needs no remote code.
-        min_pixels, max_pixels: the processor's pixel budget (TPRU's by default), so frames already resized to
-            it by the caller are not resized again.
+        min_pixels, max_pixels: the pixel budget frames are served at (default: the model folder's own budget,
+            see :func:`tpru_agent.hub.folder_budget`, else TPRU's 16,384..36,864). The engine resizes every frame
+            as TPRU's training did (:func:`tpru_agent.frames.resize_to_budget`; a no-op for frames the SDK already
+            sized) and loads the processor at the checkpoint's wide budget, so a ``preprocessor_config.json`` with
+            its own ``min_pixels`` / ``max_pixels`` keys only rounds sides to 28, as in training.
         score_batch_size: candidates run together in one ``score`` forward; ``None`` sizes it from memory.
         prefix_cache_mb: memory (MiB, on the model's device) for the prefix key/value cache and the per-frame
             visual features reused across calls; 0 disables it. A 4-frame prompt of Qwen2.5-VL-3B takes ~15 MiB.
@@ -77,13 +82,11 @@ class HFEngine(HFTokens):
                  quantization: str | None = None, attn_implementation: str | None = None,
                  revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                  local_files_only: bool | None = None, trust_remote_code: bool = False,
-                 min_pixels: int = 16384, max_pixels: int = 36864, score_batch_size: int | None = None,
+                 min_pixels: int | None = None, max_pixels: int | None = None, score_batch_size: int | None = None,
                  prefix_cache_mb: float = 512, ignore_eos: bool = False):
         torch = require("torch", "hf", what="the hf engine")
         transformers = require("transformers", "hf", what="the hf engine")
         self.quantization = check_quantization(quantization)
-        if not 0 < min_pixels <= max_pixels:
-            raise ConfigError(f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
         if score_batch_size is not None and score_batch_size < 1:
             raise ConfigError(f"score_batch_size must be >= 1 or None, got {score_batch_size}")
         if not prefix_cache_mb >= 0:
@@ -93,6 +96,7 @@ class HFEngine(HFTokens):
         self.device = pick_device(device, torch)
         self.dtype = pick_dtype(dtype, self.device, torch)
         self.folder = hub.locate(model, revision=revision, cache=cache_dir, local_files_only=local_files_only)
+        self.budget = serving_budget(self.folder, min_pixels, max_pixels)
         self.score_batch_size = score_batch_size
         self.ignore_eos = ignore_eos
         kwargs = dict(dtype=self.dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
@@ -106,7 +110,7 @@ class HFEngine(HFTokens):
         self.model = load_model(transformers, self.folder, kwargs, local_files_only=local_files_only).eval()
         self.processor = transformers.AutoProcessor.from_pretrained(
             self.folder, trust_remote_code=trust_remote_code, local_files_only=True,
-            size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+            min_pixels=PROCESSOR_MIN_PIXELS, max_pixels=PROCESSOR_MAX_PIXELS)
         self.processor.tokenizer.padding_side = "left"
         self._torch = torch
         params = inspect.signature(self.model.forward).parameters
@@ -139,6 +143,13 @@ class HFEngine(HFTokens):
             raise TPRUError("this HFEngine was closed; create a new one")
         return self.model
 
+    def _sized(self, request: Request) -> Request:
+        """``request`` with every frame at the serving budget (frames the SDK already sized pass unchanged)."""
+        images = tuple(resize_to_budget(im, self.budget) for im in request.images)
+        if all(a is b for a, b in zip(images, request.images)):
+            return request
+        return dataclasses.replace(request, images=images)
+
     # ------------------------------------------------------------------ generate
     def generate(self, requests: Sequence[Request], options: GenerationOptions = GenerationOptions()) -> list[str]:
         """One reply per request (new text only, special tokens removed), batched with left padding.
@@ -148,6 +159,7 @@ class HFEngine(HFTokens):
         and leaves its prompt + reply there (a ``score`` after the reasoning then runs only the answer).
         """
         model, torch = self._live(), self._torch
+        requests = [self._sized(r) for r in requests]
         kwargs = self._generation_kwargs(options, ignore_eos=self.ignore_eos)  # validates the options too
         if not requests:
             return []
@@ -210,6 +222,7 @@ class HFEngine(HFTokens):
             ConfigError: repeated continuations, or a placeholder / image count mismatch.
         """
         model, torch = self._live(), self._torch
+        request = self._sized(request)
         conts = list(continuations)
         if not conts:
             return []
@@ -360,6 +373,8 @@ class HFEngine(HFTokens):
             "quantization": self.quantization,
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "prefix_cache_bytes": self.prefix_cache.budget,
+            "pixel_budget": {"min_pixels": self.budget.min_pixels, "max_pixels": self.budget.max_pixels,
+                             "factor": self.budget.factor},
         }
 
     def close(self) -> None:
