@@ -89,21 +89,20 @@ def prompt_lengths(ds, processor, *, template: str | None, budget) -> list[int]:
     """
     import io
 
-    import datasets
     from PIL import Image
 
     from tpru_agent import frames
 
-    raw = ds.select_columns(["problem", "images"]).cast_column("images", datasets.List(datasets.Image(decode=False)))
+    raw = ds.with_format("arrow")  # encoded image structs, no decoding, no transform
     factor = getattr(processor.image_processor, "patch_size", 14) * getattr(processor.image_processor,
                                                                             "merge_size", 2)
     lengths: list[int] = []
     for start in range(0, len(raw), 256):
         rows = raw[start:start + 256]
         texts = [processor.apply_chat_template(to_messages(p, template), tokenize=False, add_generation_prompt=True)
-                 for p in rows["problem"]]
+                 for p in rows.column("problem").to_pylist()]
         ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        for tokens, images in zip(ids, rows["images"]):
+        for tokens, images in zip(ids, rows.column("images").to_pylist()):
             visual = 0
             for image in images or []:
                 with Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]) as im:
