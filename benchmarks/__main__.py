@@ -1,4 +1,4 @@
-"""``python -m benchmarks [NAMES...]``: run the suite's benchmarks and record each run in benchmarks/RESULTS.md.
+"""``python -m benchmarks [NAMES...]``: run the suite's benchmarks; ``--record`` adds each run to benchmarks/RESULTS.md.
 
 A benchmark is any module ``benchmarks/<name>.py`` (not starting with ``_``) that defines ``run(args) -> dict``;
 see benchmarks/README.md for the protocol. Modules are found without importing them (``--list`` is instant) and
@@ -6,7 +6,7 @@ imported only when selected. Threads are pinned (``--threads``, default 1) befor
 
 Examples:
     OMP_NUM_THREADS=1 python -m benchmarks --list
-    OMP_NUM_THREADS=1 python -m benchmarks sdk_overhead cache --size mid --repeats 20
+    OMP_NUM_THREADS=1 python -m benchmarks sdk_overhead cache --size mid --repeats 20 --record
     python -m benchmarks gpu_realsize --device cuda           # real-size 3B and 7B shapes, random weights
 """
 
@@ -169,8 +169,10 @@ def parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smallest workloads (a smoke run, e.g. in CI)")
     p.add_argument("--workdir", default=None, help="cache / scratch folder (default $TPRU_BENCH_DIR or "
                                                    "~/.cache/tpru-agent/bench)")
-    p.add_argument("--results", default=str(RESULTS), help="the RESULTS.md to append to")
-    p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    p.add_argument("--results", default=str(RESULTS), help="the RESULTS.md to append to (with --record)")
+    p.add_argument("--record", action="store_true",
+                   help="append a dated row per benchmark to RESULTS.md (a tracked file: only when asked)")
+    p.add_argument("--no-record", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old commands
     p.add_argument("--json", dest="json_out", default=None, help="also write every result to this JSON file")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
     return p
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m benchmarks") -
             results[name]["load1_before"] = load
         show(name, results[name])
         failed |= results[name]["status"] == "failed"
-        if results[name]["status"] == "ok" and not args.no_record:
+        if results[name]["status"] == "ok" and args.record and not args.no_record:
             row = {"date": _dt.date.today().isoformat(), "machine": machine(), "versions": versions(),
                    "setup": f"size {args.size}, device {args.device}, threads {args.threads}, "
                             f"repeats {args.repeats}" + (", quick" if args.quick else "")

@@ -43,17 +43,18 @@ def find_suite(start: Path | None = None) -> Path:
               help="CPU threads (OMP / torch / ORT); keep 1 on shared machines.")
 @click.option("--quick", is_flag=True, help="Smallest workloads (a smoke run).")
 @click.option("--list", "list_only", is_flag=True, help="List the benchmarks and exit.")
-@click.option("--no-record", is_flag=True, help="Do not append the results to benchmarks/RESULTS.md.")
+@click.option("--record", is_flag=True, help="Append a dated row per benchmark to benchmarks/RESULTS.md (tracked).")
+@click.option("--no-record", is_flag=True, hidden=True)  # the default now; accepted so old commands still run
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write every result to this JSON file.")
-def bench(names, size, device, repeats, threads, quick, list_only, no_record, json_out):
-    """Run benchmarks NAMES (default: all) and append a dated row per benchmark to benchmarks/RESULTS.md."""
+def bench(names, size, device, repeats, threads, quick, list_only, record, no_record, json_out):
+    """Run benchmarks NAMES (default: all); with --record, append a dated row per benchmark to RESULTS.md."""
     root = find_suite()
     argv = list(names) + ["--device", device, "--repeats", str(repeats), "--threads", str(threads)]
     argv += ["--size", size] if size else []
     argv += ["--quick"] if quick else []
     argv += ["--list"] if list_only else []
-    argv += ["--no-record"] if no_record else []
+    argv += ["--record"] if record and not no_record else []
     argv += ["--json", json_out] if json_out else []
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))

@@ -26,8 +26,9 @@ def eval_group() -> None:
 
 
 @eval_group.command("run")
-@click.option("--model", "-m", required=True,
-              help="Name (tpru-3b, qwen2.5-vl-7b...), Hub id, local folder, ONNX export folder, or 'classic'.")
+@click.option("--model", "-m", default=None,
+              help="Name (tpru-3b, qwen2.5-vl-7b...), Hub id, local folder, ONNX export folder, or 'classic' "
+                   "(--engine classic alone is enough).")
 @click.option("--data", "-d", required=True, type=click.Path(exists=True),
               help="TPRU-layout dataset: a parquet file, a folder of them (DIR/*.parquet, DIR/{train,test}/), or "
                    "a datasets.save_to_disk folder.")
@@ -51,17 +52,28 @@ def eval_group() -> None:
 @click.option("--base-url", default=None, help="openai engine: server URL, e.g. http://127.0.0.1:8000/v1")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="reason mode: reasoning budget.")
+@click.option("--min-pixels", type=click.IntRange(min=1), default=None,
+              help="Pixel budget: smallest frame area after resizing (default: the model's own, else 16384).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+              help="Pixel budget: largest frame area after resizing (default: the model's own, else 36864). "
+                   "Evaluate a model at the budget it was trained at.")
 @click.option("--bins", type=click.IntRange(min=1), default=10, show_default=True, help="Reliability-diagram bins.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object instead of tables.")
 def run_cmd(model, data, engine, mode, split, limit, debias, out, overwrite, quantization, device, dtype, template,
-            base_url, max_new_tokens, bins, no_plots, as_json):
+            base_url, max_new_tokens, min_pixels, max_pixels, bins, no_plots, as_json):
     """Evaluate MODEL on the dataset at --data; rerun the same command to resume an interrupted run."""
     from tpru_agent.finetune.evaluate import EvalConfig, run_eval
 
+    if model is None:
+        if engine != "classic":
+            raise click.UsageError("Missing option '--model' / '-m' (or pass --engine classic for the no-weights "
+                                   "baseline).")
+        model = "classic"
     config = EvalConfig(model=model, data=data, out=out, engine=engine, mode=mode, split=split, limit=limit,
                         debias=debias, quantization=quantization, device=device, dtype=dtype, template=template,
-                        base_url=base_url, max_new_tokens=max_new_tokens, bins=bins, plots=not no_plots)
+                        base_url=base_url, max_new_tokens=max_new_tokens, bins=bins, plots=not no_plots,
+                        min_pixels=min_pixels, max_pixels=max_pixels)
     if as_json:
         report = run_eval(config, overwrite=overwrite)
         render.emit_json(report)

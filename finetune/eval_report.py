@@ -189,7 +189,16 @@ def load_items(report_path: str | Path) -> tuple[dict, dict[str, dict]]:
         path = path / "report.json"
     if not path.is_file():
         raise ConfigError(f"{str(path)!r} is not a report; pass the report.json written by `tpru eval run`")
-    report = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ConfigError(f"{str(path)!r} is not a report (not JSON: {exc}); pass the report.json written by "
+                          "`tpru eval run`") from exc
+    if not isinstance(report, dict) or "accuracy" not in report:
+        what = ("a dataset manifest written by `tpru data build`" if isinstance(report, dict)
+                and ("content_hash" in report or "fingerprint" in report) else "not an evaluation report")
+        raise ConfigError(f"{str(path)!r} is {what}, not a report; evaluate first (`tpru eval run --data DIR`) and "
+                          "compare the report.json files it writes")
     items_path = path.parent / report.get("items", "items.jsonl")
     if not items_path.is_file():
         raise ConfigError(f"the per-item file {str(items_path)!r} of {str(path)!r} is missing; keep it next to "

@@ -64,6 +64,8 @@ class EvalConfig:
         debias: fast mode: average next / previous answers over this many cyclic shifts of the candidates.
         bins: reliability-diagram bins.
         plots: write the PNG plots (needs matplotlib).
+        min_pixels / max_pixels: the pixel budget frames are resized to (default: the model's own, else TPRU's
+            16,384..36,864); evaluate a model at the budget it was trained at.
     """
 
     model: str = "tpru-3b"
@@ -82,6 +84,8 @@ class EvalConfig:
     max_new_tokens: int = 1024
     bins: int = 10
     plots: bool = True
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for values that cannot work."""
@@ -213,6 +217,13 @@ def open_model(config: EvalConfig):
     from tpru_agent import TPRU
 
     kwargs = {"base_url": config.base_url} if config.base_url else {}
+    if config.min_pixels is not None or config.max_pixels is not None:
+        from tpru_agent.frames import PixelBudget
+
+        default = PixelBudget()
+        high = config.max_pixels or default.max_pixels
+        kwargs["budget"] = PixelBudget(min_pixels=config.min_pixels or min(default.min_pixels, high),
+                                       max_pixels=high)
     return TPRU(config.model, engine=config.engine, quantization=config.quantization, device=config.device,
                 dtype=config.dtype, template=config.template, max_new_tokens=config.max_new_tokens, **kwargs)
 

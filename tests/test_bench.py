@@ -55,7 +55,7 @@ def test_runner_end_to_end_on_the_tiny_checkpoint(tmp_path, tiny_checkpoint):
     results, out = tmp_path / "RESULTS.md", tmp_path / "all.json"
     shutil.copytree(tiny_checkpoint, tmp_path / "work" / "tiny")  # a complete build is reused, not rebuilt
     code = suite.main(["gpu_realsize", "--size", "tiny", "--quick", "--warmup", "1", "--results", str(results),
-                       "--json", str(out), "--workdir", str(tmp_path / "work")])
+                       "--json", str(out), "--workdir", str(tmp_path / "work"), "--record"])
     assert code == 0
     result = json.loads(out.read_text())["results"]["gpu_realsize"]
     figures = result["figures"]
@@ -132,3 +132,22 @@ def test_tpru_bench_finds_the_suite(tmp_path, monkeypatch):
     monkeypatch.chdir(root)
     result = CliRunner().invoke(cli, ["bench", "--list"])
     assert result.exit_code == 0 and "gpu_realsize" in result.output
+
+
+def test_results_are_recorded_only_with_record(monkeypatch, tmp_path):
+    """RESULTS.md is tracked: a plain run leaves it alone; --record (CLI and module) appends."""
+    from tpru_agent.cli.main import cli
+
+    results = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(suite, "run_one", lambda name, args: {"status": "ok", "figures": {"x_ms": 1.0},
+                                                               "seconds": 0.0, "error": None})
+    assert suite.main(["cache", "--results", str(results)]) == 0
+    assert not results.exists()
+    assert suite.main(["cache", "--results", str(results), "--record"]) == 0
+    assert "x_ms=" in results.read_text()
+    monkeypatch.chdir(Path(suite.__file__).parents[1])
+    captured = []
+    monkeypatch.setattr(suite, "main", lambda argv, prog=None: captured.append(argv) or 0)
+    assert CliRunner().invoke(cli, ["bench", "cache"]).exit_code == 0
+    assert CliRunner().invoke(cli, ["bench", "cache", "--record"]).exit_code == 0
+    assert "--record" not in captured[0] and "--record" in captured[1]

@@ -331,3 +331,30 @@ def test_cli_eval_run(dataset, tmp_path):
 def test_config_checks_name_the_problem(bad):
     with pytest.raises(ConfigError):
         EvalConfig(**{"data": "somewhere", **bad}).check()
+
+
+def test_engine_classic_alone_runs_and_pixel_budget_is_an_option(dataset, tmp_path):
+    from tpru_agent.cli.main import cli
+
+    args = ["eval", "run", "--engine", "classic", "-d", str(dataset), "--mode", "fast", "--limit", "2", "--no-plots",
+            "--json"]
+    result = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["accuracy"]["n"] == 2
+    missing = CliRunner().invoke(cli, ["eval", "run", "-d", str(dataset)])
+    assert missing.exit_code == 2 and "--engine classic" in missing.output
+    from tpru_agent.finetune.evaluate import open_model
+
+    tpru = open_model(EvalConfig(model="classic", data=str(dataset), engine="classic", max_pixels=12544))
+    assert tpru.budget.max_pixels == 12544 and tpru.budget.min_pixels == 12544
+
+
+def test_compare_refuses_a_dataset_manifest(dataset, tmp_path):
+    from tpru_agent.cli.main import cli
+
+    run_eval(EvalConfig(model="classic", data=str(dataset), out=str(tmp_path / "a"), mode="fast", plots=False,
+                        limit=2))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"format": "tpru-data/1", "content_hash": "abc", "samples": {}}))
+    result = CliRunner().invoke(cli, ["eval", "compare", str(manifest), str(tmp_path / "a" / "report.json")])
+    assert result.exit_code == 1 and "dataset manifest" in result.stderr and "not a report" in result.stderr
