@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(stderr=True)
 COLOURS = {"accepted": "green", "uncertain": "yellow", "rejected": "red"}
+
+
+def one_line_errors(main):
+    """Run ``main()``; the project's typed errors (no browser, no simulator, no weights) print as one red line.
+
+    ``-v`` / ``--verbose`` on the command line keeps the traceback.
+    """
+    from tpru_agent.errors import TPRUError
+
+    try:
+        return main()
+    except TPRUError as exc:
+        if {"-v", "--verbose"} & set(sys.argv[1:]):
+            raise
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return 1
 
 
 def run_checker(model, reference, frames, *, mode: str, window: int, out: Path) -> dict:

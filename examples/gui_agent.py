@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from examples_common import report_runs, run_checker
+from examples_common import one_line_errors, report_runs, run_checker
 
 
 def episodes(task: str):
@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=3)
     parser.add_argument("--out", default="runs/gui_agent", help="folder for the timeline pictures and logs")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
 
     from tpru_agent import TPRU
@@ -59,4 +60,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(one_line_errors(main))
