@@ -117,7 +117,8 @@ def test_well_formed_questions_answer_on_a_classic_server(classic_app):
 
 @pytest.mark.parametrize("question", [ordering.build(2), ordering.build(4),
                                       ordering.build_mcq(4, ["ABCD", "DCBA"], none_position=1),
-                                      next_frame.build(2, 3, with_goal=True), next_frame.build(1, 1, none_position=None),
+                                      next_frame.build(2, 3, with_goal=True),
+                                      next_frame.build(1, 1, none_position=None),
                                       previous.build(3, 2, none_position=0)], ids=lambda q: q.task)
 def test_question_payload_round_trips(question):
     assert build_question(question_payload(question), question.problem, question.n_images) == question
@@ -231,6 +232,12 @@ def test_a_crash_is_one_500_and_the_connection_survives(classic_server, monkeypa
         assert resp.status_code == 500 and resp.json()["error"]["type"] == "server_error"
         assert "a bug" not in resp.text and "Traceback" not in resp.text
         assert client.get("/health").status_code == 200
+
+
+def test_server_load_is_part_of_the_benchmark_suite():
+    from benchmarks.__main__ import discover
+
+    assert discover()["server_load"]["runnable"]
 
 
 def test_png_bytes_helper_is_what_it_claims():

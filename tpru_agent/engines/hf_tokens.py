@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
 
-from ..errors import ConfigError, TPRUError
+from ..errors import ConfigError
 from ..tasks.question import IMAGE
 from .base import GenerationOptions, Request
 from .hf_options import split_prompt
