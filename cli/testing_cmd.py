@@ -14,7 +14,7 @@ def testing() -> None:
 
 @testing.command("build-tiny")
 @click.argument("path", type=click.Path(file_okay=False))
-@click.option("--size", type=click.Choice(["tiny", "mid"]), default="tiny",
+@click.option("--size", type=click.Choice(["tiny", "nano", "mid"]), default="tiny",
               help="tiny: ~1M parameters (tests); mid: tens of millions (CPU timings).")
 @click.option("--seed", type=int, default=0)
 def build_tiny(path: str, size: str, seed: int) -> None:

@@ -58,6 +58,12 @@ SIZES: dict[str, dict] = {
                   num_key_value_heads=2, mrope_section=[4, 6, 6]),
         vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[1]),
     ),
+    # tpru-nano's shape (finetune/recipes/nano.yaml): ~5.8M parameters, trainable on one CPU core
+    "nano": dict(
+        text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[8, 12, 12]),
+        vision=dict(depth=4, hidden_size=128, intermediate_size=512, num_heads=2, fullatt_block_indexes=[1, 3]),
+    ),
     "mid": dict(
         text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=2, mrope_section=[8, 12, 12]),
@@ -252,7 +258,8 @@ def _is_complete(folder: Path, size: str, seed: int) -> bool:
 def build_tiny_checkpoint(path: str | os.PathLike, *, size: str = "tiny", seed: int = 0) -> Path:
     """Write a random-weight Qwen2.5-VL checkpoint (Hub layout, safetensors) to ``path`` and return it.
 
-    ``size="tiny"`` is ~1M parameters (tests); ``size="mid"`` is ~30M (CPU timings that mean something). The
+    ``size="tiny"`` is ~1M parameters (tests); ``size="nano"`` ~5.8M (tpru-nano's starting point); ``size="mid"``
+    is ~30M (CPU timings that mean something). The
     build is idempotent (an existing complete build of the same size, seed and recipe is reused) and atomic
     (written in a temporary sibling folder, then renamed into place).
 
