@@ -135,3 +135,17 @@ def test_lines_are_not_wrapped_in_a_pipe(frames, tmp_path):
     assert re.search(r"P\(ok\) = \d\.\d{3}", result.stdout), result.stdout
     table = run("models")
     assert all("…" not in line for line in table.stdout.splitlines())
+
+
+def test_cli_messages_do_not_send_users_to_sdk_functions(frames, tmp_path):
+    clip = tmp_path / "clip.mp4"
+    import cv2
+    import numpy as np
+
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10, (32, 32))
+    for k in range(8):
+        writer.write(np.full((32, 32, 3), 30 * k, np.uint8))
+    writer.release()
+    result = run("verify", clip, "-H", frames[0], "--model", "classic")
+    assert result.exit_code == 1 and "is a video, not one frame" in result.stderr
+    assert "pass it to load_frames" not in result.stderr and "tpru order" in result.stderr

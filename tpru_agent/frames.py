@@ -258,12 +258,12 @@ def load_frame(frame, *, budget: PixelBudget | None = TPRU_BUDGET, bgr: bool = F
     """
     if isinstance(frame, (str, os.PathLike)) and not is_inline(frame):
         if is_video(frame) and _as_path(frame).is_file():
-            raise frame_error("is a video, not one frame; pass it to load_frames (it samples video_frames frames)",
-                              index, str(frame), what)
+            raise frame_error("is a video, not one frame; give one image here (videos go where several frames are "
+                              "taken: `tpru order FRAMES`, load_frames, order_frames)", index, str(frame), what)
         found = list(_expand_path(frame, index, video_frames=1, timestamps=None, what=what))
         if len(found) != 1 or found[0][2]:
-            raise frame_error(f"matches {len(found)} files where one image is expected; name one image file, or use "
-                              "load_frames", index, str(frame), what)
+            raise frame_error(f"matches {len(found)} files where one image is expected; name one image file (a "
+                              "folder or glob goes where several frames are taken)", index, str(frame), what)
         image, source, _ = found[0]
         return _fit(image, budget, index, source, what)
     image = decode(frame, bgr=bgr, index=index, what=what, max_pixels=MAX_FRAME_PIXELS)
