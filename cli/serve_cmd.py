@@ -14,6 +14,30 @@ from . import render
 LOOPBACK = "127.0.0.1"
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail now, before the model loads and before "serving ..." is printed, when ``host:port`` cannot be bound.
+
+    Raises:
+        ConfigError: the address is in use, not local, or not permitted.
+    """
+    import socket
+
+    from tpru_agent.errors import ConfigError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host!r} does not resolve ({exc})") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port or stop "
+                              "what is using it") from exc
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -94,6 +118,7 @@ def serve(model, engine, quantization, device, template, base_url, host, port, a
                           max_model_len=max_model_len, max_score_continuations=max_score_continuations,
                           max_score_tokens=max_score_tokens)
     kwargs = {"base_url": base_url} if base_url else {}
+    check_port(host, port)
     render.note(f"loading {model} (engine {engine}) ...")
     tpru = TPRU(model, engine=engine, quantization=quantization, device=device, template=template,
                 max_new_tokens=max_new_tokens, **kwargs)

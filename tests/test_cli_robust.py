@@ -149,3 +149,17 @@ def test_cli_messages_do_not_send_users_to_sdk_functions(frames, tmp_path):
     result = run("verify", clip, "-H", frames[0], "--model", "classic")
     assert result.exit_code == 1 and "is a video, not one frame" in result.stderr
     assert "pass it to load_frames" not in result.stderr and "tpru order" in result.stderr
+
+
+def test_serve_on_a_busy_port_fails_before_loading_or_announcing(tmp_path):
+    pytest.importorskip("uvicorn")
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = run("serve", "--model", "classic", "--port", port)
+    assert result.exit_code == 1, result.output
+    assert "cannot listen on 127.0.0.1:" in result.stderr and "serving" not in result.stderr
+    assert "loading" not in result.stderr
