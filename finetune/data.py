@@ -146,6 +146,21 @@ def _warn_spaced_answers(ds, split: str) -> int:
     return spaced
 
 
+def _typed_images(ds, datasets, files: list[str]):
+    """The ``images`` column as image features, also when the file lost its type metadata (e.g. pandas rewrote it)."""
+    feature = ds.features["images"]
+    inner = getattr(feature, "feature", None)
+    if isinstance(inner, datasets.Image):
+        return ds
+    if isinstance(inner, dict) and "bytes" in inner:
+        log.warning("%s: the images column has lost its image type (the file was rewritten without its Hugging "
+                    "Face metadata, e.g. through pandas); reading its {bytes, path} cells as images", files[0])
+        return ds.cast_column("images", datasets.List(datasets.Image()))
+    raise ConfigError(f"{files[0]!r}: the images column holds {feature}, not images; each cell must be a list of "
+                      "images (or of {bytes, path} structs); rebuild it with `tpru data build` or rewrite it with "
+                      "pyarrow / datasets, which keep the image type")
+
+
 def load_split(data: str | os.PathLike, split: str, *, template: str | None = None,
                min_pixels: int = 16384, max_pixels: int = 36864, limit: int | None = None,
                completion_fn: Callable[..., str] | None = None, cache_dir: str | None = None,
@@ -171,6 +186,7 @@ def load_split(data: str | os.PathLike, split: str, *, template: str | None = No
     if "problem" not in ds.column_names or "images" not in ds.column_names or "answer" not in ds.column_names:
         raise ConfigError(f"{files[0]!r} is not in the TPRU layout: columns {ds.column_names}; need problem, "
                           "images, answer")
+    ds = _typed_images(ds, datasets, files)
     if limit is not None and limit < len(ds):
         ds = ds.select(range(limit))
     ds = ds.add_column("row_id", list(range(len(ds))))

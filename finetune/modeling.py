@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tpru_agent.errors import ConfigError, ModelNotFoundError, require
+from tpru_agent.fsutil import replace_dir
 
 from .config import FinetuneConfig
 
@@ -163,14 +164,8 @@ def _atomic_dir(target: Path) -> Path:
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.{os.getpid()}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    # fsync'ed, and the usual file modes: safetensors writes its files 0600
+    replace_dir(tmp, target)
 
 
 def merge_adapter(base_path: str | os.PathLike, adapter_dir: str | os.PathLike, cfg: FinetuneConfig):

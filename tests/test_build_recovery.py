@@ -125,3 +125,30 @@ def test_build_tiny_writes_usual_modes(tmp_path):
     assert result.exit_code == 0, result.output
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "tiny").iterdir()}
     assert modes["model.safetensors"] == 0o666 & ~umask(), modes
+
+
+def test_a_parquet_rewritten_through_pandas_still_loads_for_training(source, tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("datasets")
+    from tpru_agent.finetune.data import load_split
+
+    build(_cfg(source, tmp_path / "data"))
+    for shard in (tmp_path / "data" / "train").glob("*.parquet"):
+        pd.read_parquet(shard).to_parquet(shard)          # drops the Hugging Face image type metadata
+    ds = load_split(tmp_path / "data", "train", cache_dir=str(tmp_path / "cache"))
+    example = ds[0]
+    assert example["images"] and all(hasattr(im, "size") for im in example["images"])
+
+
+def test_the_final_checkpoint_swap_gives_usual_modes(tmp_path):
+    from tpru_agent.finetune.modeling import _swap_in
+
+    for round_ in range(2):   # a new final, then one replacing it
+        tmp = tmp_path / f".final.{round_}.tmp"
+        tmp.mkdir(mode=0o700)
+        (tmp / "model.safetensors").write_bytes(b"x" * round_)
+        os.chmod(tmp / "model.safetensors", 0o600)   # as safetensors' save_file leaves it
+        _swap_in(tmp, tmp_path / "final")
+        assert stat.S_IMODE((tmp_path / "final" / "model.safetensors").stat().st_mode) == 0o666 & ~umask()
+        assert (tmp_path / "final" / "model.safetensors").stat().st_size == round_
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
