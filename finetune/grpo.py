@@ -24,6 +24,7 @@ from tpru_agent.errors import ConfigError, TPRUError, require
 
 from .config import FinetuneConfig
 from .modeling import gradient_checkpointing, lora_config, use_bf16, use_cuda
+from .resume import ExactResumeMixin
 from .rewards import resolve_rewards
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def slice_multimodal(fields: dict[str, Any], images: list | None, rows: slice) -
     return out
 
 
-class TPRUGRPOTrainer(GRPOTrainer):
+class TPRUGRPOTrainer(ExactResumeMixin, GRPOTrainer):
     """``GRPOTrainer`` that checks every rollout batch and reports the rows each rollout used.
 
     Args:

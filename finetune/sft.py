@@ -84,6 +84,11 @@ def build_sft_trainer(cfg: FinetuneConfig, model, processor, dataset, *, output_
                       callbacks: list | None = None, max_steps: int | None = None) -> Any:
     """An SFT trainer over ``dataset`` (from ``load_split(..., completion_fn=sft_target)``)."""
     trl = require("trl", "finetune", what="SFT training")
-    return trl.SFTTrainer(model=model, args=sft_args(cfg, output_dir, max_steps=max_steps),
+    from .resume import ExactResumeMixin
+
+    class TPRUSFTTrainer(ExactResumeMixin, trl.SFTTrainer):
+        """``SFTTrainer`` whose resume loads the checkpoint's weights (see :mod:`tpru_agent.finetune.resume`)."""
+
+    return TPRUSFTTrainer(model=model, args=sft_args(cfg, output_dir, max_steps=max_steps),
                           train_dataset=dataset, processing_class=processor,
                           peft_config=lora_config(cfg), callbacks=callbacks)
