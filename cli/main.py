@@ -16,13 +16,19 @@ from pathlib import Path
 import click
 
 from tpru_agent.errors import EngineUnavailableError, ModelNotFoundError, TPRUError
+from tpru_agent.hub import FALLBACK_MODEL
 
 from . import render
 
 DEFAULT_MODEL = "tpru-3b"
-#: What the CLI runs when the default model's weights are missing (and neither --model nor --strict is given).
-FALLBACK_MODEL = "classic"
-FALLBACK_LABEL = "the no-weights classic engine (visual continuity only, no TPRU model)"
+#: FALLBACK_MODEL (tpru_agent.hub, the one place it is decided) is what the CLI runs when the default model's weights
+#: are missing and neither --model nor --strict is given: tpru-nano when the package ships it flagged as the
+#: default, else classic.
+FALLBACK_LABELS = {
+    "classic": "the no-weights classic engine (visual continuity only, no TPRU model)",
+    "tpru-nano": "tpru-nano, the small model shipped with the package (far weaker than TPRU-3B)",
+}
+FALLBACK_LABEL = FALLBACK_LABELS[FALLBACK_MODEL]
 
 #: Top-level module -> the extra that installs it, for the one-line "missing extra" error.
 EXTRA_OF = {"torch": "hf", "torchvision": "hf", "transformers": "hf", "qwen_vl_utils": "hf", "accelerate": "hf",
@@ -77,10 +83,12 @@ def model_options(func):
     """The options every model-backed verb shares."""
     options = [
         click.option("--model", "-m", default=None,
-                     help=f"Name (tpru-3b, tpru-7b, qwen2.5-vl-3b...), Hub id, local folder, or 'classic'. "
+                     help=f"Name (tpru-3b, tpru-7b, qwen2.5-vl-3b..., tpru-nano), Hub id, local folder, or "
+                          "'classic'. "
                           f"Default {DEFAULT_MODEL}, falling back to {FALLBACK_MODEL!r} when its weights are missing."),
         click.option("--engine", "-e", default="auto", type=click.Choice(["auto", "hf", "onnx", "openai", "classic"]),
-                     help="Runtime. auto: classic for 'classic', onnx for an export folder, else hf."),
+                     help="Runtime. auto: classic for 'classic', onnx for an export folder (and for tpru-nano "
+                          "when onnxruntime is installed), else hf."),
         click.option("--quantization", "-q", default=None, type=click.Choice(["4bit", "8bit"]),
                      help="bitsandbytes quantisation (hf engine)."),
         click.option("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:1, cpu ..."),
@@ -93,7 +101,7 @@ def model_options(func):
                      help="fast mode: average multiple-choice answers over K cyclic shifts of the candidates "
                           "and with the None option first and last (counters letter position bias; 2K times "
                           "the cost)."),
-        click.option("--strict", is_flag=True, help="Never fall back to the classic engine."),
+        click.option("--strict", is_flag=True, help=f"Never fall back to {FALLBACK_MODEL!r}."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables."),
     ]
     for option in reversed(options):
@@ -117,7 +125,13 @@ def open_model(model: str | None, engine: str, quantization: str | None, device:
         render.warn(f"{exc}")
         render.warn(f"falling back to {FALLBACK_LABEL}. For the real model: {_download_hint(name)}, or pass "
                     "--model DIR; --strict refuses this fallback.")
-        return TPRU(FALLBACK_MODEL, template=template, debias=debias)
+        try:
+            return TPRU(FALLBACK_MODEL, template=template, debias=debias, device=device)
+        except (ModelNotFoundError, EngineUnavailableError) as again:
+            if FALLBACK_MODEL == "classic":
+                raise
+            render.warn(f"{again}; falling back to {FALLBACK_LABELS['classic']}.")
+            return TPRU("classic", template=template, debias=debias)
 
 
 def _download_hint(name: str) -> str:
@@ -278,14 +292,15 @@ def verify_cmd(observation, history, goal, description, model, engine, quantizat
 ENGINE_MODULES = {
     "hf": ["torch", "transformers", "qwen_vl_utils"],
     "quant (4bit/8bit)": ["bitsandbytes"],
-    "onnx": ["onnxruntime", "onnx"],
+    "onnx": ["onnxruntime", "tokenizers"],
+    "onnx export": ["onnx", "torch", "transformers"],
     "openai / serve": ["openai", "fastapi", "uvicorn"],
     "finetune": ["trl", "peft", "datasets"],
     "classic": ["cv2", "numpy"],
 }
 VERSIONED = ["tpru-agent", "torch", "torchvision", "transformers", "qwen-vl-utils", "accelerate", "bitsandbytes",
-             "onnxruntime", "onnxruntime-gpu", "onnx", "trl", "peft", "datasets", "openai", "fastapi", "uvicorn",
-             "opencv-python-headless", "numpy", "pillow"]
+             "onnxruntime", "onnxruntime-gpu", "tokenizers", "onnx", "trl", "peft", "datasets", "openai", "fastapi",
+             "uvicorn", "opencv-python-headless", "numpy", "pillow"]
 
 
 def _version(dist: str) -> str:
@@ -299,6 +314,8 @@ def _version(dist: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def env_cmd(as_json):
     """Versions, devices, and which engines and extras can import here."""
+    from tpru_agent.engines.ort_setup import runtime_facts
+
     engines = {name: all(importlib.util.find_spec(m) is not None for m in mods)
                for name, mods in ENGINE_MODULES.items()}
     devices = {"cpu": True}
@@ -310,7 +327,8 @@ def env_cmd(as_json):
             devices["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         devices["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     facts = {"python": platform.python_version(), "platform": platform.platform(),
-             "versions": {d: _version(d) for d in VERSIONED}, "engines": engines, "devices": devices}
+             "versions": {d: _version(d) for d in VERSIONED}, "engines": engines, "devices": devices,
+             "onnxruntime": runtime_facts()}
     if as_json:
         render.emit_json(facts)
         return
@@ -318,19 +336,30 @@ def env_cmd(as_json):
     render.show_table("Engines and extras", ["engine", "importable"],
                       [[k, "yes" if v else "no (pip install 'tpru-agent[...]')"] for k, v in engines.items()])
     render.show_table("Devices", ["device", "available"], [[k, v] for k, v in devices.items()])
+    ort = facts["onnxruntime"]
+    render.show_table("ONNX Runtime", ["distribution", "version"],
+                      [[k, v or "-"] for k, v in ort["distributions"].items()]
+                      + [["providers", ", ".join(ort["providers"]) or "-"]])
+    if ort["problem"]:
+        render.warn(ort["problem"])
 
 
 @cli.command("models")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def models_cmd(as_json):
     """Known model names, what they point to, and whether their weights are in the local cache."""
-    from tpru_agent.hub import ALIASES, SIZES, cache_dir, cache_state, download_command
+    from tpru_agent.hub import ALIASES, PACKAGED, SIZES, cache_dir, cache_state, download_command, is_shipped, \
+        packaged_folder
 
     rows = []
     for name, hub_id in ALIASES.items():
         state = cache_state(name)
         rows.append({"name": name, "hub_id": hub_id, "state": state, "size": SIZES.get(hub_id),
                      "download": None if state in ("cached", "local") else f"hf download {hub_id}"})
+    for name in PACKAGED:
+        shipped = is_shipped(packaged_folder(name))
+        rows.append({"name": name, "hub_id": "(shipped with the package)", "state": "packaged" if shipped
+                     else "not shipped in this install", "size": None, "download": None})
     rows.append({"name": "classic", "hub_id": "(no weights)", "state": "built in", "size": None, "download": None})
     if as_json:
         render.emit_json({"cache_dir": str(cache_dir()), "models": rows})

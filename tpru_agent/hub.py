@@ -1,7 +1,8 @@
-"""Model names -> weights on disk: aliases, Hub ids, local folders; safetensors only.
+"""Model names -> weights on disk: aliases, Hub ids, local folders, packaged models; safetensors only.
 
-``"tpru-3b"`` -> ``Stephengzk/TPRU-3B``; ``"qwen2.5-vl-3b"`` -> ``Qwen/Qwen2.5-VL-3B-Instruct``; a local folder is
-used as it is; any other ``owner/name`` is a Hub id. Nothing here imports torch.
+``"tpru-3b"`` -> ``Stephengzk/TPRU-3B``; ``"qwen2.5-vl-3b"`` -> ``Qwen/Qwen2.5-VL-3B-Instruct``; ``"tpru-nano"`` ->
+the folder shipped inside the package (:data:`PACKAGED_DIR`); a local folder is used as it is; any other
+``owner/name`` is a Hub id. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ ALIASES: dict[str, str] = {
     "qwen2.5-vl-32b": "Qwen/Qwen2.5-VL-32B-Instruct",
 }
 DEFAULT_MODEL = "tpru-3b"
+#: Models shipped inside the package: name -> folder under :data:`PACKAGED_DIR` (hf weights, and the ONNX export
+#: in its ``onnx/`` sub-folder).
+PACKAGED: dict[str, str] = {"tpru-nano": "tpru-nano"}
+PACKAGED_DIR = Path(__file__).resolve().parent / "models"
+#: The sub-folder of a packaged model that holds its ``tpru export --format onnx`` output.
+ONNX_SUBDIR = "onnx"
+#: The packaged model's machine-readable card; ``{"default_fallback": true}`` makes it the CLI's fallback.
+PACKAGED_CARD = "tpru_nano.json"
 #: Download sizes of the bf16 safetensors, for messages (parameters x 2 bytes).
 SIZES: dict[str, str] = {"Stephengzk/TPRU-3B": "~7.5 GB", "Stephengzk/TPRU-7B": "~16.6 GB",
                          "Stephengzk/TPRU-32B": "~67 GB", "Qwen/Qwen2.5-VL-3B-Instruct": "~7.5 GB",
@@ -43,6 +52,21 @@ class ModelRef:
         """A local folder written by ``tpru export --format onnx``."""
         return self.kind == "local" and (Path(self.target) / ONNX_MANIFEST).is_file()
 
+    @property
+    def packaged(self) -> bool:
+        """A model shipped inside the package (``"tpru-nano"``)."""
+        return self.kind == "local" and self.name.strip().lower() in PACKAGED
+
+    @property
+    def onnx_folder(self) -> Path | None:
+        """The ONNX export to run: the folder itself, or its ``onnx/`` sub-folder (a packaged model's layout)."""
+        if self.kind != "local":
+            return None
+        for folder in (Path(self.target), Path(self.target) / ONNX_SUBDIR):
+            if (folder / ONNX_MANIFEST).is_file():
+                return folder
+        return None
+
 
 def resolve(name: str | os.PathLike) -> ModelRef:
     """Interpret a model name without touching the network.
@@ -62,13 +86,67 @@ def resolve(name: str | os.PathLike) -> ModelRef:
                                  "a Hub id); check the path")
     if text.lower() in ALIASES:
         return ModelRef(text, "hub", ALIASES[text.lower()])
+    if text.lower() in PACKAGED:
+        return ModelRef(text, "local", str(_packaged(text.lower())))
     if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists():
         return ModelRef(text, "hub", text)
-    hint = close_matches(text.lower(), ALIASES)
+    hint = close_matches(text.lower(), [*ALIASES, *PACKAGED])
     raise ModelNotFoundError(
-        f"model {text!r} is neither a local folder nor a known name.{hint} Known names: {', '.join(ALIASES)}; "
+        f"model {text!r} is neither a local folder nor a known name.{hint} Known names: "
+        f"{', '.join([*ALIASES, *PACKAGED])}; "
         "or pass a folder holding config.json and *.safetensors, or a Hub id like owner/name."
     )
+
+
+def packaged_folder(name: str) -> Path:
+    """Where the packaged model ``name`` lives inside the installed package (it may be absent)."""
+    return PACKAGED_DIR / PACKAGED[name.strip().lower()]
+
+
+def is_shipped(folder: Path) -> bool:
+    """A packaged model folder holding hf weights (config.json) or an ONNX export (``onnx/tpru_onnx.json``)."""
+    return (folder / "config.json").is_file() or (folder / ONNX_SUBDIR / ONNX_MANIFEST).is_file()
+
+
+def _packaged(name: str) -> Path:
+    folder = packaged_folder(name)
+    if not is_shipped(folder):
+        raise ModelNotFoundError(
+            f"{name!r} is not shipped with this install of tpru-agent: {str(folder)!r} holds no model (no config.json "
+            f"and no {ONNX_SUBDIR}/{ONNX_MANIFEST}). Fix: install a release that ships it, use the real model "
+            f"({download_command(ALIASES[DEFAULT_MODEL])}, then --model {DEFAULT_MODEL}), or the no-weights baseline "
+            "'classic'")
+    return folder
+
+
+def choose_fallback(shipped: bool, card: object) -> str:
+    """The model the CLI falls back to when the default model's weights are missing.
+
+    ``"tpru-nano"`` when its packaged folder is shipped and its card (:data:`PACKAGED_CARD`, parsed JSON) says
+    ``"default_fallback": true`` (written only when it measured better than classic on held-out tasks); else
+    ``"classic"``. A card that is not a JSON object, or any value other than ``true``, means no.
+
+    Example:
+        >>> choose_fallback(True, {"default_fallback": True}), choose_fallback(True, {}), choose_fallback(False, None)
+        ('tpru-nano', 'classic', 'classic')
+    """
+    return "tpru-nano" if shipped and isinstance(card, dict) and card.get("default_fallback") is True else "classic"
+
+
+def fallback_model(root: Path | None = None) -> str:
+    """:func:`choose_fallback` over the installed package's models folder (``root``: another one, for tests)."""
+    import json
+
+    folder = (root or PACKAGED_DIR) / PACKAGED["tpru-nano"]
+    try:
+        card = json.loads((folder / PACKAGED_CARD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        card = None  # no card, or an unreadable one: never the default
+    return choose_fallback(is_shipped(folder), card)
+
+
+#: What the CLI runs when the default model's weights are missing (and neither --model nor --strict is given).
+FALLBACK_MODEL = fallback_model()
 
 
 def cache_dir() -> Path:

@@ -66,6 +66,13 @@ def _is_classic(model, engine) -> bool:
     return getattr(engine, "name", "") == "classic"
 
 
+def _onnx_runtime_installed() -> bool:
+    """onnxruntime and tokenizers import here (the bare install's runtime for packaged models)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "tokenizers"))
+
+
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}: 'reason' generates a chain of thought as "
@@ -77,15 +84,18 @@ class TPRU:
     """A TPRU model (or the classic baseline) behind four task calls.
 
     Args:
-        model: a name (``"tpru-3b"``, ``"tpru-7b"``, ``"tpru-32b"``, ``"qwen2.5-vl-3b"``...), a Hub id, a local
+        model: a name (``"tpru-3b"``, ``"tpru-7b"``, ``"tpru-32b"``, ``"qwen2.5-vl-3b"``..., or ``"tpru-nano"``,
+            shipped inside the package), a Hub id, a local
             folder (transformers layout, or an ONNX export), or ``"classic"`` for the no-weights baseline.
-        engine: ``"auto"`` (classic for ``"classic"``, onnx for an ONNX export folder, else hf), ``"hf"``,
+        engine: ``"auto"`` (classic for ``"classic"``, onnx for an ONNX export folder and for ``"tpru-nano"`` when
+            onnxruntime is installed, else hf), ``"hf"``,
             ``"onnx"``, ``"openai"``, ``"classic"``, or an object implementing the engine protocol.
         quantization: ``None``, ``"4bit"`` or ``"8bit"`` (bitsandbytes; hf engine).
         device: ``"auto"`` (cuda > mps > cpu), or a torch device string.
         dtype: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"bfloat16"``, ``"float16"``, ``"float32"``.
         template: a Jinja preamble file (uses ``{{ content }}``) instead of the built-in answer rules.
-        budget: pixel budget frames are resized to; ``"auto"``: TPRU's training range (16,384..36,864 pixels per
+        budget: pixel budget frames are resized to; ``"auto"``: the model folder's own budget when it records one
+            (``tpru_budget.json``, hf and onnx engines), else TPRU's training range (16,384..36,864 pixels per
             frame) for model engines, original size for the classic engine (which downsamples on its own).
         max_new_tokens: reasoning budget of ``mode="reason"``.
         debias: in fast mode, average each multiple-choice answer over this many cyclic shifts of the candidate
@@ -133,10 +143,14 @@ class TPRU:
     def _create(self, engine: str, **kwargs: Any) -> Engine:
         from .engines import create_engine
 
-        kind = engine
-        if engine == "auto":
-            ref = resolve(self.model_name)
-            kind = "classic" if ref.kind == "classic" else "onnx" if ref.is_onnx else "hf"
+        kind, target = engine, self.model_name
+        if engine in ("auto", "hf", "onnx"):
+            ref = resolve(self.model_name)  # a packaged model that is not shipped fails here, with the fix
+            if engine == "auto":
+                kind = "classic" if ref.kind == "classic" else "onnx" if ref.is_onnx or (
+                    ref.packaged and ref.onnx_folder is not None and _onnx_runtime_installed()) else "hf"
+            if ref.packaged:  # the hf folder, or the ONNX export beside it
+                target = str(ref.onnx_folder or ref.target) if kind == "onnx" else ref.target
         if kind == "classic":
             return create_engine("classic", None)
         if kind in ("onnx", "openai") and kwargs.get("quantization"):
@@ -149,7 +163,7 @@ class TPRU:
         if self.budget is not None and kind == "hf" and self.budget is not TPRU_BUDGET:
             kwargs.setdefault("min_pixels", self.budget.min_pixels)
             kwargs.setdefault("max_pixels", self.budget.max_pixels)
-        return create_engine(kind, self.model_name, **kwargs)
+        return create_engine(kind, target, **kwargs)
 
     @property
     def engine_name(self) -> str:

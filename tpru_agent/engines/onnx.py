@@ -27,10 +27,12 @@ import numpy as np
 
 from ..errors import ConfigError, ModelNotFoundError, TPRUError, require
 from ..export import read_manifest
+from ..frames import serving_budget
 from ..hub import ONNX_MANIFEST, resolve
 from .base import GenerationOptions, Request
 from .chat import common_prefix, expand_image_pads, load_chat_template, log_softmax, next_token, render_chat, rope_index
 from .hf import split_prompt
+from .ort_setup import GPU_FIX, installed_distributions, runtime_problem
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +60,26 @@ def pick_providers(device: str, available: Sequence[str]) -> tuple[list, bool]:
         return [_CPU], False
     if _CUDA not in available:
         log.warning("device %r asked for CUDA but this onnxruntime has no CUDA provider (available: %s); running "
-                    "on the CPU. Install 'tpru-agent[onnx-gpu]' (onnxruntime-gpu) instead of 'tpru-agent[onnx]' "
-                    "(both share one package folder: uninstall onnxruntime first)", device, ", ".join(available))
+                    "on the CPU. Fix: `%s` (onnxruntime and onnxruntime-gpu share one package folder: remove both "
+                    "first)", device, ", ".join(available), GPU_FIX)
         return [_CPU], False
     return [(_CUDA, {"device_id": int(index or 0)}), _CPU], wants_cuda
 
 
+_warned_setup: set[str] = set()
+
+
+def warn_setup(problem: str | None) -> None:
+    """Log an ONNX Runtime install problem (:func:`runtime_problem`) once per process."""
+    if problem and problem not in _warned_setup:
+        _warned_setup.add(problem)
+        log.warning("%s", problem)
+
+
 def _folder(model) -> Path:
     ref = resolve(model)
+    if ref.onnx_folder is not None:
+        return ref.onnx_folder  # an export folder, or a model folder carrying its export in onnx/ (tpru-nano)
     if ref.kind != "local" or not ref.is_onnx:
         target = ref.target if ref.kind == "local" else "DIR"
         raise ModelNotFoundError(
@@ -79,7 +93,8 @@ class ONNXEngine:
     """Qwen2.5-VL exported to ONNX, run with ONNX Runtime: ``generate`` and cached-prefix ``score``.
 
     Args:
-        model: an export folder (holds ``tpru_onnx.json``).
+        model: an export folder (holds ``tpru_onnx.json``), a model folder carrying its export in ``onnx/``, or
+            ``"tpru-nano"`` (shipped inside the package).
         device: ``"auto"`` (CUDA when onnxruntime-gpu is installed, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         threads: intra-op threads per session; default ``$OMP_NUM_THREADS`` when set, else ONNX Runtime's choice.
         score_batch_size: candidates run together in one ``score`` pass; ``None`` sizes it from memory.
@@ -104,13 +119,18 @@ class ONNXEngine:
             raise ConfigError(f"image_cache must be >= 0 (frames kept), got {image_cache}")
         self.folder = _folder(model)
         self.manifest = read_manifest(self.folder)
+        #: frames are sized at the budget the model was trained at (``tpru_budget.json``, copied by the export)
+        #: before the fixed export size; the facade's ``budget="auto"`` takes it from here, as from the hf engine
+        self.budget = serving_budget(self.folder)
         if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
             threads = int(os.environ["OMP_NUM_THREADS"])
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads or 0)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        providers, wants_cuda = pick_providers(device, ort.get_available_providers())
+        available = ort.get_available_providers()
+        providers, wants_cuda = pick_providers(device, available)
+        warn_setup(runtime_problem(installed_distributions(), available, wants_cuda=False))
         self.sessions = {name: ort.InferenceSession(str(self.folder / graph["file"]), options, providers=providers)
                          for name, graph in self.manifest["graphs"].items()}
         self.providers = self.sessions["decoder"].get_providers()
@@ -320,6 +340,8 @@ class ONNXEngine:
             "engine": self.name, "model": str(self.folder), "source_model": m.get("source_model"),
             "precision": m.get("precision"), "providers": list(self.providers), "threads": self.threads,
             "frame_size": list(self.frame_size), "frame_tokens": self.frame_tokens,
+            "pixel_budget": {"min_pixels": self.budget.min_pixels, "max_pixels": self.budget.max_pixels,
+                             "factor": self.budget.factor},
             "parameters": m.get("parameters"),
             "graph_bytes": {name: g["bytes"] for name, g in m["graphs"].items()},
         }
