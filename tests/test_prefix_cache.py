@@ -16,7 +16,13 @@ from tpru_agent.errors import ConfigError
 from tpru_agent.tasks import continuation, next_frame, ordering, render_prompt
 
 PERMUTATIONS = ["".join(p) for p in itertools.permutations("ABCD")]
-TOL = 1e-4
+#: Cached vs uncached score tolerance (log-probability, per candidate), by engine dtype. The cached path computes
+#: the prompt and the candidates in separate forwards, so the floating-point sums run in another order.
+#: fp32: measured <= 3e-6 on the tiny model. bf16 (8-bit mantissa, ~0.4% per operation, compounding over the
+#: layers): <= 5e-6 on the tiny model, but 0.022 on the real-size 3B (P(ok) 0.5302 cached vs 0.5418 uncached);
+#: 0.05 leaves twice that margin. The README's "Engines" section states the same.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+TOL = TOLERANCE["float32"]
 
 
 # ----------------------------------------------------------------------------------------------- pure matching
@@ -124,9 +130,9 @@ def reference(engine, request, continuations, prefix=""):
     return out
 
 
-def assert_close(got, want):
+def assert_close(got, want, tol: float = TOL):
     assert len(got) == len(want)
-    assert max(abs(g - w) for g, w in zip(got, want)) < TOL, (got, want)
+    assert max(abs(g - w) for g, w in zip(got, want)) < tol, (got, want)
 
 
 def order_request(frames, description=None) -> Request:
@@ -153,6 +159,22 @@ def test_ordering_scores_equal_uncached_on_miss_and_full_hit(cached, frames8):
     info = cached.cache_info()
     assert info["hits"] - before["hits"] == 1 and info["image_hits"] - before["image_hits"] == 4
     assert info["reused_tokens"] - before["reused_tokens"] > 400
+
+
+def test_bf16_cached_scores_stay_within_the_bf16_tolerance(tiny_checkpoint, frames8):
+    """The bf16 engine is held to its own stated tolerance (cached and full-hit calls against the plain forward)."""
+    engine = HFEngine(tiny_checkpoint, dtype="bf16")
+    try:
+        tol = TOLERANCE[engine.info()["dtype"]]
+        assert tol == 5e-2
+        continuations = [continuation(p) for p in PERMUTATIONS]
+        for frames in (frames8[:4], frames8[2:6]):
+            request = order_request(frames, description="moving the square")
+            want = reference(engine, request, continuations)
+            assert_close(engine.score(request, continuations), want, tol)
+            assert_close(engine.score(request, continuations), want, tol)
+    finally:
+        engine.close()
 
 
 def test_choice_letters_after_reasoning_reuse_the_prompt(cached, frames8):

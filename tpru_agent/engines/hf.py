@@ -35,7 +35,7 @@ from ..errors import ConfigError, TPRUError, require
 from ..frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, resize_to_budget, serving_budget
 from .base import GenerationOptions, Request
 from .chat import common_prefix, expand_image_pads
-from .hf_options import QUANTIZATIONS, check_quantization, pick_device, pick_dtype, split_prompt
+from .hf_options import QUANTIZATIONS, check_quantization, cpu_auto_dtype, pick_device, pick_dtype, split_prompt
 from .hf_tokens import HFTokens
 from .prefix_cache import PrefixCache, Span, fork, image_key, kv_nbytes, tensors_nbytes
 
@@ -54,7 +54,9 @@ class HFEngine(HFTokens):
     Args:
         model: alias (``"tpru-3b"``), Hub id or local folder (see :func:`tpru_agent.hub.locate`).
         device: ``"auto"`` (cuda > mps > cpu) or a torch device string.
-        dtype: ``"auto"`` (bf16 on CUDA, fp32 elsewhere), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+        dtype: ``"auto"`` (bf16 on CUDA; on CPU fp32 when it fits comfortably in memory, else bf16, see
+            :func:`~tpru_agent.engines.hf_options.cpu_auto_dtype`; ``info()["dtype_reason"]`` says which and why),
+            ``"fp32"``, ``"bf16"``, ``"fp16"``.
         quantization: ``None``, ``"4bit"`` (NF4) or ``"8bit"`` (bitsandbytes, extra ``quant``).
         attn_implementation: passed to transformers (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``).
         revision, cache_dir, local_files_only: where Hub weights come from.
@@ -96,6 +98,10 @@ class HFEngine(HFTokens):
         self.device = pick_device(device, torch)
         self.dtype = pick_dtype(dtype, self.device, torch)
         self.folder = hub.locate(model, revision=revision, cache=cache_dir, local_files_only=local_files_only)
+        auto = str(dtype).lower() == "auto"
+        self.dtype_reason = f"auto: {str(self.dtype)[6:]} on {self.device}" if auto else "as asked"
+        if auto and self.device == "cpu":
+            self.dtype, self.dtype_reason = cpu_auto_dtype(self.folder, torch)
         self.budget = serving_budget(self.folder, min_pixels, max_pixels)
         self.score_batch_size = score_batch_size
         self.ignore_eos = ignore_eos
@@ -370,6 +376,7 @@ class HFEngine(HFTokens):
             "memory_bytes": int(model.get_memory_footprint()),
             "device": str(model.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype_reason": self.dtype_reason,
             "quantization": self.quantization,
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "prefix_cache_bytes": self.prefix_cache.budget,

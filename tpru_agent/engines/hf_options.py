@@ -76,6 +76,75 @@ def pick_dtype(dtype, device: str, torch):
     return getattr(torch, _DTYPES[name])
 
 
+#: "auto" on CPU keeps fp32 only while fp32 loading peaks (~1.5x the fp32 weights: the real 3B, 14 GiB of fp32
+#: weights, peaked at 21.6 GiB RSS) within this share of the available memory; above it, bf16 (peak 8.7 GiB).
+CPU_FP32_SHARE = 0.5
+_FP32_PEAK = 1.5
+
+
+def cpu_auto_dtype(folder, torch, available_bytes: int | None = None):
+    """``(dtype, reason)`` for ``dtype="auto"`` on CPU: fp32 when it fits comfortably in memory, else bf16.
+
+    The fp32 size is counted from the safetensors headers in ``folder`` (no weights are read); the available
+    memory is ``MemAvailable`` (``/proc/meminfo``), else the physical memory.
+
+    Example:
+        >>> import torch
+        >>> cpu_auto_dtype("/nonexistent", torch, available_bytes=2**30)[0]
+        torch.float32
+    """
+    from pathlib import Path
+
+    params = sum(_safetensors_numel(f) for f in Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else 0
+    available = available_bytes if available_bytes is not None else _available_memory()
+    fp32 = params * 4
+    gib = 1024 ** 3
+    if not params or not available:
+        return torch.float32, "auto: fp32 on CPU (model size or memory unknown)"
+    if _FP32_PEAK * fp32 <= CPU_FP32_SHARE * available:
+        return torch.float32, (f"auto: fp32 on CPU (fp32 weights {fp32 / gib:.1f} GiB fit comfortably in "
+                               f"{available / gib:.1f} GiB available)")
+    return torch.bfloat16, (f"auto: bf16 on CPU because fp32 weights ({fp32 / gib:.1f} GiB, "
+                            f"~{_FP32_PEAK * fp32 / gib:.1f} GiB peak while loading) would not fit comfortably in "
+                            f"{available / gib:.1f} GiB available; pass dtype='fp32' to force it")
+
+
+def _available_memory() -> int:
+    import os
+
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _safetensors_numel(file) -> int:
+    """Elements in a safetensors file, read from its JSON header."""
+    import json
+    import struct
+
+    try:
+        with open(file, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError, struct.error):
+        return 0
+    total = 0
+    for key, info in header.items():
+        if key != "__metadata__":
+            n = 1
+            for dim in info.get("shape", []):
+                n *= dim
+            total += n
+    return total
+
+
 def check_quantization(quantization: str | None) -> str | None:
     """``None`` / ``"none"`` -> ``None``; ``"4bit"`` / ``"8bit"`` kept; anything else is a :class:`ConfigError`."""
     if quantization is None or str(quantization).lower() in {"none", ""}:
