@@ -190,7 +190,7 @@ def load_split(data: str | os.PathLike, split: str, *, template: str | None = No
     if limit is not None and limit < len(ds):
         ds = ds.select(range(limit))
     ds = ds.add_column("row_id", list(range(len(ds))))
-    budget = PixelBudget(min_pixels=min_pixels, max_pixels=max_pixels)
+    budget = PixelBudget(min_pixels=min_pixels, max_pixels=max_pixels, recorded=True)  # the run's own budget
     if template is not None:
         render_prompt("", template)  # fail now, not in the middle of a batch
     ds, overlong = drop_overlong(ds, processor, max_prompt_length, template=template, budget=budget, split=split)

@@ -8,15 +8,17 @@ Stages (each one resumable; rerun the same command after a kill and it continues
    tokenizer and Qwen's special tokens and chat template;
 3. ``sft``: ``tpru finetune --method sft`` (answer-only targets, see ``nano.yaml``);
 4. ``grpo``: ``tpru finetune --method grpo`` on the SFT weights with the TPRU reward;
-5. ``eval``: ``tpru eval run`` in fast mode on unseen episodes and unseen tasks, for tpru-nano and the classic
-   engine;
-6. ``export``: ``tpru export --format onnx`` at the frame size the model is served at.
+5. ``release``: the GRPO weights cast to bf16 (half the package size) and ``tpru export --format onnx`` of those
+   same weights at the frame size the model is served at, so the hf and onnx engines run identical numbers;
+6. ``eval``: ``tpru eval run`` in fast mode on unseen episodes and unseen tasks, for the released ONNX model and
+   the classic engine (what a bare install runs is what is measured);
+7. ``ship``: the release copied into ``tpru_agent/models/tpru-nano/`` (hf folder + ``onnx/``), with its model card.
 
 Every setting is in ``nano.yaml`` beside this file. ``--stages`` picks a subset; ``--workdir`` holds everything.
 
 Example:
     $ python -m tpru_agent.finetune.recipes.nano --workdir runs/nano
-    $ python -m tpru_agent.finetune.recipes.nano --workdir runs/nano --stages eval,export
+    $ python -m tpru_agent.finetune.recipes.nano --workdir runs/nano --stages release,eval
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from tpru_agent.errors import ConfigError
 log = logging.getLogger(__name__)
 
 RECIPE = Path(__file__).with_name("nano.yaml")
-STAGES = ("data", "base", "sft", "grpo", "eval", "export")
+STAGES = ("data", "base", "sft", "grpo", "release", "eval", "ship")
 ML45_TEST = ("bin-picking-v3", "box-close-v3", "door-lock-v3", "door-unlock-v3", "hand-insert-v3")
 
 
@@ -106,15 +108,24 @@ def stage_eval(work: Path, recipe: dict, model: Path) -> None:
              "-o", str(work / "eval" / f"classic-{name}"))
 
 
-def stage_export(work: Path, recipe: dict, model: Path) -> None:
+def stage_release(work: Path, recipe: dict) -> None:
+    import shutil
+
+    from tpru_agent.finetune.modeling import cast_checkpoint
     from tpru_agent.frames import PixelBudget, budget_size
 
-    out = work / "onnx"
-    if (out / "onnx_manifest.json").is_file() or (out / "manifest.json").is_file():
-        print(f"export: {out} exists; skipped", flush=True)
-        return
-    side = budget_size(224, 224, PixelBudget(min_pixels=recipe["min_pixels"], max_pixels=recipe["max_pixels"]))
-    tpru("export", "-m", str(model), "--format", "onnx", "--out", str(out), "--frame-size", f"{side[0]}x{side[1]}")
+    release, onnx = work / "release", work / "release" / "onnx"
+    if not (release / "model.safetensors").is_file():
+        tmp = work / ".release.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(work / "grpo" / "final", tmp)
+        cast_checkpoint(tmp, "bfloat16")
+        shutil.rmtree(release, ignore_errors=True)
+        os.replace(tmp, release)
+    if not any(onnx.glob("*.onnx")):
+        side = budget_size(224, 224, PixelBudget(min_pixels=recipe["min_pixels"], max_pixels=recipe["max_pixels"]))
+        tpru("export", "-m", str(release), "--format", "onnx", "--out", str(onnx), "--frame-size",
+             f"{side[0]}x{side[1]}", "--overwrite")
 
 
 def run(work: Path, stages: list[str], workers: int = 1, recipe_path: str | os.PathLike = RECIPE) -> dict:
@@ -123,7 +134,6 @@ def run(work: Path, stages: list[str], workers: int = 1, recipe_path: str | os.P
     work.mkdir(parents=True, exist_ok=True)
     timings_path = work / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    final = work / "grpo" / "final"
     for stage in stages:
         started = time.perf_counter()
         if stage == "data":
@@ -134,10 +144,14 @@ def run(work: Path, stages: list[str], workers: int = 1, recipe_path: str | os.P
             _finetune(work, recipe, "sft", work / "base")
         elif stage == "grpo":
             _finetune(work, recipe, "grpo", work / "sft" / "final")
+        elif stage == "release":
+            stage_release(work, recipe)
         elif stage == "eval":
-            stage_eval(work, recipe, final)
-        elif stage == "export":
-            stage_export(work, recipe, final)
+            stage_eval(work, recipe, work / "release" / "onnx")
+        elif stage == "ship":
+            from .nano_ship import ship
+
+            ship(work, recipe)
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
         tmp = timings_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(timings, indent=2), encoding="utf-8")
