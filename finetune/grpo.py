@@ -148,10 +148,10 @@ class TPRUGRPOTrainer(ExactResumeMixin, GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         """TRL's generation, at most ``generation_chunk_size`` completions per ``generate`` call.
 
-        TRL generates a whole rollout (``prompts_per_rollout x num_generations`` completions) in one call: its
-        prefill runs every prompt's images through the vision tower together, whose attention grows with the square
-        of all patches in the call. 512 seven-image prompts outgrew 24 GB on a 4 MB model; chunks keep the peak
-        at what one micro-batch needs.
+        TRL generates a whole rollout (``prompts_per_rollout x num_generations`` completions, 512 at the paper's
+        256 prompts x 2) in one call, holding every prompt's pixels, activations and KV cache at once; chunks bound
+        what one call holds. On the tiny model at 64 completions x 64 tokens it did not change the peak
+        (benchmarks/finetune_memory.py); whether it is what outgrew 24 GB at 512 x 1,024 tokens is not measured.
         """
         chunk = self.generation_chunk_size
         paged = getattr(self.args, "use_transformers_paged", False) or \
