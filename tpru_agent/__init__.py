@@ -9,6 +9,7 @@ Example:
 
 from .errors import (
     ConfigError,
+    EngineClosedError,
     EngineUnavailableError,
     FrameError,
     ModelNotFoundError,
@@ -30,6 +31,7 @@ from .checker import ProcedureChecker  # noqa: E402
 
 __all__ = [
     "TPRU", "ProcedureChecker", "OrderResult", "ChoiceResult", "StepVerdict", "ProgressResult", "CheckEvent", "Status",
-    "TPRUError", "FrameError", "ParseError", "ModelNotFoundError", "EngineUnavailableError", "ConfigError",
+    "TPRUError", "FrameError", "ParseError", "ModelNotFoundError", "EngineUnavailableError", "EngineClosedError",
+    "ConfigError",
     "__version__",
 ]

@@ -15,7 +15,7 @@ from functools import partial
 from typing import Any, Sequence
 
 from . import aggregate
-from .engines.base import Engine, GenerationOptions, Request
+from .engines.base import Engine, GenerationOptions, Request, as_engine
 from .errors import ConfigError, ParseError
 from .frames import TPRU_BUDGET, PixelBudget, load_frame, load_frames
 from .hub import DEFAULT_MODEL, resolve
@@ -126,18 +126,15 @@ class TPRU:
         self.bgr = bgr
         self.options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         started = time.perf_counter()
-        if not isinstance(engine, str):
-            missing = [m for m in ("generate", "score") if not callable(getattr(engine, m, None))]
-            if missing:
-                raise ConfigError(f"engine must be a name ('auto', 'hf', 'onnx', 'openai', 'classic') or an object "
-                                  f"with generate() and score(); {type(engine).__name__} lacks {', '.join(missing)}")
-            self.model_name = f"<{getattr(engine, 'name', type(engine).__name__)} engine>"
-        self.engine = engine if not isinstance(engine, str) else self._create(engine, quantization=quantization,
-                                                                              device=device, dtype=dtype,
-                                                                              **engine_kwargs)
+        if isinstance(engine, str):
+            self.engine = self._create(engine, quantization=quantization, device=device, dtype=dtype,
+                                       **engine_kwargs)
+        else:  # a custom engine: anything with generate() and score(), held to the whole contract
+            self.engine = as_engine(engine)
+            self.model_name = f"<{self.engine.name} engine>"
         if budget == "auto" and self.budget is not None:
             # a model folder that records its own training budget (tpru-nano) is served at it
-            self.budget = getattr(self.engine, "budget", None) or self.budget
+            self.budget = self.engine.budget or self.budget
         self.load_s = time.perf_counter() - started
 
     def _create(self, engine: str, **kwargs: Any) -> Engine:
@@ -167,7 +164,7 @@ class TPRU:
 
     @property
     def engine_name(self) -> str:
-        return getattr(self.engine, "name", type(self.engine).__name__)
+        return self.engine.name
 
     def _classic(self):
         """The classic engine when it runs this model (it has no chain of thought and no sense of direction)."""
@@ -451,14 +448,12 @@ class TPRU:
 
     def info(self) -> dict[str, Any]:
         """What is loaded: engine, model, load time, and the engine's own facts (parameters, memory...)."""
-        facts = self.engine.info() if hasattr(self.engine, "info") else {}
+        facts = self.engine.info()
         return {"engine": self.engine_name, "model": self.model_name, "load_s": self.load_s, **facts}
 
     def close(self) -> None:
         """Release the engine (memory, connections)."""
-        closer = getattr(self.engine, "close", None)
-        if closer is not None:
-            closer()
+        self.engine.close()
 
     def __enter__(self) -> "TPRU":
         return self

@@ -2,14 +2,23 @@
 
 Two primitives (see DESIGN): ``generate`` answers as TPRU was trained (``<think>...</think><answer>...</answer>``);
 ``score`` returns the log-probability of each candidate continuation after the same prompt, which gives a
-confidence for every call and a fast mode without a chain of thought.
+confidence for every call and a fast mode without a chain of thought. Every engine (classic, hf, onnx, openai)
+subclasses :class:`Engine` and implements all four methods (``generate``, ``score``, ``close``, ``info``); a
+closed engine raises :class:`~tpru_agent.errors.EngineClosedError`. An object passed as ``TPRU(engine=...)`` that
+only has ``generate`` and ``score`` is wrapped in :class:`CustomEngine`, which completes the contract for it.
+
+The shared parts of scoring live here too: :func:`distinct` (the continuation checks every engine makes) and
+:func:`score_shared_prefix` (the shared-prefix algorithm of the hf and onnx engines).
 """
 
 from __future__ import annotations
 
+import abc
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Sequence
 
+from ..errors import ConfigError, EngineClosedError
 from ..tasks.question import Question
 
 
@@ -39,23 +48,117 @@ class GenerationOptions:
     seed: int | None = None
 
 
-@runtime_checkable
-class Engine(Protocol):
-    """What every back-end implements. ``name`` is what results report (``"hf"``, ``"onnx"``, ``"classic"``...)."""
+class Engine(abc.ABC):
+    """What every back-end implements. ``name`` is what results report (``"hf"``, ``"onnx"``, ``"classic"``...).
 
-    name: str
+    ``budget`` is the :class:`~tpru_agent.frames.PixelBudget` the engine serves frames at when it knows one (a
+    model folder's own training budget); ``None`` leaves it to the facade.
+    """
 
+    name: str = "engine"
+    budget: Any = None
+
+    @abc.abstractmethod
     def generate(self, requests: Sequence[Request], options: GenerationOptions = GenerationOptions()) -> list[str]:
-        """One response text per request."""
-        ...
+        """One response text per request.
 
+        Raises:
+            ConfigError: a request's ``<image>`` placeholders do not match its images.
+            EngineClosedError: after :meth:`close`.
+        """
+
+    @abc.abstractmethod
     def score(self, request: Request, continuations: Sequence[str], *, prefix: str = "") -> list[float]:
         """Log-probability of each continuation as the assistant's reply, after ``prefix`` (e.g. the reasoning).
 
-        The continuations must be distinct. Values are comparable across the continuations of one call (they
-        may omit a term shared by all of them).
-        """
-        ...
+        Values are comparable across the continuations of one call (they may omit a term shared by all of
+        them). No continuations: ``[]``.
 
-# ``close()`` (release memory or connections) and ``info()`` (facts for ``TPRU.info``) are optional: the facade
-# calls them when present.
+        Raises:
+            ConfigError: repeated continuations, or a placeholder / image count mismatch.
+            EngineClosedError: after :meth:`close`.
+        """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release memory, sessions or connections; later calls raise :class:`EngineClosedError`. Idempotent."""
+
+    @abc.abstractmethod
+    def info(self) -> dict[str, Any]:
+        """Facts for ``TPRU.info()``; holds at least ``"engine"`` (the name)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class CustomEngine(Engine):
+    """An object with ``generate`` and ``score`` (``TPRU(engine=obj)``) held to the whole contract.
+
+    ``close`` / ``info`` call the object's own when it has them; after ``close`` every call raises
+    :class:`EngineClosedError`. Other attributes are read from the object.
+    """
+
+    def __init__(self, inner: Any):
+        missing = [m for m in ("generate", "score") if not callable(getattr(inner, m, None))]
+        if missing:
+            raise ConfigError(f"engine must be a name ('auto', 'hf', 'onnx', 'openai', 'classic') or an object "
+                              f"with generate() and score(); {type(inner).__name__} lacks {', '.join(missing)}")
+        self.inner = inner
+        self.name = str(getattr(inner, "name", type(inner).__name__))
+        self.budget = getattr(inner, "budget", None)
+        self._closed = False
+
+    def _live(self) -> Any:
+        if self._closed:
+            raise EngineClosedError(f"this {self.name} engine was closed; create a new one")
+        return self.inner
+
+    def generate(self, requests: Sequence[Request], options: GenerationOptions = GenerationOptions()) -> list[str]:
+        return self._live().generate(requests, options)
+
+    def score(self, request: Request, continuations: Sequence[str], *, prefix: str = "") -> list[float]:
+        return self._live().score(request, continuations, prefix=prefix)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            closer = getattr(self.inner, "close", None)
+            if callable(closer):
+                closer()
+
+    def info(self) -> dict[str, Any]:
+        own = getattr(self._live(), "info", None)
+        return {"engine": self.name, **(own() if callable(own) else {})}
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (during __init__ or unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __repr__(self) -> str:
+        return f"CustomEngine({self.inner!r})"
+
+
+def as_engine(obj: Any) -> Engine:
+    """``obj`` itself when it is an :class:`Engine`, else ``obj`` wrapped in :class:`CustomEngine`.
+
+    Raises:
+        ConfigError: ``obj`` has no ``generate`` or no ``score``.
+    """
+    return obj if isinstance(obj, Engine) else CustomEngine(obj)
+
+
+def distinct(continuations: Sequence[str]) -> list[str]:
+    """The continuations as a list, checked as every engine checks them.
+
+    Raises:
+        ConfigError: a continuation is repeated (its value would be ambiguous in any answer distribution).
+    """
+    conts = list(continuations)
+    repeated = sorted(c for c, k in Counter(conts).items() if k > 1)
+    if repeated:
+        raise ConfigError(f"continuations must be distinct; repeated: {repeated[:5]}")
+    return conts

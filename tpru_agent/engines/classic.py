@@ -74,7 +74,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -84,7 +84,7 @@ from .. import aggregate
 from ..errors import ConfigError, EngineClosedError, FrameError
 from ..tasks.answer import extract_answer
 from ..tasks.question import LETTERS, Question
-from .base import GenerationOptions, Request
+from .base import Engine, GenerationOptions, Request, distinct
 
 #: Log-score of a continuation that is not a valid answer to the question (probability ~0, but finite so a
 #: softmax over scores stays defined).
@@ -110,7 +110,7 @@ class ClassicConfig:
     cache_size: int = 256
 
 
-class ClassicEngine:
+class ClassicEngine(Engine):
     """No-weights engine implementing the engine protocol from visual continuity (numpy + OpenCV).
 
     Args:
@@ -322,12 +322,9 @@ class ClassicEngine:
             EngineClosedError: after :meth:`close`.
         """
         self._check_open()
-        conts = list(continuations)
+        conts = distinct(continuations)
         if not conts:
             return []
-        repeated = sorted(c for c, k in Counter(conts).items() if k > 1)
-        if repeated:
-            raise ConfigError(f"continuations must be distinct; repeated: {repeated[:5]}")
         scores, _ = self.answer_scores(request)
         out = []
         for text in conts:
@@ -403,6 +400,11 @@ class ClassicEngine:
                 "which end is the start, so the direction is a guess (the end shown earlier among the inputs "
                 "starts). The text description is not checked.")
         return PathOrder(tuple(path), math.exp(log_p / len(windows)), float(length), note)
+
+    def info(self) -> dict:
+        """The engine's name and settings (no weights: nothing is loaded)."""
+        return {"engine": self.name, "parameters": 0, "device": "cpu",
+                "config": dict(self.config.__dict__)}
 
     def close(self) -> None:
         """Drop the feature cache; later calls raise :class:`~tpru_agent.errors.EngineClosedError`."""

@@ -31,9 +31,9 @@ from typing import Sequence
 import numpy as np
 
 from .. import hub
-from ..errors import ConfigError, TPRUError, require
+from ..errors import ConfigError, EngineClosedError, require
 from ..frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, resize_to_budget, serving_budget
-from .base import GenerationOptions, Request
+from .base import Engine, GenerationOptions, Request
 from .chat import common_prefix, expand_image_pads
 from .hf_options import QUANTIZATIONS, check_quantization, cpu_auto_dtype, pick_device, pick_dtype, split_prompt
 from .hf_tokens import HFTokens
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 SCORE_CACHE_BYTES = {"cuda": 2 << 30, "mps": 1 << 30, "cpu": 1 << 30}
 
 
-class HFEngine(HFTokens):
+class HFEngine(HFTokens, Engine):
     """Qwen2.5-VL through transformers: ``generate`` (batched, left padded) and cached-prefix ``score``.
 
     Token-level methods (conversations, token counts, completions with usage and stop sequences, traces) come
@@ -146,7 +146,7 @@ class HFEngine(HFTokens):
 
     def _live(self):
         if self.model is None:
-            raise TPRUError("this HFEngine was closed; create a new one")
+            raise EngineClosedError("this HFEngine was closed; create a new one")
         return self.model
 
     def _sized(self, request: Request) -> Request:
@@ -395,12 +395,6 @@ class HFEngine(HFTokens):
         torch = self._torch
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-    def __enter__(self) -> "HFEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"HFEngine({str(self.folder)!r}, device={self.device!r}, quantization={self.quantization!r})"

@@ -25,11 +25,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, ModelNotFoundError, TPRUError, require
+from ..errors import ConfigError, EngineClosedError, ModelNotFoundError, require
 from ..export import read_manifest
 from ..frames import serving_budget
 from ..hub import ONNX_MANIFEST, resolve
-from .base import GenerationOptions, Request
+from .base import Engine, GenerationOptions, Request
 from .chat import common_prefix, expand_image_pads, load_chat_template, log_softmax, next_token, render_chat, rope_index
 from .hf import split_prompt
 from .ort_setup import GPU_FIX, installed_distributions, runtime_problem
@@ -89,7 +89,7 @@ def _folder(model) -> Path:
     return Path(ref.target)
 
 
-class ONNXEngine:
+class ONNXEngine(Engine):
     """Qwen2.5-VL exported to ONNX, run with ONNX Runtime: ``generate`` and cached-prefix ``score``.
 
     Args:
@@ -204,7 +204,7 @@ class ONNXEngine:
 
     def _live(self) -> dict:
         if self.sessions is None:
-            raise TPRUError("this ONNXEngine was closed; create a new one")
+            raise EngineClosedError("this ONNXEngine was closed; create a new one")
         return self.sessions
 
     # ------------------------------------------------------------------ graph calls
@@ -355,12 +355,6 @@ class ONNXEngine:
         """Free the sessions and caches. Later calls raise."""
         self.sessions = None
         self.clear_cache()
-
-    def __enter__(self) -> "ONNXEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"ONNXEngine({str(self.folder)!r}, providers={self.providers!r})"

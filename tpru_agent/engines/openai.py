@@ -57,8 +57,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from ..errors import ConfigError, EngineUnavailableError, ModelNotFoundError, require
-from .base import GenerationOptions, Request
+from ..errors import ConfigError, EngineClosedError, EngineUnavailableError, ModelNotFoundError, require
+from .base import Engine, GenerationOptions, Request, distinct
 from .openai_protocol import (
     ServerError,
     continuation_logprob,
@@ -82,7 +82,7 @@ TPRU_OWNER = "tpru-agent"
 _RETRY_STATUS = {429, 502, 503, 504}
 
 
-class OpenAIEngine:
+class OpenAIEngine(Engine):
     """Engine over an OpenAI-compatible HTTP server.
 
     Args:
@@ -132,12 +132,18 @@ class OpenAIEngine:
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tpru-openai")
         self._lock = threading.Lock()
         self._models: list[dict] | None = None
+        self._closed = False
+
+    def _live(self) -> None:
+        if self._closed:
+            raise EngineClosedError(f"this OpenAIEngine ({self.base_url}) was closed; create a new one")
 
     # ------------------------------------------------------------------ HTTP
     def _post(self, path: str, payload: dict) -> dict:
         return self._request("POST", path, payload)
 
     def _request(self, method: str, path: str, payload: dict | None = None) -> dict:
+        self._live()
         httpx = self._httpx
         for attempt in range(self.max_retries + 1):
             try:
@@ -219,6 +225,7 @@ class OpenAIEngine:
     # ------------------------------------------------------------------ generate
     def generate(self, requests: Sequence[Request], options: GenerationOptions = GenerationOptions()) -> list[str]:
         """One chat completion per request, sent concurrently; the assistant text of each."""
+        self._live()
         def one(request: Request) -> str:
             body = self._post("/chat/completions", self._payload(
                 request, max_tokens=options.max_new_tokens, temperature=options.temperature,
@@ -232,12 +239,10 @@ class OpenAIEngine:
     # ------------------------------------------------------------------ score
     def score(self, request: Request, continuations: Sequence[str], *, prefix: str = "") -> list[float]:
         """Log-probability of each continuation after ``prefix`` (see the module doc for the three methods)."""
-        conts = list(continuations)
+        self._live()
+        conts = distinct(continuations)
         if not conts:
             return []
-        if len(set(conts)) != len(conts):
-            repeated = sorted({c for c in conts if conts.count(c) > 1})
-            raise ConfigError(f"continuations must be distinct; repeated: {repeated[:5]}")
         method = self.score_method
         if method == "auto":
             method = "tpru" if self.is_tpru_server() else self._fallback_method(conts, prefix)
@@ -306,7 +311,8 @@ class OpenAIEngine:
                 "score_method": self.score_method, "tpru_server": self.is_tpru_server()}
 
     def close(self) -> None:
-        """Close the HTTP connections and the request threads."""
+        """Close the HTTP connections and the request threads; later calls raise :class:`EngineClosedError`."""
+        self._closed = True
         self._pool.shutdown(wait=False)
         self._client.close()
 
