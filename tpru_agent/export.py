@@ -11,7 +11,7 @@ vision tower's data-dependent window index, so the parts are traced with the Tor
   ``logits_index [K]`` (the positions whose logits are wanted) and ``past_key_i / past_value_i`` -> ``logits
   [B, K, vocab]`` and ``present_key_i / present_value_i``.
 
-The folder also gets the tokenizer / processor / config files and ``tpru_onnx.json`` (see :func:`read_manifest`).
+The folder also gets the tokenizer / processor / config files and ``tpru_onnx.json`` (see :func:`tpru_agent.onnx_manifest.read_manifest`).
 Torch is imported inside the export functions only; reading a manifest needs nothing but the standard library.
 
 Example:
@@ -31,16 +31,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError, ModelNotFoundError, require
+from .errors import ConfigError, require
 from .fsutil import replace_dir
 from .hub import ONNX_MANIFEST
+from .onnx_manifest import FORMAT, FORMAT_VERSION, GRAPHS, read_manifest
 
 log = logging.getLogger(__name__)
 
-FORMAT = "tpru-onnx"
-FORMAT_VERSION = 1
 DEFAULT_OPSET = 17
-GRAPHS = ("vision", "embed", "decoder")
 #: Protobuf's hard limit; graphs above it keep their weights in one ``<graph>.onnx.data`` file next to them.
 PROTOBUF_LIMIT = 2 * 1024**3
 #: Files copied from the source folder next to the graphs (tokenizer, chat template, processor and model config).
@@ -79,42 +77,6 @@ def parse_frame_size(text: str | tuple[int, int] | None, *, max_pixels: int = 36
         raise ConfigError(f"frame size {width}x{height}: both sides must be positive multiples of {factor} "
                           f"(patch 14 x merge 2), e.g. 168x168, 196x168, 224x168")
     return width, height
-
-
-# ------------------------------------------------------------------------------------------ manifest
-def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
-    """Load and check ``tpru_onnx.json`` in an export folder; every graph file it names must exist.
-
-    Raises:
-        ModelNotFoundError: the folder, the manifest or a graph file is missing.
-        ConfigError: the manifest is not valid JSON or is of another format / version.
-    """
-    root = Path(folder).expanduser()
-    path = root / ONNX_MANIFEST
-    if not root.is_dir():
-        raise ModelNotFoundError(f"ONNX folder {str(root)!r} does not exist; create it with "
-                                 f"`tpru export --model MODEL --format onnx --out {root}`")
-    if not path.is_file():
-        raise ModelNotFoundError(f"{str(root)!r} is not an ONNX export: it has no {ONNX_MANIFEST}. Create one with "
-                                 f"`tpru export --model MODEL --format onnx --out DIR`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{str(path)!r} is not valid JSON ({exc}); re-run `tpru export`") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ConfigError(f"{str(path)!r} is not a {FORMAT} manifest; re-run `tpru export`")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise ConfigError(f"{str(path)!r} has format version {manifest.get('version')!r}, this tpru-agent reads "
-                          f"version {FORMAT_VERSION}; re-export the model with this version")
-    for name in GRAPHS:
-        graph = manifest.get("graphs", {}).get(name)
-        if not graph:
-            raise ConfigError(f"{str(path)!r} names no {name!r} graph; re-run `tpru export`")
-        for file in [graph["file"], *graph.get("data", [])]:
-            if not (root / file).is_file():
-                raise ModelNotFoundError(f"ONNX export {str(root)!r} is incomplete: {file!r} is missing; "
-                                         "copy the whole folder or re-run `tpru export`")
-    return manifest
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from ..errors import ConfigError, EngineClosedError
 from ..tasks.question import Question

@@ -1,4 +1,4 @@
-"""Torch-free prompt helpers for engines that run without transformers' processor (onnx).
+"""Torch-free prompt helpers: chat content for a user turn (hf, onnx) and what ``AutoProcessor`` does (onnx).
 
 They reproduce what ``AutoProcessor`` does for a Qwen2.5-VL user turn, so the prompts, token ids and M-RoPE
 positions are the ones the hf engine builds: the chat template rendered with the same Jinja settings, one
@@ -22,8 +22,28 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ConfigError, ModelNotFoundError
+from ..tasks.question import split_images
 
 IMAGE_PAD = "<|image_pad|>"
+
+
+def split_prompt(text: str, n_images: int) -> list[dict]:
+    """One user turn's content for a chat template: text parts with ``{"type": "image"}`` at each ``<image>``.
+
+    Raises:
+        ConfigError: the placeholder count differs from ``n_images``.
+
+    Example:
+        >>> split_prompt("A: <image> B: <image>", 2)[1]
+        {'type': 'image'}
+    """
+    content: list[dict] = []
+    for i, part in enumerate(split_images(text, n_images)):
+        if part:
+            content.append({"type": "text", "text": part})
+        if i < n_images:
+            content.append({"type": "image"})
+    return content
 
 
 def load_chat_template(folder: str | Path) -> str:
@@ -159,4 +179,4 @@ def next_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.ran
 
 
 __all__ = ["common_prefix", "expand_image_pads", "load_chat_template", "log_softmax", "next_token", "render_chat",
-           "rope_index"]
+           "rope_index", "split_prompt"]

@@ -83,7 +83,7 @@ import numpy as np
 from .. import aggregate
 from ..errors import ConfigError, EngineClosedError, FrameError
 from ..tasks.answer import extract_answer
-from ..tasks.question import LETTERS, Question
+from ..tasks.question import LETTERS, Question, split_images
 from .base import Engine, GenerationOptions, Request, distinct
 
 #: Log-score of a continuation that is not a valid answer to the question (probability ~0, but finite so a
@@ -205,6 +205,7 @@ class ClassicEngine(Engine):
         if len(request.images) != q.n_images:
             raise ConfigError(f"the question shows {q.n_images} images but the request carries "
                               f"{len(request.images)}")
+        split_images(request.text, len(request.images))  # the placeholders match the images, as for every engine
         dist = self.distances(request.images)
         if q.task == "ordering":
             raw, info = self._ordering(q, dist)

@@ -34,8 +34,8 @@ from .. import hub
 from ..errors import ConfigError, EngineClosedError, require
 from ..frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, resize_to_budget, serving_budget
 from .base import Engine, GenerationOptions, Request
-from .chat import common_prefix, expand_image_pads
-from .hf_options import QUANTIZATIONS, check_quantization, cpu_auto_dtype, pick_device, pick_dtype, split_prompt
+from .chat import common_prefix, expand_image_pads, split_prompt
+from .hf_options import QUANTIZATIONS, check_quantization, cpu_auto_dtype, pick_device, pick_dtype
 from .hf_tokens import HFTokens
 from .prefix_cache import PrefixCache, Span, fork, image_key, kv_nbytes, tensors_nbytes
 

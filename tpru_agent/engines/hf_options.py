@@ -1,4 +1,4 @@
-"""Options of the transformers engine, checked before any weights load: prompt content, device, dtype, quantisation.
+"""Options of the transformers engine, checked before any weights load: device, dtype, quantisation.
 
 Example:
     >>> check_quantization("none") is None
@@ -8,36 +8,10 @@ Example:
 from __future__ import annotations
 
 from ..errors import ConfigError, close_matches
-from ..tasks.question import IMAGE
 
 QUANTIZATIONS = ("4bit", "8bit")
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp16": "float16", "float16": "float16"}
-
-
-def split_prompt(text: str, n_images: int) -> list[dict]:
-    """One user turn's content: text parts interleaved with ``{"type": "image"}`` at each ``<image>``.
-
-    Raises:
-        ConfigError: the placeholder count differs from ``n_images``.
-
-    Example:
-        >>> split_prompt("A: <image> B: <image>", 2)[1]
-        {'type': 'image'}
-    """
-    parts = text.split(IMAGE)
-    if len(parts) - 1 != n_images:
-        raise ConfigError(
-            f"the prompt has {len(parts) - 1} {IMAGE} placeholder(s) but {n_images} image(s) were given; "
-            f"put exactly one {IMAGE} in the text per image, in order"
-        )
-    content: list[dict] = []
-    for i, part in enumerate(parts):
-        if part:
-            content.append({"type": "text", "text": part})
-        if i < n_images:
-            content.append({"type": "image"})
-    return content
 
 
 def pick_device(device: str, torch) -> str:
@@ -156,4 +130,4 @@ def check_quantization(quantization: str | None) -> str | None:
     return q
 
 
-__all__ = ["QUANTIZATIONS", "check_quantization", "pick_device", "pick_dtype", "split_prompt"]
+__all__ = ["QUANTIZATIONS", "check_quantization", "pick_device", "pick_dtype"]

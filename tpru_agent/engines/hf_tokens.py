@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 from ..errors import ConfigError
 from ..tasks.question import IMAGE
 from .base import GenerationOptions, Request
-from .hf_options import split_prompt
+from .chat import split_prompt
 
 Turns = Sequence[tuple[str, str]]
 

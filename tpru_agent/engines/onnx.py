@@ -26,12 +26,20 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ConfigError, EngineClosedError, ModelNotFoundError, require
-from ..export import read_manifest
 from ..frames import serving_budget
 from ..hub import ONNX_MANIFEST, resolve
+from ..onnx_manifest import read_manifest
 from .base import Engine, GenerationOptions, Request
-from .chat import common_prefix, expand_image_pads, load_chat_template, log_softmax, next_token, render_chat, rope_index
-from .hf import split_prompt
+from .chat import (
+    common_prefix,
+    expand_image_pads,
+    load_chat_template,
+    log_softmax,
+    next_token,
+    render_chat,
+    rope_index,
+    split_prompt,
+)
 from .ort_setup import GPU_FIX, installed_distributions, runtime_problem
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError, TPRUError
-from ..tasks.question import IMAGE, Question
+from ..tasks.question import Question, split_images
 from .base import Request
 
 # Qwen2's pre-tokenizer split (transformers' PRETOKENIZE_REGEX) with \p{L} / \p{N} spelled for Python's re.
@@ -50,10 +50,7 @@ def question_payload(question: Question) -> dict:
 
 def user_content(request: Request, *, fmt: str = "png") -> list[dict]:
     """OpenAI content parts: text pieces with one ``image_url`` part at each ``<image>`` placeholder."""
-    pieces = request.text.split(IMAGE)
-    if len(pieces) - 1 != len(request.images):
-        raise ConfigError(f"the prompt has {len(pieces) - 1} {IMAGE} placeholder(s) but {len(request.images)} "
-                          f"image(s) were given; put exactly one {IMAGE} in the text per image")
+    pieces = split_images(request.text, len(request.images))
     parts: list[dict] = []
     for i, piece in enumerate(pieces):
         if piece:

@@ -12,10 +12,10 @@ from .answer import (
     tpru_reward,
 )
 from .prompt import DEFAULT_PREAMBLE, render_prompt
-from .question import IMAGE, LETTERS, NONE_TEXT, TASKS, Option, Question, continuation, describe
+from .question import IMAGE, LETTERS, NONE_TEXT, TASKS, Option, Question, continuation, describe, split_images
 
 __all__ = [
     "DEFAULT_PREAMBLE", "IMAGE", "LETTERS", "NONE_TEXT", "TASKS", "Option", "Parsed", "Question",
     "accuracy_score", "continuation", "describe", "extract_answer", "extract_think", "format_score",
-    "next_frame", "normalize_tags", "ordering", "parse_response", "previous", "render_prompt", "tpru_reward",
+    "next_frame", "normalize_tags", "ordering", "parse_response", "previous", "render_prompt", "split_images", "tpru_reward",
 ]

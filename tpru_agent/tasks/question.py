@@ -109,6 +109,28 @@ class Question:
         return replace(self, answer=answer, negative=self.negative if negative is None else negative)
 
 
+def split_images(text: str, n_images: int) -> list[str]:
+    """The text pieces around each ``<image>`` placeholder: ``n_images + 1`` strings (some may be empty).
+
+    The one place a prompt is split at its images; every engine (and the server) builds its own message parts
+    from these pieces, image ``i`` going between piece ``i`` and piece ``i + 1``.
+
+    Raises:
+        ConfigError: the placeholder count differs from ``n_images``.
+
+    Example:
+        >>> split_images("A: <image> B: <image>", 2)
+        ['A: ', ' B: ', '']
+    """
+    pieces = text.split(IMAGE)
+    if len(pieces) - 1 != n_images:
+        raise ConfigError(
+            f"the prompt has {len(pieces) - 1} {IMAGE} placeholder(s) but {n_images} image(s) were given; "
+            f"put exactly one {IMAGE} in the text per image, in order"
+        )
+    return pieces
+
+
 def continuation(answer: str) -> str:
     """The assistant text that states ``answer`` (what ``score`` compares across candidates)."""
     return f"<answer>{answer}</answer>"
