@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError, EngineClosedError
 from ..tasks.question import Question
@@ -162,3 +162,57 @@ def distinct(continuations: Sequence[str]) -> list[str]:
     if repeated:
         raise ConfigError(f"continuations must be distinct; repeated: {repeated[:5]}")
     return conts
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by every sequence.
+
+    Example:
+        >>> common_prefix([[1, 2, 3], [1, 2, 4]])
+        2
+    """
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs[1:]):
+            return i
+    return n
+
+
+def score_shared_prefix(prompt: str, conts: Sequence[str], *, encode: Callable[[str], list[int]],
+                        prefill: Callable, run_rests: Callable, chunk_size: Callable[[Any, int], int],
+                        check_rests: Callable[[list[list[int]]], None] | None = None) -> list[float]:
+    """The scoring algorithm of the hf and onnx engines: the shared prefix runs once, then each continuation's rest.
+
+    Each continuation's value is the sum of the log-probs of its tokens after the longest token prefix shared by
+    every candidate and by the bare ``prompt`` (tokens, not characters: Qwen glues ``>A`` into one token). Every
+    candidate keeps at least one scored token; the first one is read from the prefill's next-token log-probs.
+
+    Args:
+        prompt: the templated conversation (image pads expanded) followed by the score's ``prefix``.
+        conts: the continuations, distinct and non-empty (see :func:`distinct`).
+        encode: text -> token ids (no special tokens added).
+        prefill: ``ids -> (next-token log-probs, cache, M-RoPE delta)`` for the shared ids.
+        run_rests: ``(rests, cache, shared, delta) -> [sum of log-probs of tokens 1.. of each rest]``.
+        chunk_size: ``(cache, n) -> rests per run_rests call`` (memory bound).
+        check_rests: called with the rests before any model runs (e.g. to refuse image tokens in them).
+
+    Raises:
+        ConfigError: the prompt is empty (nothing to condition on).
+    """
+    seqs = [encode(prompt + c) for c in conts]
+    shared = common_prefix([*seqs, encode(prompt)])
+    shared = min(shared, min(len(s) for s in seqs) - 1)  # every candidate keeps >= 1 scored token
+    if shared < 1:
+        raise ConfigError("the prompt is empty: nothing to condition the continuations on")
+    rests = [s[shared:] for s in seqs]
+    if check_rests is not None:
+        check_rests(rests)
+    first, cache, delta = prefill(seqs[0][:shared])
+    totals = [float(first[r[0]]) for r in rests]
+    todo = [i for i, r in enumerate(rests) if len(r) > 1]
+    chunk = max(1, chunk_size(cache, len(todo)))
+    for begin in range(0, len(todo), chunk):
+        idx = todo[begin:begin + chunk]
+        for i, value in zip(idx, run_rests([rests[i] for i in idx], cache, shared, delta)):
+            totals[i] += value
+    return totals

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import ConfigError, ModelNotFoundError
 from ..tasks.question import split_images
+from .base import common_prefix  # noqa: F401  (re-exported: engines and tests read it from here)
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -100,15 +101,6 @@ def expand_image_pads(text: str, counts: Sequence[int], pad: str = IMAGE_PAD) ->
     if len(pieces) - 1 != len(counts):
         raise ConfigError(f"the templated prompt has {len(pieces) - 1} image pad(s) for {len(counts)} image(s)")
     return pieces[0] + "".join(pad * n + piece for n, piece in zip(counts, pieces[1:]))
-
-
-def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest token prefix shared by every sequence."""
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != first[i] for s in seqs[1:]):
-            return i
-    return n
 
 
 def rope_index(ids: Sequence[int], image_token_id: int, grids: Sequence[Sequence[int]], merge: int

@@ -33,8 +33,8 @@ import numpy as np
 from .. import hub
 from ..errors import ConfigError, EngineClosedError, require
 from ..frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, resize_to_budget, serving_budget
-from .base import Engine, GenerationOptions, Request
-from .chat import common_prefix, expand_image_pads, split_prompt
+from .base import Engine, GenerationOptions, Request, distinct, score_shared_prefix
+from .chat import expand_image_pads, split_prompt
 from .hf_options import QUANTIZATIONS, check_quantization, cpu_auto_dtype, pick_device, pick_dtype
 from .hf_tokens import HFTokens
 from .prefix_cache import PrefixCache, Span, fork, image_key, kv_nbytes, tensors_nbytes
@@ -229,36 +229,23 @@ class HFEngine(HFTokens, Engine):
         """
         model, torch = self._live(), self._torch
         request = self._sized(request)
-        conts = list(continuations)
+        conts = distinct(continuations)
         if not conts:
             return []
-        repeated = sorted({c for c in conts if conts.count(c) > 1})
-        if repeated:
-            raise ConfigError(f"continuations must be distinct; repeated: {repeated[:5]}")
         prompt = self.chat_text(request, reply=prefix)
-        with self._lock, torch.inference_mode():
-            visual = self._visual(request.images)
-            expanded = self._expand(prompt, visual)
-            tok = self.processor.tokenizer
-            seqs = [tok(expanded + c, add_special_tokens=False)["input_ids"] for c in conts]
-            bare = tok(expanded, add_special_tokens=False)["input_ids"]
-            shared = common_prefix([*seqs, bare])
-            shared = min(shared, min(len(s) for s in seqs) - 1)  # every candidate keeps >= 1 scored token
-            if shared < 1:
-                raise ConfigError("the prompt is empty: nothing to condition the continuations on")
-            if any(model.config.image_token_id in s[shared:] for s in seqs):
+
+        def no_image_tokens(rests: list[list[int]]) -> None:
+            if any(model.config.image_token_id in r for r in rests):
                 raise ConfigError(f"a continuation contains the image token {self.processor.image_token!r}; "
                                   "continuations must be plain text")
-            first_logp, cache, delta = self._prefill(seqs[0][:shared], visual)
-            rests = [s[shared:] for s in seqs]
-            totals = [float(first_logp[r[0]]) for r in rests]
-            order = [i for i in range(len(rests)) if len(rests[i]) > 1]
-            chunk = self._chunk_size(cache, len(order))
-            for start in range(0, len(order), chunk):
-                idx = order[start:start + chunk]
-                for i, value in zip(idx, self._run_rests([rests[i] for i in idx], cache, shared, delta)):
-                    totals[i] += value
-        return totals
+
+        with self._lock, torch.inference_mode():
+            visual = self._visual(request.images)
+            tok = self.processor.tokenizer
+            return score_shared_prefix(
+                self._expand(prompt, visual), conts, encode=lambda t: tok(t, add_special_tokens=False)["input_ids"],
+                prefill=lambda ids: self._prefill(ids, visual), run_rests=self._run_rests,
+                chunk_size=self._chunk_size, check_rests=no_image_tokens)
 
     # ------------------------------------------------------------------ cached prefill
     def _visual(self, images) -> list[tuple[str, object, tuple[int, int, int]]]:
@@ -366,6 +353,7 @@ class HFEngine(HFTokens, Engine):
     def clear_cache(self) -> None:
         """Forget cached prefixes and visual features (e.g. between timed runs); the counters are kept."""
         self.prefix_cache.clear()
+
     def info(self) -> dict:
         """What is loaded: parameters, memory footprint (bytes), device, dtype, quantization, model folder."""
         model = self._live()

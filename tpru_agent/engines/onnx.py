@@ -29,7 +29,7 @@ from ..errors import ConfigError, EngineClosedError, ModelNotFoundError, require
 from ..frames import serving_budget
 from ..hub import ONNX_MANIFEST, resolve
 from ..onnx_manifest import read_manifest
-from .base import Engine, GenerationOptions, Request
+from .base import Engine, GenerationOptions, Request, distinct, score_shared_prefix
 from .chat import (
     common_prefix,
     expand_image_pads,
@@ -302,31 +302,21 @@ class ONNXEngine(Engine):
             ConfigError: repeated continuations, or a placeholder / image count mismatch.
         """
         with self._lock:
-            return self._score(request, list(continuations), prefix)
+            return self._score(request, continuations, prefix)
 
-    def _score(self, request: Request, conts: list[str], prefix: str) -> list[float]:
+    def _score(self, request: Request, continuations: Sequence[str], prefix: str) -> list[float]:
         self._live()
+        conts = distinct(continuations)
         if not conts:
             return []
-        repeated = sorted({c for c in conts if conts.count(c) > 1})
-        if repeated:
-            raise ConfigError(f"continuations must be distinct; repeated: {repeated[:5]}")
         prompt = expand_image_pads(self.chat_text(request, reply=prefix), [self.frame_tokens] * len(request.images))
-        seqs = [self._encode(prompt + c) for c in conts]
-        shared = min(common_prefix([*seqs, self._encode(prompt)]), min(len(s) for s in seqs) - 1)
-        if shared < 1:
-            raise ConfigError("the prompt is empty: nothing to condition the continuations on")
-        first, kv, delta = self._prefill(seqs[0][:shared], request.images)
-        rests = [s[shared:] for s in seqs]
-        totals = [float(first[r[0]]) for r in rests]
-        todo = [i for i, r in enumerate(rests) if len(r) > 1]
+        return score_shared_prefix(prompt, conts, encode=self._encode,
+                                   prefill=lambda ids: self._prefill(ids, request.images),
+                                   run_rests=self._score_rests, chunk_size=self._chunk_size)
+
+    def _chunk_size(self, kv: list[np.ndarray], n: int) -> int:
         per_copy = sum(a.nbytes for a in kv)
-        chunk = self.score_batch_size or max(1, min(len(todo) or 1, SCORE_CACHE_BYTES // max(per_copy, 1)))
-        for begin in range(0, len(todo), chunk):
-            idx = todo[begin:begin + chunk]
-            for i, value in zip(idx, self._score_rests([rests[i] for i in idx], kv, shared, delta)):
-                totals[i] += value
-        return totals
+        return self.score_batch_size or max(1, min(n or 1, SCORE_CACHE_BYTES // max(per_copy, 1)))
 
     def _score_rests(self, rests: list[list[int]], kv: list[np.ndarray], shared: int, delta: int) -> list[float]:
         """Sum of log-probs of tokens 1.. of each rest on the shared cache (token 0 is scored by the prefill)."""
