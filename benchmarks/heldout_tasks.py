@@ -45,8 +45,13 @@ def _episodes(n: int, seed: int) -> list:
     return list(metaworld_episodes(list(ML45_TEST), n, frames_per_episode=8, size=224, seed=seed))
 
 
-def verify_figures(model, episodes: list) -> dict:
-    """P(ok) for true next steps, other-episode frames and steps backwards, over every episode."""
+def verify_figures(model, episodes: list, *, trained_shape: bool = False) -> dict:
+    """P(ok) for true next steps, other-episode frames and steps backwards, over every episode.
+
+    ``trained_shape`` asks TPRU's trained next-frame shape (4 candidates + None) by adding 3 distractor frames from
+    other tasks' episodes at the same point of their rollouts (``verify_step(distractors=...)``); otherwise the
+    SDK's default shape (the observation alone + None).
+    """
     kinds: dict[str, list[float]] = {"true_next": [], "other_episode": [], "step_back": []}
     oks: dict[str, list[bool]] = {k: [] for k in kinds}
     latency = []
@@ -58,9 +63,11 @@ def verify_figures(model, episodes: list) -> dict:
         for i in range(0, len(f) - 2, 2):
             cases = {"true_next": ([f[i], f[i + 1]], f[i + 2]), "other_episode": ([f[i], f[i + 1]], g[i + 2]),
                      "step_back": ([f[i + 1], f[i + 2]], f[i])}
+            others = [o.frames[i + 2] for o in episodes if o.task not in (ep.task, other.task)][:3]
             for kind, (history, obs) in cases.items():
                 t0 = time.perf_counter()
-                verdict = model.verify_step(history, obs, description=ep.description, mode="fast")
+                verdict = model.verify_step(history, obs, description=ep.description, mode="fast",
+                                            distractors=others if trained_shape else None)
                 latency.append(time.perf_counter() - t0)
                 kinds[kind].append(verdict.confidence)
                 oks[kind].append(bool(verdict.ok))
@@ -90,9 +97,10 @@ def checker_rate(model, episode) -> float:
 def readme_example(model) -> dict:
     truth = json.loads((EXAMPLES / "order.json").read_text())
     frames = sorted(EXAMPLES.glob("frame_*.png"))
+    label = {p.name: "ABCD"[i] for i, p in enumerate(frames)}   # labels in file-name order, as the CLI shows them
     result = model.order_frames([str(p) for p in frames], mode="fast")
     letters = "".join("ABCD"[i] for i in result.order)
-    want = truth.get("answer") or truth.get("labels") or "CADB"
+    want = "".join(label[name] for name in truth["order"])
     return {"answer": letters, "truth": want, "correct": letters == want, "confidence": result.confidence}
 
 
@@ -107,6 +115,8 @@ def run(args) -> dict:
     for label, model in (("classic", TPRU("classic")), (name, TPRU(name, engine=engine))):
         row = {"engine": model.engine_name, **verify_figures(model, episodes), "readme_example": readme_example(model),
                "checker_hz": checker_rate(model, episodes[0])}
+        if not quick:
+            row["trained_shape"] = verify_figures(model, episodes, trained_shape=True)
         out[label] = row
         model.close()
     out["episodes"] = len(episodes)
