@@ -148,19 +148,11 @@ class TPRU:
                     ref.packaged and ref.onnx_folder is not None and _onnx_runtime_installed()) else "hf"
             if ref.packaged:  # the hf folder, or the ONNX export beside it
                 target = str(ref.onnx_folder or ref.target) if kind == "onnx" else ref.target
-        if kind == "classic":
-            return create_engine("classic", None)
-        if kind in ("onnx", "openai") and kwargs.get("quantization"):
-            raise ConfigError(f"quantization={kwargs['quantization']!r} applies to the hf engine only; for ONNX "
-                              "export with `tpru export --int8`, for a server quantise on the server side")
-        if kind == "openai":
-            kwargs = {k: v for k, v in kwargs.items() if k not in {"quantization", "device", "dtype"}}
-        if kind == "onnx":
-            kwargs = {k: v for k, v in kwargs.items() if k not in {"quantization", "dtype"}}
-        if self.budget is not None and kind == "hf" and self.budget is not TPRU_BUDGET:
+        if self.budget is not None and self.budget is not TPRU_BUDGET:  # an explicit budget: every engine hears it
             kwargs.setdefault("min_pixels", self.budget.min_pixels)
             kwargs.setdefault("max_pixels", self.budget.max_pixels)
-        return create_engine(kind, target, **kwargs)
+        # every engine takes the same options and refuses the ones it cannot honour (quantization on onnx...)
+        return create_engine(kind, None if kind == "classic" else target, **kwargs)
 
     @property
     def engine_name(self) -> str:

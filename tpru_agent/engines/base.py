@@ -151,6 +151,27 @@ def as_engine(obj: Any) -> Engine:
     return obj if isinstance(obj, Engine) else CustomEngine(obj)
 
 
+def no_quantization(quantization: str | None) -> None:
+    """Refuse a quantization an engine without bitsandbytes weights cannot honour (``None`` / ``"none"`` pass).
+
+    Raises:
+        ConfigError: any other value, saying where quantisation is done instead.
+    """
+    if quantization is not None and str(quantization).strip().lower() not in {"none", ""}:
+        raise ConfigError(f"quantization={quantization!r} applies to the hf engine only; for ONNX export with "
+                          "`tpru export --int8`, for a server quantise on the server side")
+
+
+def only_auto(option: str, value: Any, engine: str, why: str) -> None:
+    """Refuse an option an engine has no say over unless it is ``"auto"`` (``None`` passes too).
+
+    Raises:
+        ConfigError: ``value`` is something else; the message names the option, the engine and ``why``.
+    """
+    if value is not None and str(value).strip().lower() != "auto":
+        raise ConfigError(f"{option}={value!r} cannot be honoured by the {engine} engine: {why}")
+
+
 def distinct(continuations: Sequence[str]) -> list[str]:
     """The continuations as a list, checked as every engine checks them.
 

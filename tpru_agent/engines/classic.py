@@ -84,7 +84,7 @@ from .. import aggregate
 from ..errors import ConfigError, EngineClosedError, FrameError
 from ..tasks.answer import extract_answer
 from ..tasks.question import LETTERS, Question, split_images
-from .base import Engine, GenerationOptions, Request, distinct
+from .base import Engine, GenerationOptions, Request, distinct, no_quantization, only_auto
 
 #: Log-score of a continuation that is not a valid answer to the question (probability ~0, but finite so a
 #: softmax over scores stays defined).
@@ -115,7 +115,16 @@ class ClassicEngine(Engine):
 
     Args:
         config: a :class:`ClassicConfig`; ``None`` for the calibrated defaults.
+        device: accepted for a uniform command line (``auto``, ``cpu``, ``cuda[:N]``, ``mps``): the engine always
+            runs on the CPU (OpenCV + numpy), so a command that names a GPU still falls back to it.
+        dtype: ``"auto"`` only (there are no weights).
+        quantization: ``None`` only (there are no weights).
+        min_pixels, max_pixels: the budget the facade sizes frames at (``engine.budget``); the engine itself works
+            at any size.
         **overrides: fields of :class:`ClassicConfig` to change.
+
+    Raises:
+        ConfigError: an unknown override, a bad value, a quantization or dtype, or a device string of no kind.
 
     Example:
         >>> from tpru_agent.engines.classic import ClassicEngine
@@ -125,9 +134,21 @@ class ClassicEngine(Engine):
 
     name = "classic"
 
-    def __init__(self, config: ClassicConfig | None = None, **overrides):
+    def __init__(self, config: ClassicConfig | None = None, *, device: str = "auto", dtype: str = "auto",
+                 quantization: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
+                 **overrides):
         import cv2  # a base dependency (opencv-python-headless); imported here to keep `import tpru_agent` light
 
+        no_quantization(quantization)
+        only_auto("dtype", dtype, "classic", "it has no weights")
+        kind, _, index = str(device).lower().partition(":")
+        if kind not in {"auto", "cpu", "cuda", "mps"} or (index and not index.isdigit()):
+            raise ConfigError(f"device {device!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' "
+                              "(the classic engine runs on the CPU whichever is named)")
+        if min_pixels is not None or max_pixels is not None:
+            from ..frames import serving_budget
+
+            self.budget = serving_budget(None, min_pixels, max_pixels)
         self._cv2 = cv2
         base = config or ClassicConfig()
         unknown = set(overrides) - set(ClassicConfig.__dataclass_fields__)

@@ -29,7 +29,7 @@ from ..errors import ConfigError, EngineClosedError, ModelNotFoundError, require
 from ..frames import serving_budget
 from ..hub import ONNX_MANIFEST, resolve
 from ..onnx_manifest import read_manifest
-from .base import Engine, GenerationOptions, Request, distinct, score_shared_prefix
+from .base import Engine, GenerationOptions, Request, distinct, no_quantization, only_auto, score_shared_prefix
 from .chat import (
     common_prefix,
     expand_image_pads,
@@ -50,6 +50,19 @@ _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
 
 
+def check_device(device: str) -> tuple[str, str]:
+    """``(kind, index)`` of a device string the onnx engine runs on.
+
+    Raises:
+        ConfigError: anything but ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+    """
+    kind, _, index = str(device).lower().partition(":")
+    if kind not in {"auto", "cpu", "cuda"} or (index and not index.isdigit()):
+        raise ConfigError(f"device {device!r} is not supported by the onnx engine; use 'auto', 'cpu', 'cuda' or "
+                          "'cuda:N'")
+    return kind, index
+
+
 def pick_providers(device: str, available: Sequence[str]) -> tuple[list, bool]:
     """ONNX Runtime providers for ``device`` and whether CUDA was asked for explicitly.
 
@@ -59,10 +72,7 @@ def pick_providers(device: str, available: Sequence[str]) -> tuple[list, bool]:
     Raises:
         ConfigError: an unknown device string.
     """
-    kind, _, index = str(device).lower().partition(":")
-    if kind not in {"auto", "cpu", "cuda"} or (index and not index.isdigit()):
-        raise ConfigError(f"device {device!r} is not supported by the onnx engine; use 'auto', 'cpu', 'cuda' or "
-                          "'cuda:N'")
+    kind, index = check_device(device)
     wants_cuda = kind == "cuda"
     if kind == "cpu" or (kind == "auto" and _CUDA not in available):
         return [_CPU], False
@@ -108,17 +118,27 @@ class ONNXEngine(Engine):
         score_batch_size: candidates run together in one ``score`` pass; ``None`` sizes it from memory.
         image_cache: how many frames' visual tokens are kept (by content), so windows and checkers that show a
             frame again skip the vision encoder.
+        dtype: ``"auto"`` only: the precision is the export's (fp32, or int8 from ``tpru export --int8``).
+        quantization: ``None`` only (quantise when exporting: ``tpru export --int8``).
+        min_pixels, max_pixels: the budget frames are sized at before the export's fixed frame size (default:
+            the folder's ``tpru_budget.json``, else TPRU's).
 
     Raises:
         ModelNotFoundError: not an export folder, or files missing from it.
-        ConfigError: a bad device, or a manifest of another format version.
+        ConfigError: a bad device, a dtype or quantization (fixed by the export), or a manifest of another
+            format version.
         EngineUnavailableError: onnxruntime or tokenizers is not installed (extra ``onnx``).
     """
 
     name = "onnx"
 
     def __init__(self, model: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
-                 score_batch_size: int | None = None, image_cache: int = 64):
+                 score_batch_size: int | None = None, image_cache: int = 64, dtype: str = "auto",
+                 quantization: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None):
+        no_quantization(quantization)
+        only_auto("dtype", dtype, "onnx", "an export's precision is fixed when it is written (fp32, or int8 with "
+                  "`tpru export --int8`)")
+        check_device(device)  # a bad device string fails before anything loads
         ort = require("onnxruntime", "onnx", what="the onnx engine")
         tokenizers = require("tokenizers", "onnx", what="the onnx engine")
         if score_batch_size is not None and score_batch_size < 1:
@@ -129,7 +149,7 @@ class ONNXEngine(Engine):
         self.manifest = read_manifest(self.folder)
         #: frames are sized at the budget the model was trained at (``tpru_budget.json``, copied by the export)
         #: before the fixed export size; the facade's ``budget="auto"`` takes it from here, as from the hf engine
-        self.budget = serving_budget(self.folder)
+        self.budget = serving_budget(self.folder, min_pixels, max_pixels)
         if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
             threads = int(os.environ["OMP_NUM_THREADS"])
         options = ort.SessionOptions()

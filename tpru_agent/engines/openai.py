@@ -58,7 +58,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 from ..errors import ConfigError, EngineClosedError, EngineUnavailableError, ModelNotFoundError, require
-from .base import Engine, GenerationOptions, Request, distinct
+from .base import Engine, GenerationOptions, Request, distinct, no_quantization, only_auto
 from .openai_protocol import (
     ServerError,
     continuation_logprob,
@@ -98,10 +98,13 @@ class OpenAIEngine(Engine):
         concurrency: requests in flight at once for batched ``generate`` and ``prompt_logprobs`` scoring.
         max_retries: retries on connection errors and HTTP 429 / 502 / 503 / 504 (exponential back-off).
         headers: extra HTTP headers sent with every request.
+        device, dtype: ``"auto"`` only; the server chooses them (``tpru serve --device``, vLLM's ``--dtype``).
+        quantization: ``None`` only; quantise on the server side.
+        min_pixels, max_pixels: the budget the facade sizes frames at before sending them (``engine.budget``).
 
     Raises:
         EngineUnavailableError: httpx (extra ``serve``) is not installed.
-        ConfigError: a bad option value.
+        ConfigError: a bad option value, or a device / dtype / quantization (the server's to choose).
     """
 
     name = "openai"
@@ -109,7 +112,15 @@ class OpenAIEngine(Engine):
     def __init__(self, model: str | None = None, *, base_url: str = "http://127.0.0.1:8000/v1",
                  api_key: str | None = None, timeout: float = 600.0, score_method: str = "auto",
                  top_logprobs: int = 20, image_format: str = "png", concurrency: int = 8, max_retries: int = 2,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, device: str = "auto", dtype: str = "auto",
+                 quantization: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None):
+        no_quantization(quantization)
+        for option, value in (("device", device), ("dtype", dtype)):
+            only_auto(option, value, "openai", "the server chooses it (tpru serve --device; vLLM --dtype)")
+        if min_pixels is not None or max_pixels is not None:
+            from ..frames import serving_budget
+
+            self.budget = serving_budget(None, min_pixels, max_pixels)
         httpx = require("httpx", "serve", what="the openai engine")
         if score_method not in SCORE_METHODS:
             raise ConfigError(f"score_method must be one of {SCORE_METHODS}, got {score_method!r}")
