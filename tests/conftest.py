@@ -6,8 +6,11 @@ changes); without it the checkpoint is built once per session in a temporary fol
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 # Before anything imports torch: two shared cores make multi-threaded timings swing 20-30x (FIELD-NOTES).
@@ -21,6 +24,8 @@ from PIL import Image  # noqa: E402
 from tpru_agent.testing import synthetic_frames  # noqa: E402,F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
+#: The fixed frame size of the tiny ONNX export: the size of ``synthetic_frames``, so hf and onnx see the same pixels.
+ONNX_FRAME = "196x168"
 _threads_pinned = False
 
 
@@ -46,6 +51,38 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     folder = build_tiny_checkpoint(root / "tiny", size="tiny", seed=0)
     _pin_torch_threads()
     return folder
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported to ONNX (fp32, frames of :data:`ONNX_FRAME`), once per session. Read-only."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from tpru_agent.export import export_onnx
+
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "fp32", frame_size=ONNX_FRAME)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, *, timeout: float = 30.0):
+    """Run an ASGI app (``tpru_agent.serve.create_app``) with uvicorn on a free loopback port; yields the base URL."""
+    import uvicorn
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.server_load import free_port
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
 
 
 @pytest.fixture

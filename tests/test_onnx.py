@@ -14,7 +14,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 
-from conftest import synthetic_frames  # noqa: E402
+from conftest import ONNX_FRAME, synthetic_frames  # noqa: E402
 from tpru_agent.engines.base import GenerationOptions, Request  # noqa: E402
 from tpru_agent.engines.chat import common_prefix, expand_image_pads, render_chat, rope_index  # noqa: E402
 from tpru_agent.errors import ConfigError, ModelNotFoundError  # noqa: E402
@@ -22,7 +22,7 @@ from tpru_agent.export import parse_frame_size, read_manifest  # noqa: E402
 from tpru_agent.hub import ONNX_MANIFEST, resolve  # noqa: E402
 from tpru_agent.tasks import continuation, ordering, render_prompt  # noqa: E402
 
-FRAME = "196x168"  # the size of conftest's synthetic frames: hf and onnx then see the same pixels
+FRAME = ONNX_FRAME  # the size of conftest's synthetic frames: hf and onnx then see the same pixels (onnx_dir: conftest)
 
 
 def questions(frames: list) -> list:
@@ -37,13 +37,6 @@ def fast_answer(engine, request: Request) -> tuple[str, list[float]]:
     answers = request.question.answers()
     scores = engine.score(request, [continuation(a) for a in answers])
     return answers[int(np.argmax(scores))], scores
-
-
-@pytest.fixture(scope="module")
-def onnx_dir(tiny_checkpoint, tmp_path_factory):
-    from tpru_agent.export import export_onnx
-
-    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "fp32", frame_size=FRAME)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import synthetic_frames
+from conftest import serve_in_thread, synthetic_frames
 
 from tpru_agent import TPRU
 from tpru_agent.engines.base import GenerationOptions
@@ -27,23 +27,11 @@ MAX_NEW = 24
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    import uvicorn
-
-    from benchmarks.server_load import free_port
-
     model = TPRU(tiny_checkpoint, max_new_tokens=MAX_NEW)
     app = create_app(model, ServerConfig(api_key=KEY, max_model_len=LIMIT, max_score_continuations=8,
                                          max_score_tokens=64))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", model, app
-    srv.should_exit = True
-    thread.join(10)
+    with serve_in_thread(app) as url:
+        yield url, model, app
     model.close()
 
 
