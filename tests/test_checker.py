@@ -141,3 +141,22 @@ def test_a_lenient_parse_is_flagged_on_the_event():
     checker = ProcedureChecker(TPRU(engine=engine), mode="reason")
     events = [checker.observe(frame(s)) for s in (1, 2)]
     assert events[1].status == Status.ACCEPTED and events[1].lenient and not events[0].lenient
+
+
+def test_each_frame_is_loaded_once_per_observation(monkeypatch):
+    """The checker loads the observation; verify_step under it loads nothing again (it used to load it 3 times)."""
+    import tpru_agent.checker as checker_module
+    import tpru_agent.model as model_module
+
+    calls = []
+
+    def counting(real):
+        return lambda *a, **k: calls.append(real.__name__) or real(*a, **k)
+
+    monkeypatch.setattr(checker_module, "load_frame", counting(checker_module.load_frame))
+    for name in ("load_frame", "load_frames"):
+        monkeypatch.setattr(model_module, name, counting(getattr(model_module, name)))
+    checker, engine = make(window=2)
+    events = [checker.observe(frame(s)) for s in range(1, 4)]
+    assert [e.status for e in events] == [Status.ACCEPTED] * 3 and engine.score_calls == 2
+    assert calls == ["load_frame"] * 3  # one per observed frame, all in the checker

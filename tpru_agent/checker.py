@@ -164,8 +164,8 @@ class ProcedureChecker:
         s = self._s
         goal = self.reference[-1] if self.reference else None
         try:
-            verdict = self.model.verify_step(s.accepted[s.anchor:], image, description=self.description, goal=goal,
-                                             mode=self.mode)
+            # the frames are already loaded at the model's budget: each is loaded once per observed frame
+            verdict = self.model._verify(s.accepted[s.anchor:], image, [], goal, self.description, self.mode)
         except ParseError as exc:  # e.g. reasoning cut off at max_new_tokens: a doubt, not a crash of the loop
             s.low_streak += 1
             status = Status.REJECTED if s.low_streak >= self.confirm else Status.UNCERTAIN

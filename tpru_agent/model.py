@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Sequence
 
@@ -22,6 +21,7 @@ from .hub import DEFAULT_MODEL, resolve
 from .progress import estimate as estimate_progress
 from .results import ChoiceResult, OrderResult, ProgressResult, StepVerdict
 from .tasks import continuation, next_frame, ordering, parse_response, previous, render_prompt
+from .tasks.answer import Answer, softmax
 from .tasks.question import MAX_CANDIDATES, MAX_ORDER_LABELS, Question
 
 log = logging.getLogger(__name__)
@@ -29,30 +29,6 @@ log = logging.getLogger(__name__)
 MODES = ("reason", "fast")
 #: The most frames ``order_frames`` accepts (more than 4 are ordered through covering windows).
 MAX_ORDER_FRAMES = 64
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One question answered: the chosen answer, the distribution over all valid answers, evidence, timings."""
-
-    answer: str
-    probabilities: dict[str, float]
-    raw: str
-    timings: dict[str, float] = field(default_factory=dict)
-    #: the generated answer was read by a lenient parse (not the strict trained format; see ``Parsed``)
-    lenient: bool = False
-
-    @property
-    def confidence(self) -> float:
-        return self.probabilities.get(self.answer, 0.0)
-
-
-def softmax(scores: dict[str, float]) -> dict[str, float]:
-    """Normalise log-scores into probabilities (stable)."""
-    top = max(scores.values())
-    exp = {k: math.exp(v - top) for k, v in scores.items()}
-    total = sum(exp.values())
-    return {k: v / total for k, v in exp.items()}
 
 
 def _labels(order: Sequence[int]) -> str:
@@ -347,14 +323,19 @@ class TPRU:
             ChoiceResult whose ``index`` points into ``candidates``, or is ``None`` when the model answered
             "None of the choices provided".
         """
-        started = time.perf_counter()
-        mode = self._mode(mode)
+        started, mode = time.perf_counter(), self._mode(mode)
         hist = load_frames(history, budget=self.budget, bgr=self.bgr, min_frames=1, max_frames=12, what="history")
         cands = load_frames(candidates, budget=self.budget, bgr=self.bgr,
                             min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
-        context = hist + ([load_frame(goal, budget=self.budget, bgr=self.bgr, what="goal")] if goal is not None else [])
+        goal = None if goal is None else load_frame(goal, budget=self.budget, bgr=self.bgr, what="goal")
+        return self._next(hist, cands, goal, description, mode, none_position, started)
+
+    def _next(self, hist: list, cands: list, goal, description: str | None, mode: str, none_position: int | None,
+              started: float) -> ChoiceResult:
+        """``predict_next`` on frames already loaded at this model's budget."""
         build = partial(next_frame.build, len(hist), with_goal=goal is not None, none_position=none_position,
                         description=description)
+        context = hist + ([goal] if goal is not None else [])
         return self._choose(build, context, cands, mode, started, time.perf_counter() - started)
 
     def review_previous(self, later_frames, candidates, *, description: str | None = None, mode: str = "reason",
@@ -382,14 +363,23 @@ class TPRU:
         ``description``, a frame that contradicts the text should be answered "None" (TPRU's negative samples
         train exactly this cross-check).
         """
-        from .checker import same_frame
-
-        mode = self._mode(mode)
+        started, mode = time.perf_counter(), self._mode(mode)
         hist = load_frames(history, budget=self.budget, bgr=self.bgr, min_frames=1, max_frames=12, what="history")
         extra = [] if distractors is None else load_frames(distractors, budget=self.budget, bgr=self.bgr, min_frames=0,
                                                            max_frames=MAX_CANDIDATES - 1, what="distractors")
         obs = load_frame(observation, budget=self.budget, bgr=self.bgr, what="observation")
-        choice = self.predict_next(hist, [obs, *extra], goal=goal, description=description, mode=mode)
+        goal = None if goal is None else load_frame(goal, budget=self.budget, bgr=self.bgr, what="goal")
+        return self._verify(hist, obs, extra, goal, description, mode, started)
+
+    def _verify(self, hist: list, obs, extra: list, goal, description: str | None, mode: str,
+                started: float | None = None) -> StepVerdict:
+        """``verify_step`` on frames already loaded at this model's budget (the checker's path: each frame is
+        loaded once per call)."""
+        from .checker import same_frame
+
+        started = time.perf_counter() if started is None else started
+        mode = self._mode(mode)
+        choice = self._next(hist, [obs, *extra], goal, description, mode, -1, started)
         letter = next(k for k, v in choice.options.items() if v == 0)
         p_ok = choice.probabilities[letter]
         rival = max((p for k, p in choice.probabilities.items() if k != letter), default=0.0)

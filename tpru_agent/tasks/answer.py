@@ -8,8 +8,9 @@ block of capital letters; *accuracy* compares the content of the first answer bl
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ParseError
 
@@ -218,3 +219,28 @@ def reasoning_prefix(raw: str) -> str:
     """
     block, _, _ = _chosen_block(raw)
     return raw if block is None else raw[: block.start]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One question answered (``TPRU.ask``): the chosen answer, the distribution over all valid answers, evidence,
+    timings."""
+
+    answer: str
+    probabilities: dict[str, float]
+    raw: str
+    timings: dict[str, float] = field(default_factory=dict)
+    #: the generated answer was read by a lenient parse (not the strict trained format; see ``Parsed``)
+    lenient: bool = False
+
+    @property
+    def confidence(self) -> float:
+        return self.probabilities.get(self.answer, 0.0)
+
+
+def softmax(scores: dict[str, float]) -> dict[str, float]:
+    """Normalise log-scores into probabilities (stable)."""
+    top = max(scores.values())
+    exp = {k: math.exp(v - top) for k, v in scores.items()}
+    total = sum(exp.values())
+    return {k: v / total for k, v in exp.items()}
