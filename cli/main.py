@@ -16,11 +16,10 @@ from pathlib import Path
 import click
 
 from tpru_agent.errors import EngineUnavailableError, ModelNotFoundError, TPRUError
-from tpru_agent.hub import FALLBACK_MODEL
+from tpru_agent.hub import DEFAULT_MODEL, FALLBACK_MODEL
 
 from . import render
 
-DEFAULT_MODEL = "tpru-3b"
 #: FALLBACK_MODEL (tpru_agent.hub, the one place it is decided) is what the CLI runs when the default model's weights
 #: are missing and neither --model nor --strict is given: tpru-nano when the package ships it flagged as the
 #: default, else classic.
