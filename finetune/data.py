@@ -25,6 +25,7 @@ from typing import Any
 
 from tpru_agent.errors import ConfigError, require
 from tpru_agent.tasks import IMAGE, render_prompt
+from tpru_agent.tasks.question import split_images
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def to_messages(problem: str, template: str | os.PathLike | None = None) -> list
         ['text', 'image', 'text', 'image']
     """
     text = render_prompt(problem, template)
-    chunks = text.split(IMAGE)
+    chunks = split_images(text, text.count(IMAGE))   # the one <image> splitter every engine uses
     content: list[dict[str, Any]] = []
     for i, chunk in enumerate(chunks):
         if chunk:
