@@ -29,15 +29,18 @@ Serving TPRU-3B with vLLM for this engine (images at the TPRU pixel budget, up t
 
     vllm serve Stephengzk/TPRU-3B --served-model-name tpru-3b \\
         --limit-mm-per-prompt '{"image": 7, "video": 0}' \\
-        --mm-processor-kwargs '{"min_pixels": 16384, "max_pixels": 36864}' \\
+        --mm-processor-kwargs '{"min_pixels": 3136, "max_pixels": 65536}' \\
         --max-model-len 8192 --host 127.0.0.1 --port 8000
 
     # then, in Python:
     TPRU("tpru-3b", engine="openai", base_url="http://127.0.0.1:8000/v1").order_frames(frames, mode="fast")
 
 Current vLLM reads ``--limit-mm-per-prompt`` as JSON (or dotted: ``--limit-mm-per-prompt.image 7``); the old
-``image=7`` form was deprecated in 2025 and is now rejected. ``max_pixels`` keeps each frame at ~47 visual tokens
-as in training, and lets vLLM's memory profiling reserve space for 7 small images instead of a few huge ones
+``image=7`` form was deprecated in 2025 and is now rejected. The SDK sends frames already sized as TPRU's training
+sized them (``tpru_agent.frames.budget_size``: 224x224 -> 196x196, ~49 visual tokens), so vLLM's processor must only
+round them: ``min_pixels`` 3136 and ``max_pixels`` 65536 lie outside every SDK-sized frame (TPRU's own 16384..36864
+there would shrink a 196x196 frame to 168x168 a second time), and still let vLLM's memory profiling reserve space for
+7 small images instead of a few huge ones
 (Qwen2.5-VL's processor default allows ~16k tokens per image); ``"video": 0`` skips reserving video memory.
 ``tpru serve`` is the same API for one process without vLLM (``tpru serve --model tpru-3b``).
 
