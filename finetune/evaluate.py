@@ -153,17 +153,26 @@ def write_json(obj: Any, path: Path) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def _check_resume(out: Path, settings: dict, overwrite: bool) -> None:
-    run_file, items = out / RUN_FILE, out / ITEMS_FILE
+def check_resume(folder: Path, settings: dict, overwrite: bool, *, keys: tuple[str, ...], journal: str = ITEMS_FILE,
+                 outputs: tuple[str, ...] = (REPORT_FILE,), what: str = "a run") -> None:
+    """Start afresh (``overwrite``), or refuse to resume a run in ``folder`` made with other ``keys`` settings.
+
+    One rule for every resumable job (``tpru eval run``, ``tpru eval voc``, ``tpru label``): the settings live in
+    ``run.json``; a finished item journal plus a settings change is an error naming each change, never a silent mix.
+
+    Raises:
+        ConfigError: ``folder`` holds a run whose settings differ in any of ``keys``.
+    """
+    run_file, items = folder / RUN_FILE, folder / journal
     if overwrite:
-        for path in (run_file, items, out / REPORT_FILE):
+        for path in (run_file, items, *(folder / name for name in outputs)):
             path.unlink(missing_ok=True)
     elif run_file.exists() and items.exists():
         before = json.loads(run_file.read_text(encoding="utf-8"))
-        changed = {k: (before.get(k), settings.get(k)) for k in RESUME_KEYS if before.get(k) != settings.get(k)}
+        changed = {k: (before.get(k), settings.get(k)) for k in keys if before.get(k) != settings.get(k)}
         if changed:
             shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise ConfigError(f"{str(out)!r} holds a run with other settings ({shown}); pass another --out, or "
+            raise ConfigError(f"{str(folder)!r} holds {what} with other settings ({shown}); pass another --out, or "
                               "--overwrite to start that folder afresh")
     write_json(settings, run_file)
 
@@ -246,7 +255,7 @@ def run_eval(config: EvalConfig, *, model=None, progress: Progress | None = None
     tpru = model if model is not None else open_model(config)
     settings = {**asdict(config), "model": str(config.model), "engine": tpru.engine_name,
                 "data": dataset.describe()["path"], "split": dataset.split}
-    _check_resume(out, settings, overwrite)
+    check_resume(out, settings, overwrite, keys=RESUME_KEYS)
     items = ItemLog(out / ITEMS_FILE)
     total = len(dataset) if config.limit is None else min(config.limit, len(dataset))
     selected, skipped, done, announced = [], [], 0, False

@@ -40,7 +40,7 @@ from typing import Callable
 from tpru_agent.errors import ConfigError, FrameError, ParseError, require
 from tpru_agent.progress import METHODS
 
-from .evaluate import ItemLog, write_json
+from .evaluate import ItemLog, check_resume, write_json
 from .sources.base import Episode
 from .sources.registry import parse_spec
 from .voc import episodes
@@ -176,7 +176,8 @@ def run_label(config: LabelConfig, *, model=None, progress: Progress | None = No
     tpru = model if model is not None else open_model(config)
     settings = {**asdict(config), "engine": tpru.engine_name, "sources": list(config.sources)}
     settings.pop("api_key", None)
-    _check_resume(work, settings, overwrite)
+    check_resume(work, settings, overwrite, keys=RESUME_KEYS, journal="episodes.jsonl", outputs=("summary.json",),
+                 what="a labelling run")
     journal = ItemLog(work / "episodes.jsonl")
     done_before, started, cache, skipped = len(journal.records), time.perf_counter(), {}, []
     new = 0
@@ -231,19 +232,6 @@ def _write_parquet(pq, rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _check_resume(work: Path, settings: dict, overwrite: bool) -> None:
-    run_file, journal = work / "run.json", work / "episodes.jsonl"
-    if overwrite:
-        for path in (run_file, journal, work / "summary.json"):
-            path.unlink(missing_ok=True)
-    elif run_file.exists() and journal.exists():
-        before = json.loads(run_file.read_text(encoding="utf-8"))
-        changed = {k: (before.get(k), settings.get(k)) for k in RESUME_KEYS if before.get(k) != settings.get(k)}
-        if changed:
-            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise ConfigError(f"{str(work)!r} holds a labelling run with other settings ({shown}); pass another "
-                              "--out, or --overwrite to start afresh")
-    write_json(settings, run_file)
 
 
 __all__ = ["COLUMNS", "LabelConfig", "episode_rows", "run_label"]

@@ -38,16 +38,13 @@ from tpru_agent.errors import ConfigError, FrameError
 from tpru_agent.progress import METHODS, voc
 
 from . import eval_report
-from .evaluate import ItemLog, write_json
+from .evaluate import ITEMS_FILE, REPORT_FILE, ItemLog, check_resume, write_json
 from .sources.base import Episode
 from .sources.registry import parse_spec, plan_units, run_unit
 from .stats import percentile
 
 log = logging.getLogger(__name__)
 
-ITEMS_FILE = "items.jsonl"
-REPORT_FILE = "report.json"
-RUN_FILE = "run.json"
 REFERENCES = ("none", "same-task")
 #: Settings that must match for a rerun to resume into the same output folder.
 RESUME_KEYS = ("model", "engine", "mode", "method", "reference", "seed", "frames", "sources", "template")
@@ -221,21 +218,6 @@ def write_histogram(records: list[dict], path: Path, title: str) -> str:
 Progress = Callable[[int, "dict | None"], None]
 
 
-def _check_resume(out: Path, settings: dict, overwrite: bool) -> None:
-    run_file, items = out / RUN_FILE, out / ITEMS_FILE
-    if overwrite:
-        for path in (run_file, items, out / REPORT_FILE):
-            path.unlink(missing_ok=True)
-    elif run_file.exists() and items.exists():
-        before = json.loads(run_file.read_text(encoding="utf-8"))
-        changed = {k: (before.get(k), settings.get(k)) for k in RESUME_KEYS if before.get(k) != settings.get(k)}
-        if changed:
-            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise ConfigError(f"{str(out)!r} holds a VOC run with other settings ({shown}); pass another --out, or "
-                              "--overwrite to start that folder afresh")
-    write_json(settings, run_file)
-
-
 def open_model(config: VocConfig):
     """Build the :class:`~tpru_agent.TPRU` the config names."""
     from tpru_agent import TPRU
@@ -256,7 +238,7 @@ def run_voc(config: VocConfig, *, model=None, progress: Progress | None = None, 
     tpru = model if model is not None else open_model(config)
     settings = {**asdict(config), "model": str(config.model), "engine": tpru.engine_name,
                 "sources": list(config.sources)}
-    _check_resume(out, settings, overwrite)
+    check_resume(out, settings, overwrite, keys=RESUME_KEYS, what="a VOC run")
     items = ItemLog(out / ITEMS_FILE)
     previous: dict[tuple[str, str], Episode] = {}
     selected, skipped, started = [], [], time.perf_counter()
