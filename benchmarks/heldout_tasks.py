@@ -110,9 +110,12 @@ def run(args) -> dict:
 
     name, engine = getattr(args, "model", None) or "tpru-nano", getattr(args, "engine", None) or "auto"
     quick = getattr(args, "quick", False)
+    # Models first: importing transformers' generation code (torch._dynamo -> triton) after MuJoCo has made its EGL
+    # context segfaults in triton's import (seen here with Mesa); loading the model before rendering avoids it.
+    models = (("classic", TPRU("classic")), (name, TPRU(name, engine=engine)))
     episodes = _episodes(1 if quick else getattr(args, "episodes", 4), getattr(args, "seed", 23))
     out = {}
-    for label, model in (("classic", TPRU("classic")), (name, TPRU(name, engine=engine))):
+    for label, model in models:
         row = {"engine": model.engine_name, **verify_figures(model, episodes), "readme_example": readme_example(model),
                "checker_hz": checker_rate(model, episodes[0])}
         if not quick:
