@@ -115,3 +115,31 @@ def test_subprocess_order_classic(frame_dir):
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["engine"] == "classic" and sorted(data["order"]) == [0, 1, 2, 3]
+
+
+def test_verify_reports_a_repeated_frame_as_no_progress(tmp_path):
+    frames = synthetic_frames(2)
+    paths = []
+    for i, frame in enumerate(frames):
+        paths.append(tmp_path / f"f{i}.png")
+        frame.save(paths[-1])
+    result = run("verify", "-H", f"{paths[0]},{paths[1]}", paths[1], "--model", "classic")
+    assert result.exit_code == 3
+    assert "no progress" in result.output and "valid next step" not in result.output
+
+
+def test_finetune_without_its_extra_is_one_line_before_any_model_lookup(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def missing_trl(name, *args, **kwargs):
+        if name == "trl":
+            raise ImportError("No module named 'trl'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", missing_trl)
+    result = CliRunner().invoke(cli, ["finetune", "--base", "no-such-model-anywhere", "--data", "x"])
+    assert result.exit_code == 1
+    assert "pip install 'tpru-agent[finetune]'" in result.output
+    assert "no-such-model" not in result.output and "Traceback" not in result.output
