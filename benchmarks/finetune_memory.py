@@ -11,7 +11,13 @@ all generated before the first update) and with the completion length, and what 
 (``generation_chunk_size``, default the micro-batch) changes. The cap limits *address space*, which torch
 reserves well above the resident peak: 6 GiB was too tight for a 1.9 GiB resident run, so the default is 12.
 
+Issue 13 (``loader`` points): the reported shape (updates of half a rollout, 2 generations, micro-batch 4, so
+``gradient_accumulation_steps = prompts_per_rollout / 4`` and ``steps_per_generation`` twice that) with TRL's stock
+train loader, which decodes the whole rollout once per micro-step fetch, against ours, which decodes each row of the
+rollout once (``finetune/grpo.py``); ``decoded_rows`` counts the rows decoded during the one step.
+
     OMP_NUM_THREADS=1 python benchmarks/finetune_memory.py --workdir /tmp/tpru-memory
+    OMP_NUM_THREADS=1 python benchmarks/finetune_memory.py --loader-only --rows 128 --loader-rollouts 64 128
     OMP_NUM_THREADS=1 python -m benchmarks finetune_memory --size tiny
 """
 
@@ -50,21 +56,45 @@ def write_data(root: Path, rows: int) -> Path:
 
 
 def child(spec: dict) -> None:
-    """Runs inside the subprocess: one GRPO step; prints one JSON line with the figures."""
+    """Runs inside the subprocess: one GRPO step; prints one JSON line with the figures.
+
+    ``spec["loader"]`` (popped): ``"stock"`` trains with TRL's own train loader (the behaviour before issue 13's
+    fix), ``"ours"`` with ours; either way the rows decoded are counted.
+    """
     import torch
 
     torch.set_num_threads(1)
     from tpru_agent.finetune.config import resolve_config
     from tpru_agent.finetune.train import train
 
+    loader = spec.pop("loader", None)
+    decoded = [0]
+    if loader is not None:
+        import datasets
+        from trl import GRPOTrainer
+
+        from tpru_agent.finetune.grpo import TPRUGRPOTrainer
+
+        if loader == "stock":
+            TPRUGRPOTrainer.get_train_dataloader = GRPOTrainer.get_train_dataloader
+        original = datasets.Dataset.__getitems__
+
+        def counting(self, keys):
+            decoded[0] += len(keys)
+            return original(self, keys)
+
+        datasets.Dataset.__getitems__ = counting
     started = time.perf_counter()
     result = train(resolve_config(overrides=spec))
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"steps": result.steps.get("grpo", 0), "peak_rss_mib": round(peak_kib / 1024, 1),
-                      "wall_s": round(time.perf_counter() - started, 1)}))
+    out = {"steps": result.steps.get("grpo", 0), "peak_rss_mib": round(peak_kib / 1024, 1),
+           "wall_s": round(time.perf_counter() - started, 1)}
+    if loader is not None:
+        out["decoded_rows"] = decoded[0]
+    print(json.dumps(out))
 
 
-def measure(workdir: Path, model: Path, data: Path, point: tuple, cap_gib: float) -> dict:
+def measure(workdir: Path, model: Path, data: Path, point: tuple, cap_gib: float, **extra) -> dict:
     label, prompts, generations, tokens, gen_batch = point
     spec = dict(base=str(model), data=str(data), output_dir=str(workdir / f"run-{time.time_ns()}"), method="grpo",
                 device="cpu", progress=False, max_steps=1, num_generations=generations,
@@ -73,6 +103,7 @@ def measure(workdir: Path, model: Path, data: Path, point: tuple, cap_gib: float
                 rewards=["tpru", "label_density"], data_cache_dir=str(workdir / "datasets-cache"))
     if gen_batch is not None:
         spec["generation_chunk_size"] = gen_batch
+    spec.update(extra)
     cap = int(cap_gib * 1024 ** 3)
     code = f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.finetune_memory import child; " \
            f"child(json.loads({json.dumps(json.dumps(spec))}))"
@@ -86,18 +117,30 @@ def measure(workdir: Path, model: Path, data: Path, point: tuple, cap_gib: float
     return {"label": label, **json.loads(lines[-1])}
 
 
+def measure_loader(workdir: Path, model: Path, data: Path, prompts: int, loader: str, cap_gib: float) -> dict:
+    """Issue 13's shape at ``prompts`` prompts per rollout: updates of half of it, 2 generations, micro-batch 4."""
+    point = (f"loader {loader}: rollout {prompts} x 2, updates of {prompts // 2}, micro-batch 4", prompts, 2, 16,
+             None)
+    return measure(workdir, model, data, point, cap_gib, loader=loader, prompts_per_update=prompts // 2,
+                   per_device_train_batch_size=4)
+
+
 def measure_all(workdir: Path, *, size: str = "tiny", rows: int = 40, cap_gib: float = 12.0,
-                points: tuple = POINTS) -> dict:
+                points: tuple = POINTS, loader_rollouts: tuple = (32,), data: Path | None = None) -> dict:
     from tpru_agent.testing import build_tiny_checkpoint
 
     workdir.mkdir(parents=True, exist_ok=True)
     model = build_tiny_checkpoint(workdir / f"model-{size}", size=size, seed=0)
-    data = write_data(workdir / f"data-{rows}", rows)
+    data = data or write_data(workdir / f"data-{rows}", rows)
     out: dict = {"train_rows": rows, "cap_gib": cap_gib}
     for point in points:
         figures = measure(workdir, model, data, point, cap_gib)
         key = figures.pop("label")
         out[key] = figures
+    for prompts in loader_rollouts:
+        for loader in ("stock", "ours"):
+            figures = measure_loader(workdir, model, data, prompts, loader, cap_gib)
+            out[figures.pop("label")] = figures
     return out
 
 
@@ -117,8 +160,14 @@ def main() -> None:
     parser.add_argument("--size", default="tiny", choices=["tiny", "mid"])
     parser.add_argument("--rows", type=int, default=40)
     parser.add_argument("--cap-gib", type=float, default=12.0)
+    parser.add_argument("--loader-rollouts", type=int, nargs="*", default=[32],
+                        help="prompts per rollout of the issue-13 loader points (each <= --rows)")
+    parser.add_argument("--loader-only", action="store_true", help="only the issue-13 loader points")
+    parser.add_argument("--data", help="a TPRU-layout dataset instead of the synthetic one")
     a = parser.parse_args()
-    print(json.dumps(measure_all(Path(a.workdir), size=a.size, rows=a.rows, cap_gib=a.cap_gib), indent=2))
+    print(json.dumps(measure_all(Path(a.workdir), size=a.size, rows=a.rows, cap_gib=a.cap_gib,
+                                 points=() if a.loader_only else POINTS, loader_rollouts=tuple(a.loader_rollouts),
+                                 data=Path(a.data) if a.data else None), indent=2))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,15 @@ and stops with :class:`BatchCheckError` instead of training on corrupted inputs;
 comparisons per rollout. It also reports which dataset rows each rollout used (``on_rollout``), so a resumed run
 can be shown to see the same data order.
 
+Rows are decoded once per rollout, not once per fetch. TRL's train loader yields a whole rollout
+(``generation_batch_size`` rows) per micro-step and its ``RepeatSampler`` repeats that rollout
+``steps_per_generation x num_iterations`` times; the HF ``Trainer`` fetches ``gradient_accumulation_steps`` of them
+before training on any, and TRL generates from the first and ignores the rest. At the paper's 256 / 128 prompts x
+2 generations, micro-batch 4, that was 64 x 512 decoded rows (4-7 frames each) held per optimizer step (issue 13:
+OOM at 24 GB before the first step). :class:`TPRUGRPOTrainer`'s loader yields :class:`RowRef` (a row index);
+the rows are decoded only when a rollout is generated, each distinct row once. The sampler, and so the data order
+and what is trained, are unchanged.
+
 Example:
     >>> trainer = build_grpo_trainer(cfg, model, processor, dataset, run_dir=run)   # doctest: +SKIP
     >>> trainer.train()                                                              # doctest: +SKIP
@@ -126,6 +135,59 @@ def slice_multimodal(fields: dict[str, Any], images: list | None, rows: slice) -
     return out
 
 
+class RowRef:
+    """Training row ``index`` of ``rows``, not yet decoded (what the train loader yields; see the module doc)."""
+
+    __slots__ = ("rows", "index")
+
+    def __init__(self, rows, index: int):
+        self.rows, self.index = rows, int(index)
+
+    def __contains__(self, key) -> bool:          # the Trainer asks ``"labels" in batch[0]``; no decoding for that
+        return key in (getattr(self.rows, "column_names", None) or ())
+
+    def __repr__(self) -> str:
+        return f"RowRef({self.index})"
+
+
+class RowRefs:
+    """Map-style dataset of :class:`RowRef` over ``rows``: same length, so the same sampler and data order."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> RowRef:
+        return RowRef(self.rows, index)
+
+
+def decode_rows(batch: list) -> list:
+    """The rows behind a batch of :class:`RowRef` (other items pass through), in order; each distinct row is
+    decoded once and its copies (one per generation) share the decoded images."""
+    refs = [x for x in batch if isinstance(x, RowRef)]
+    if not refs:
+        return batch
+    rows = refs[0].rows
+    unique = list(dict.fromkeys(x.index for x in refs))
+    getitems = getattr(rows, "__getitems__", None)
+    decoded = getitems(unique) if getitems is not None else [rows[i] for i in unique]
+    by_index = dict(zip(unique, decoded))
+    seen: set[int] = set()
+    out = []
+    for x in batch:
+        if not isinstance(x, RowRef):
+            out.append(x)
+            continue
+        row = by_index[x.index]
+        if x.index in seen:   # a copy: its own dict and lists, the same (read-only) images
+            row = {k: list(v) if isinstance(v, list) else v for k, v in row.items()}
+        seen.add(x.index)
+        out.append(row)
+    return out
+
+
 class TPRUGRPOTrainer(ExactResumeMixin, GRPOTrainer):
     """``GRPOTrainer`` that checks every rollout batch and reports the rows each rollout used.
 
@@ -170,7 +232,19 @@ class TPRUGRPOTrainer(ExactResumeMixin, GRPOTrainer):
             logprobs = None if lps is None or logprobs is None else logprobs + list(lps)
         return completion_ids, logprobs
 
+    def get_train_dataloader(self):
+        """TRL's train loader over :class:`RowRefs`: the same sampler and batches, rows decoded at generation."""
+        import torch
+
+        dataset = self.train_dataset
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            return super().get_train_dataloader()
+        return self._get_dataloader(dataset=RowRefs(dataset), description="Training",
+                                    batch_size=self._train_batch_size * self.args.steps_per_generation,
+                                    sampler_fn=self._get_train_sampler, is_training=True)
+
     def _generate_and_score_completions(self, inputs):
+        inputs = decode_rows(inputs)
         output = super()._generate_and_score_completions(inputs)
         if self._image_token_id is not None:
             self.last_batch_summary = check_multimodal_batch(output, image_token_id=self._image_token_id,

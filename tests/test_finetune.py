@@ -470,6 +470,55 @@ def test_generation_is_chunked_and_splits_multimodal_fields_per_row(tiny_checkpo
     assert summary["image_tokens_per_row"] == summary["features_per_row"]
 
 
+def test_rows_are_decoded_once_per_rollout_not_once_per_fetch(tiny_checkpoint, tmp_path, monkeypatch):
+    """Issue 13: TRL's loader yields the whole rollout per micro-step (its sampler repeats it steps_per_generation
+    times) and the Trainer fetches gradient_accumulation_steps of them per update, so every row was decoded
+    GAS x steps_per_generation x num_generations times (64 x 512 rows per update at the paper's sizes: OOM at
+    24 GB). Here 4 prompts x 2 generations, updates of 2 prompts, micro-batch 2 (GAS 2, steps_per_generation 4):
+    TRL's stock loader decodes 32 rows for 2 updates; ours decodes the 4 rows once, and trains the same weights."""
+    import datasets
+    import torch
+    import transformers
+    from trl import GRPOTrainer
+
+    from tpru_agent.finetune.data import load_split
+    from tpru_agent.finetune.grpo import TPRUGRPOTrainer, build_grpo_trainer
+    from tpru_agent.finetune.modeling import load_model, load_processor
+
+    data = write_dataset(tmp_path / "d", n_train=4, n_test=1)
+    cfg = tiny_config(tiny_checkpoint, data, tmp_path / "run", num_generations=2, prompts_per_rollout=4,
+                      prompts_per_update=2, per_device_train_batch_size=2, beta=0.0, max_steps=2,
+                      max_completion_length=8)
+    assert cfg.gradient_accumulation_steps == 2 and cfg.generation_batch_size == 8
+    decoded = []
+    original = datasets.Dataset.__getitems__
+
+    def counting(self, keys):
+        decoded.extend(keys)
+        return original(self, keys)
+
+    def trained(stock: bool, out: str):
+        if stock:
+            monkeypatch.setattr(TPRUGRPOTrainer, "get_train_dataloader", GRPOTrainer.get_train_dataloader)
+        else:
+            monkeypatch.undo()
+        monkeypatch.setattr(datasets.Dataset, "__getitems__", counting)
+        transformers.set_seed(cfg.seed)
+        trainer = build_grpo_trainer(cfg, load_model(tiny_checkpoint, cfg), load_processor(tiny_checkpoint, cfg),
+                                     load_split(data, "train", cache_dir=cfg.data_cache_dir),
+                                     output_dir=tmp_path / out)
+        decoded.clear()
+        trainer.train()
+        assert trainer.state.global_step == 2
+        return len(decoded), {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    stock_count, stock_weights = trained(True, "stock")
+    ours_count, ours_weights = trained(False, "ours")
+    assert stock_count == 2 * 2 * 8            # 2 updates x GAS 2 fetches x 8 rows (the rollout), each decoded
+    assert ours_count == 4                     # the rollout's 4 distinct prompts, once
+    assert all(torch.equal(stock_weights[k], ours_weights[k]) for k in stock_weights)
+
+
 # ----------------------------------------------------------------------------------------------- exact resume
 @pytest.mark.parametrize("method", ["sft", "grpo"])
 def test_resume_equals_the_uninterrupted_run(tiny_checkpoint, dataset, tmp_path, method):
