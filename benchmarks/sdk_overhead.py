@@ -55,9 +55,11 @@ def bare_scorer(folder, device: str, prompt_text: str, images: list, answers: li
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
 
+    from tpru_agent.frames import TRAINED_MAX, TRAINED_MIN
+
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32 if device == "cpu" else
                                                         torch.bfloat16, device_map={"": device}).eval()
-    processor = AutoProcessor.from_pretrained(folder, size={"shortest_edge": 16384, "longest_edge": 36864})
+    processor = AutoProcessor.from_pretrained(folder, size={"shortest_edge": TRAINED_MIN, "longest_edge": TRAINED_MAX})
     content = []
     for i, part in enumerate(prompt_text.split("<image>")):
         if i:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError, require
+from .frames import TRAINED_FACTOR, TRAINED_MAX, TRAINED_MIN
 from .fsutil import replace_dir
 from .hub import ONNX_MANIFEST
 from .onnx_manifest import FORMAT, FORMAT_VERSION, GRAPHS, read_manifest
@@ -50,8 +51,8 @@ PROCESSOR_FILES = (
 
 
 # ------------------------------------------------------------------------------------------ frame size
-def parse_frame_size(text: str | tuple[int, int] | None, *, max_pixels: int = 36864, factor: int = 28
-                     ) -> tuple[int, int]:
+def parse_frame_size(text: str | tuple[int, int] | None, *, max_pixels: int = TRAINED_MAX,
+                     factor: int = TRAINED_FACTOR) -> tuple[int, int]:
     """``"224x168"`` / ``(224, 168)`` / ``None`` -> ``(width, height)``, both multiples of ``factor``.
 
     ``None`` picks the square a large square frame is served at under this budget (TPRU's 36,864 px -> 196x196,
@@ -64,7 +65,7 @@ def parse_frame_size(text: str | tuple[int, int] | None, *, max_pixels: int = 36
     if text is None:
         from .frames import PixelBudget, budget_size
 
-        side = budget_size(4096, 4096, PixelBudget(min_pixels=min(max_pixels, 16384), max_pixels=max_pixels,
+        side = budget_size(4096, 4096, PixelBudget(min_pixels=min(max_pixels, TRAINED_MIN), max_pixels=max_pixels,
                                                    factor=factor))[0]
         return side, side
     if isinstance(text, str):

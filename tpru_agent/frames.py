@@ -40,6 +40,7 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
 #: (``2 * Image.MAX_IMAGE_PIXELS``, about 179 Mpx) still applies above it.
 MAX_FRAME_PIXELS = 50_000_000
 _GLOB_CHARS = re.compile(r"[*?\[]")
+TRAINED_MIN, TRAINED_MAX, TRAINED_FACTOR = 16384, 36864, 28
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,9 @@ class PixelBudget:
         factor: both sides become multiples of it (Qwen2.5-VL: patch 14 x merge 2 = 28).
     """
 
-    min_pixels: int = 16384
-    max_pixels: int = 36864
-    factor: int = 28
+    min_pixels: int = TRAINED_MIN
+    max_pixels: int = TRAINED_MAX
+    factor: int = TRAINED_FACTOR
     #: the budget a model folder records as its own training budget (:func:`folder_budget`): never "off".
     recorded: bool = field(default=False, compare=False, repr=False)
 
@@ -80,7 +81,6 @@ class PixelBudget:
                 or self.factor != TRAINED_FACTOR)
 
 
-TRAINED_MIN, TRAINED_MAX, TRAINED_FACTOR = 16384, 36864, 28
 TPRU_BUDGET = PixelBudget()
 #: The Qwen2.5-VL checkpoint processor's own budget (``preprocessor_config.json`` of Qwen2.5-VL-3B/7B-Instruct).
 #: In TPRU training it only rounds each side to a multiple of 28, after the PIL step has met the TPRU budget.
