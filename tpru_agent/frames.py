@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import glob as globlib
-import hashlib
 import logging
 import math
 import os
@@ -29,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ConfigError, FrameError
-from .images import decode, decode_bytes, describe, frame_error, is_inline, to_rgb
+from .images import decode, decode_bytes, describe, fingerprint, frame_error, is_inline, to_rgb
 from .video import read_labelled, video_labels
 
 log = logging.getLogger(__name__)
@@ -324,20 +323,6 @@ def load_frames(frames, *, budget: PixelBudget | None = TPRU_BUDGET, bgr: bool =
                           None, None, what)
     _check_count(len(out), min_frames, max_frames, what)
     return out
-
-
-def fingerprint(image: Image.Image) -> str:
-    """A content hash of an image (size, mode and pixels), for caches and de-duplication.
-
-    Example:
-        >>> from PIL import Image
-        >>> fingerprint(Image.new("RGB", (2, 2))) == fingerprint(Image.new("RGB", (2, 2)))
-        True
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
-    digest.update(image.tobytes())
-    return digest.hexdigest()
 
 
 def is_video(path) -> bool:

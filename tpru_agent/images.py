@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import warnings
 
@@ -143,3 +144,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def fingerprint(image) -> str:
+    """The one content hash of an image, for caches and de-duplication (32 hex digits).
+
+    A PIL image hashes its mode, size and pixels; an array (``uint8 [H, W, 3]`` pixels) its dtype, shape and
+    bytes. Equal content gives equal keys, so engines share visual features and prefixes by it.
+
+    Example:
+        >>> fingerprint(Image.new("RGB", (2, 2))) == fingerprint(Image.new("RGB", (2, 2)))
+        True
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    if isinstance(image, Image.Image):
+        digest.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+        digest.update(image.tobytes())
+    else:
+        array = np.ascontiguousarray(image)
+        digest.update(f"{array.dtype.str}:{'x'.join(map(str, array.shape))}:".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()

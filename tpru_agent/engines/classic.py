@@ -71,7 +71,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 from collections import OrderedDict
@@ -82,6 +81,7 @@ import numpy as np
 
 from .. import aggregate
 from ..errors import ConfigError, EngineClosedError, FrameError
+from ..images import fingerprint
 from ..tasks.answer import extract_answer
 from ..tasks.question import LETTERS, Question, split_images
 from .base import Engine, GenerationOptions, Request, distinct, no_quantization, only_auto
@@ -177,7 +177,7 @@ class ClassicEngine(Engine):
         rgb = np.ascontiguousarray(np.asarray(image.convert("RGB") if hasattr(image, "convert") else image))
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise FrameError(f"the classic engine needs RGB images, got an array of shape {rgb.shape}")
-        key = hashlib.blake2b(rgb.tobytes(), digest_size=16).digest() + repr(rgb.shape).encode()
+        key = fingerprint(rgb)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]

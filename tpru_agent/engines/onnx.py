@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ import numpy as np
 from ..errors import ConfigError, EngineClosedError, ModelNotFoundError, require
 from ..frames import serving_budget
 from ..hub import ONNX_MANIFEST, resolve
+from ..images import fingerprint
 from ..onnx_manifest import read_manifest
 from .base import Engine, GenerationOptions, Request, distinct, no_quantization, only_auto, score_shared_prefix
 from .chat import (
@@ -217,7 +217,7 @@ class ONNXEngine(Engine):
         feats, keys = [], []
         for image in images:
             pixels = self._pixels(image)
-            key = hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()
+            key = fingerprint(pixels)
             feat = self._images.get(key)
             if feat is None:
                 feat = self._live()["vision"].run(None, {"pixels": pixels})[0]

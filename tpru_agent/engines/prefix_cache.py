@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,16 +28,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..images import fingerprint
+
 #: (start, end, key): an image's token run ``ids[start:end]`` and the hash of its pixels.
 Span = tuple[int, int, str]
 
 
-def image_key(image) -> str:
-    """Content hash of a PIL image (mode, size and pixels): equal images share visual features and prefixes."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
-    digest.update(image.tobytes())
-    return digest.hexdigest()
+#: Content hash of a PIL image (mode, size and pixels): equal images share visual features and prefixes.
+image_key = fingerprint
 
 
 def match_length(ids_a: np.ndarray, spans_a: Sequence[Span], ids_b: np.ndarray, spans_b: Sequence[Span]) -> int:
