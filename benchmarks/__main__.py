@@ -115,12 +115,12 @@ def record(name: str, row: dict, results: Path = RESULTS) -> None:
     cells = [row["date"], row["machine"], row["setup"], row["versions"], f"`{row['command']}`",
              "; ".join(f"{k}={_fmt(v)}" for k, v in row["figures"].items())]
     line = "| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |"
+    from tpru_agent.fsutil import write_text
+
     with _locked(results):
         text = results.read_text(encoding="utf-8") if results.exists() else "# Benchmark results\n"
         lines = _insert(text.splitlines(), marker, header, line, name)
-        tmp = results.with_name(f".{results.name}.{os.getpid()}.tmp")
-        tmp.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
-        os.replace(tmp, results)
+        write_text(results, "\n".join(lines).rstrip("\n") + "\n")
 
 
 @contextlib.contextmanager

@@ -93,6 +93,7 @@ def build_realsize_checkpoint(path: str | os.PathLike, *, size: str = "3b", devi
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    from tpru_agent.fsutil import replace_dir
     from tpru_agent.testing import build_tiny_checkpoint
 
     target = Path(path).expanduser().resolve()
@@ -115,9 +116,7 @@ def build_realsize_checkpoint(path: str | os.PathLike, *, size: str = "3b", devi
             if (tiny / name).is_file():
                 shutil.copy2(tiny / name, tmp / name)
         (tmp / _STAMP).write_text(json.dumps(stamp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if device.startswith("cuda"):

@@ -36,9 +36,10 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from tpru_agent.errors import ConfigError, close_matches
+from tpru_agent.fsutil import write_json
 
 from .ingest import FrameStore, ingest_unit, read_unit
-from .manifest import build_manifest, write_json
+from .manifest import build_manifest
 from .plan import Planner, _rng
 from .samples import plan_samples
 from .sources.registry import Unit, parse_spec, plan_units
@@ -215,7 +216,7 @@ def _prepare(cfg: BuildConfig, out: Path) -> None:
     (work / "units").mkdir(parents=True, exist_ok=True)
     for tmp in out.rglob(".*.tmp"):
         tmp.unlink(missing_ok=True)             # leftovers of a killed run (never renamed into place)
-    write_json(stamp, {"fingerprint": cfg.fingerprint(), "settings": cfg.settings()})
+    write_json(stamp, {"fingerprint": cfg.fingerprint(), "settings": cfg.settings()}, sort_keys=True)
 
 
 def _pool(workers: int):
@@ -335,7 +336,7 @@ def _build_locked(cfg: BuildConfig, out: Path, progress: Progress) -> BuildResul
         if with_pool is not None:
             with_pool.shutdown(cancel_futures=True)
     manifest = build_manifest(cfg, specs, prefixes, units, planner, samples, skips, out, BUILDER_VERSION)
-    write_json(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest, sort_keys=True)
     if not cfg.keep_work:
         shutil.rmtree(out / ".work", ignore_errors=True)
     return BuildResult(out, manifest)

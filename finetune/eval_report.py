@@ -14,14 +14,13 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import json
-import os
 import platform
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
 from tpru_agent.errors import ConfigError
-from tpru_agent.fsutil import replace_file
+from tpru_agent.fsutil import atomic_path
 
 from .stats import calibration, mcnemar, percentile, proportion
 
@@ -128,9 +127,8 @@ def header(config, tpru, dataset: dict, skipped: list[dict], wall_s: float) -> d
 
 # ----------------------------------------------------------------------------------------------- plots
 def _save(fig, path: Path) -> str:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    replace_file(tmp, path)
+    with atomic_path(path, ".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
     return path.name
 
 

@@ -30,10 +30,10 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from tpru_agent.errors import ConfigError, FrameError, ParseError
-from tpru_agent.fsutil import write_text
+from tpru_agent.fsutil import write_json
 
 from . import eval_report
 from .eval_data import EvalDataset, EvalRow, open_dataset
@@ -148,11 +148,6 @@ class ItemLog:
         self.records[str(record["id"])] = record
 
 
-def write_json(obj: Any, path: Path) -> None:
-    """Write JSON atomically (temporary file + ``os.replace``)."""
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
 def check_resume(folder: Path, settings: dict, overwrite: bool, *, keys: tuple[str, ...], journal: str = ITEMS_FILE,
                  outputs: tuple[str, ...] = (REPORT_FILE,), what: str = "a run") -> None:
     """Start afresh (``overwrite``), or refuse to resume a run in ``folder`` made with other ``keys`` settings.
@@ -174,7 +169,7 @@ def check_resume(folder: Path, settings: dict, overwrite: bool, *, keys: tuple[s
             shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ConfigError(f"{str(folder)!r} holds {what} with other settings ({shown}); pass another --out, or "
                               "--overwrite to start that folder afresh")
-    write_json(settings, run_file)
+    write_json(run_file, settings, default=str)
 
 
 # ----------------------------------------------------------------------------------------------- answering
@@ -293,7 +288,7 @@ def run_eval(config: EvalConfig, *, model=None, progress: Progress | None = None
             log.warning("matplotlib is not installed: no plots (pip install 'tpru-agent[finetune]')")
         else:
             report["plots"] = eval_report.write_plots(report, out)
-    write_json(report, out / REPORT_FILE)
+    write_json(out / REPORT_FILE, report, default=str)
     return report
 
 

@@ -9,7 +9,6 @@ units whose file is missing, and every later step reads the same bytes whichever
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tpru_agent.errors import require
-from tpru_agent.fsutil import replace_file
+from tpru_agent.fsutil import atomic_path
 
 from .features import EMBED_SIDE, THUMB_LEN, fit_budget, frame_features
 from .sources.registry import Unit, run_unit
@@ -88,13 +87,8 @@ def ingest_unit(unit: Unit, prefix: str, path: str) -> dict:
         columns["embeds"].append([f.embed for f in feats])
     table = pa.Table.from_pydict(columns, schema=_schema(skips, unit))
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(target) as tmp:
         pq.write_table(table, tmp, compression="none", row_group_size=1)   # one episode per row group
-        replace_file(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return {"unit": unit.key, "episodes": len(columns["episode_id"]), "skips": len(skips)}
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -40,7 +39,9 @@ from typing import Callable
 from tpru_agent.errors import ConfigError, FrameError, ParseError, require
 from tpru_agent.progress import METHODS
 
-from .evaluate import ItemLog, check_resume, write_json
+from tpru_agent.fsutil import atomic_path, write_json
+
+from .evaluate import ItemLog, check_resume
 from .sources.base import Episode
 from .sources.registry import parse_spec
 from .voc import episodes
@@ -214,7 +215,7 @@ def run_label(config: LabelConfig, *, model=None, progress: Progress | None = No
                "resumed_episodes": done_before, "skipped": skipped[:20], "wall_s": wall,
                "episodes_per_min": 60 * new / wall if wall > 0 and new else None, "engine": tpru.engine_name,
                "concurrency": config.concurrency}
-    write_json(summary, work / "summary.json")
+    write_json(work / "summary.json", summary, default=str)
     return summary
 
 
@@ -226,10 +227,8 @@ def _write_parquet(pq, rows: list[dict], path: Path) -> None:
                         ("confidence", pa.float32()), ("direction_known", pa.bool_()), ("task", pa.string()),
                         ("domain", pa.string()), ("source", pa.string())])
     table = pa.Table.from_pylist(rows, schema=schema)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 

@@ -5,11 +5,8 @@ Deterministic (no times, no output paths) so that two builds of the same setting
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
-
-from tpru_agent.fsutil import write_text
 
 from .plan import CHOICE_LETTERS
 from .tpru_format import content_hash
@@ -17,11 +14,6 @@ from .tpru_format import content_hash
 FORMAT = "tpru-data/1"
 #: The most skip entries listed one by one (all are counted).
 MAX_LISTED_SKIPS = 2000
-
-
-def write_json(path: Path, data) -> None:
-    """Write JSON atomically (sorted keys, stable bytes)."""
-    write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def split_counts(samples: list) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tpru_agent.errors import ConfigError, ModelNotFoundError, require
-from tpru_agent.fsutil import replace_dir
+from tpru_agent.fsutil import atomic_path, replace_dir
 
 from .config import FinetuneConfig
 
@@ -230,9 +230,8 @@ def cast_checkpoint(folder: str | os.PathLike, dtype: str = "bfloat16") -> None:
     for file in sorted(folder.glob("*.safetensors")):
         tensors = {k: (v.to(target) if v.is_floating_point() else v) for k, v in load_file(str(file)).items()}
         total += sum(t.numel() * t.element_size() for t in tensors.values())
-        tmp = file.with_name(f".{file.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, file)
+        with atomic_path(file) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
     for name, update in (("config.json", None), ("model.safetensors.index.json", total)):
         path = folder / name
         if not path.is_file():

@@ -22,6 +22,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from tpru_agent.fsutil import atomic_path, write_text
+
 log = logging.getLogger(__name__)
 
 CURVES = (("reward", ("reward",)), ("accuracy", ("accuracy", "eval_accuracy")), ("KL", ("kl",)),
@@ -52,9 +54,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def truncate_jsonl(path: Path, stage: str, step: int) -> None:
     """Drop the records of ``stage`` after ``step`` (a resumed run rewrites them), atomically."""
     records = [r for r in read_jsonl(path) if not (r.get("stage") == stage and r.get("step", 0) > step)]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def last_checkpoint(folder: Path) -> Path | None:
@@ -230,10 +230,9 @@ def plot_curves(metrics_path: Path, png: Path) -> Path | None:
         if ax.lines:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(png, ".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, png)
     return png
 
 

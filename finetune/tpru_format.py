@@ -20,13 +20,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tpru_agent.errors import ConfigError, FrameError, require
-from tpru_agent.fsutil import replace_file
+from tpru_agent.fsutil import atomic_path
 from tpru_agent.tasks import IMAGE
 
 #: Column order of the files this project writes.
@@ -147,14 +146,8 @@ def write_parquet(rows: Iterable[TPRURow], path: str | Path) -> int:
         columns["episode_id"].append(row.episode_id)
     table = pa.Table.from_pydict(columns, schema=_schema())
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=64)
-        replace_file(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return len(rows)
 
 

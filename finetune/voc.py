@@ -38,7 +38,9 @@ from tpru_agent.errors import ConfigError, FrameError
 from tpru_agent.progress import METHODS, voc
 
 from . import eval_report
-from .evaluate import ITEMS_FILE, REPORT_FILE, ItemLog, check_resume, write_json
+from tpru_agent.fsutil import write_json
+
+from .evaluate import ITEMS_FILE, REPORT_FILE, ItemLog, check_resume
 from .sources.base import Episode
 from .sources.registry import parse_spec, plan_units, run_unit
 from .stats import percentile
@@ -268,7 +270,7 @@ def run_voc(config: VocConfig, *, model=None, progress: Progress | None = None, 
             log.warning("matplotlib is not installed: no plot (pip install 'tpru-agent[finetune]')")
         else:
             report["plots"] = {"voc": write_histogram(records, out / "voc.png", _title(report))}
-    write_json(report, out / REPORT_FILE)
+    write_json(out / REPORT_FILE, report, default=str)
     return report
 
 

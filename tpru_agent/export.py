@@ -29,11 +29,11 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from .errors import ConfigError, require
 from .frames import TRAINED_FACTOR, TRAINED_MAX, TRAINED_MIN
-from .fsutil import replace_dir
+from .fsutil import replace_dir, write_json
 from .hub import ONNX_MANIFEST
 from .onnx_manifest import FORMAT, FORMAT_VERSION, GRAPHS, read_manifest
 
@@ -78,12 +78,6 @@ def parse_frame_size(text: str | tuple[int, int] | None, *, max_pixels: int = TR
         raise ConfigError(f"frame size {width}x{height}: both sides must be positive multiples of {factor} "
                           f"(patch 14 x merge 2), e.g. 168x168, 196x168, 224x168")
     return width, height
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _versions(*names: str) -> dict[str, str]:
@@ -198,7 +192,7 @@ def export_onnx(model: str | os.PathLike, out: str | os.PathLike, *, int8: bool 
             "parameters": n_params, "graphs": graphs, "processor_files": copied,
             "exported_with": _versions("torch", "transformers", "onnx", "onnxruntime"),
         }
-        _write_json(tmp / ONNX_MANIFEST, manifest)
+        write_json(tmp / ONNX_MANIFEST, manifest)
         if int8:
             step("quantising to int8 (ONNX Runtime dynamic quantisation)")
             _quantize_in_place(tmp)
@@ -286,7 +280,7 @@ def _quantize_in_place(folder: Path, graphs: tuple[str, ...] = ("decoder",)) -> 
                                         bytes=sum((folder / f).stat().st_size for f in [dst.name, *data]))
     manifest["precision"] = "int8"
     manifest["quantized_graphs"] = list(graphs)
-    _write_json(folder / ONNX_MANIFEST, manifest)
+    write_json(folder / ONNX_MANIFEST, manifest)
 
 
 def _drop_preprocess_advice(record: logging.LogRecord) -> bool:

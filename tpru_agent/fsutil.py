@@ -15,11 +15,15 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def umask() -> int:
@@ -85,20 +89,44 @@ def temp_path(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
     return Path(name)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably."""
-    tmp = temp_path(path)
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to (by any library); on success it replaces ``path`` atomically.
+
+    ``suffix`` keeps the extension a writer reads the format from (``".tmp.png"`` for ``savefig``). On an error
+    the temporary file is removed and ``path`` is left as it was.
+
+    Example:
+        >>> with atomic_path(Path(tempfile.mkdtemp()) / "b.txt") as tmp:
+        ...     _ = tmp.write_text("done")
+    """
+    tmp = temp_path(path, suffix)
     try:
-        tmp.write_bytes(data)
+        yield tmp
         replace_file(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically and durably (a lone surrogate, from a file name that is not
     UTF-8, is written as its ``\\udcXX`` escape, which JSON reads back as the same character)."""
     write_bytes(path, text.encode("utf-8", "backslashreplace"))
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False,
+               default: Callable[[Any], Any] | None = None) -> None:
+    """Write ``obj`` as indented UTF-8 JSON (one trailing newline) to ``path`` atomically and durably.
+
+    ``sort_keys`` gives stable bytes (manifests); ``default`` (e.g. ``str``) turns values JSON lacks into text.
+    """
+    write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=False, default=default) + "\n")
 
 
 def replace_dir(src: Path, dst: Path) -> None:

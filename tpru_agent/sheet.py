@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .errors import ConfigError, FrameError
 from .frames import load_frames
+from .fsutil import atomic_path
 
 _PAD = 8
 _BACKGROUND = (255, 255, 255)
@@ -175,17 +175,6 @@ def save_image(image: Image.Image, path) -> Path:
         raise FrameError(f"save_image needs a PIL image, got {type(image).__name__}", source=str(path))
     if fmt == "JPEG" and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format=fmt)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a picture gets the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=fmt)
     return path

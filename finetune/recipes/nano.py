@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from tpru_agent.errors import ConfigError
+from tpru_agent.fsutil import replace_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,7 @@ def stage_release(work: Path, recipe: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(work / "grpo" / "final", tmp)
         cast_checkpoint(tmp, "bfloat16")
-        shutil.rmtree(release, ignore_errors=True)
-        os.replace(tmp, release)
+        replace_dir(tmp, release)
     if not any(onnx.glob("*.onnx")):
         side = budget_size(224, 224, PixelBudget(min_pixels=recipe["min_pixels"], max_pixels=recipe["max_pixels"]))
         tpru("export", "-m", str(release), "--format", "onnx", "--out", str(onnx), "--frame-size",
@@ -153,9 +153,7 @@ def run(work: Path, stages: list[str], workers: int = 1, recipe_path: str | os.P
 
             ship(work, recipe)
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
-        tmp = timings_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(timings, indent=2), encoding="utf-8")
-        os.replace(tmp, timings_path)
+        write_json(timings_path, timings)
     return timings
 
 

@@ -8,9 +8,10 @@ decided here, by measurement: only when it beats the classic engine on ordering 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
+
+from tpru_agent.fsutil import replace_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2] / "tpru_agent" / "models" / "tpru-nano"
 #: Files of the release that are not shipped (training provenance stays in the run folder).
@@ -124,7 +125,6 @@ def ship(work: Path, recipe: dict, target: Path = PACKAGE_DIR) -> Path:
     (tmp / "README.md").write_text(card(work, recipe, default), encoding="utf-8")
     meta = {"name": "tpru-nano", "default_fallback": default, "figures": figures(work)}
     (tmp / "tpru_nano.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    replace_dir(tmp, target)
     print(f"shipped {target} (fallback: {default})", flush=True)
     return target
