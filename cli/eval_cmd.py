@@ -40,7 +40,9 @@ def eval_group() -> None:
               help="auto (the test split when there is one, else every file), all, or a split name.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N rows.")
 @click.option("--debias", type=click.IntRange(min=1), default=1, show_default=True,
-              help="fast mode: average next/previous answers over K cyclic shifts of the candidates.")
+              help="fast mode only: average each multiple-choice answer over K cyclic shifts of the candidates "
+                   "(counters letter position bias; K scoring passes per row, the None option stays where the "
+                   "dataset put it). reason mode refuses K > 1.")
 @click.option("--out", "-o", default=None, help="Output folder (default runs/eval/<model>-<mode>).")
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run in --out instead of resuming it.")
 @click.option("--quantization", "-q", default=None, type=click.Choice(["4bit", "8bit"]),

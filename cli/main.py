@@ -97,9 +97,9 @@ def model_options(func):
                      help="Jinja preamble file (uses {{ content }}) instead of the built-in answer rules."),
         click.option("--base-url", default=None, help="openai engine: server URL, e.g. http://127.0.0.1:8000/v1"),
         click.option("--debias", default=1, type=click.IntRange(1, 8), show_default=True,
-                     help="fast mode: average multiple-choice answers over K cyclic shifts of the candidates "
-                          "and with the None option first and last (counters letter position bias; 2K times "
-                          "the cost)."),
+                     help="fast mode only: average each multiple-choice answer over K cyclic shifts of the "
+                          "candidates (counters letter position bias; K scoring passes, 2K where a None option is "
+                          "also moved from last to first). reason mode ignores it."),
         click.option("--strict", is_flag=True, help=f"Never fall back to {FALLBACK_MODEL!r}."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables."),
     ]
