@@ -90,12 +90,14 @@ def finetune(config_file, sets, resume, dry_run, as_json, **flags):
       tpru finetune --config examples/tpru-7b.yaml --data data/tpru --num-gpus 8 --deepspeed zero3
       tpru finetune -o runs/3b --resume
     """
-    from tpru_agent.errors import require
+    import importlib
+
     from tpru_agent.finetune.config import resolve_config
 
-    # the extra first: without it, nothing below can work, and the user should not wait for a model lookup to learn it
+    # The extra first: without it nothing below can work, and the user should not wait for a model lookup to learn
+    # it. A missing module is turned into one line naming the [finetune] extra by the CLI's error handling.
     for module in ("yaml", "trl", "datasets", "peft") if not dry_run else ("yaml",):
-        require(module, "finetune", what="tpru finetune")
+        importlib.import_module(module)
     overrides = {k: v for k, v in flags.items() if k in _FLAG_KEYS and v is not None}
     overrides.update(parse_sets(sets))
     saved = Path(overrides.get("output_dir") or "runs/tpru") / "config.yaml"
