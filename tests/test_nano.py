@@ -206,6 +206,15 @@ def test_tpru_nano_runs_on_onnx_by_default_and_hf_by_name(models_dir, monkeypatc
     assert TPRU("tpru-nano", engine="onnx", threads=1).engine_name == "onnx"
 
 
+def test_an_explicit_budget_beats_the_folders_own_even_when_it_equals_tprus(models_dir, monkeypatch):
+    from tpru_agent import TPRU
+    from tpru_agent.frames import TPRU_BUDGET
+
+    monkeypatch.setattr(hub, "PACKAGED_DIR", models_dir)
+    hf = TPRU("tpru-nano", engine="hf", device="cpu", budget=TPRU_BUDGET)
+    assert hf.budget == TPRU_BUDGET == hf.engine.budget   # not the folder's 3136..12544
+
+
 def test_tpru_nano_answers_without_torch(models_dir):
     """The bare install's path: the facade picks onnx for tpru-nano and nothing imports torch or transformers."""
     code = (

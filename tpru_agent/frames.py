@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import glob as globlib
+import json
 import logging
 import math
 import os
@@ -104,8 +105,6 @@ def folder_budget(folder: str | os.PathLike | None) -> PixelBudget | None:
     path = Path(folder) / BUDGET_FILE
     if not path.is_file():
         return None
-    import json
-
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return PixelBudget(**{k: data[k] for k in ("min_pixels", "max_pixels", "factor") if k in data}, recorded=True)
@@ -125,6 +124,12 @@ def serving_budget(folder: str | os.PathLike | None, min_pixels: int | None = No
                        recorded=base.recorded)
 
 
+def _check_ratio(width: int, height: int) -> None:
+    if max(height, width) / max(1, min(height, width)) > MAX_RATIO:
+        raise FrameError(f"a {width}x{height} image has an aspect ratio above {MAX_RATIO}:1, which the model "
+                         "cannot take; crop it first")
+
+
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = PROCESSOR_MIN_PIXELS,
                  max_pixels: int = PROCESSOR_MAX_PIXELS) -> tuple[int, int]:
     """``(height, width)`` as the Qwen2-VL image processor's ``smart_resize`` computes them.
@@ -136,9 +141,7 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = PR
     Raises:
         FrameError: the aspect ratio is above 200:1 (Qwen2.5-VL's limit).
     """
-    if max(height, width) / max(1, min(height, width)) > MAX_RATIO:
-        raise FrameError(f"a {width}x{height} image has an aspect ratio above {MAX_RATIO}:1, which the model "
-                         "cannot take; crop it first")
+    _check_ratio(width, height)
     h_bar = round(height / factor) * factor   # may be 0 for a side under factor / 2: the min_pixels branch fixes it
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -183,9 +186,7 @@ def budget_size(width: int, height: int, budget: PixelBudget = TPRU_BUDGET) -> t
         >>> budget_size(640, 480)
         (224, 168)
     """
-    if max(height, width) / max(1, min(height, width)) > MAX_RATIO:
-        raise FrameError(f"a {width}x{height} image has an aspect ratio above {MAX_RATIO}:1, which the model "
-                         "cannot take; crop it first")
+    _check_ratio(width, height)
     mid_w, mid_h = pil_step_size(width, height, budget)
     new_h, new_w = smart_resize(mid_h, mid_w, budget.factor, PROCESSOR_MIN_PIXELS, PROCESSOR_MAX_PIXELS)
     return new_w, new_h

@@ -97,7 +97,8 @@ class TPRU:
         self.template = template
         if template is not None:
             render_prompt("", template)  # fail now, not at the first call
-        self.budget = budget if budget != "auto" else (None if _is_classic(model, engine) else TPRU_BUDGET)
+        self._explicit_budget = budget != "auto"
+        self.budget = budget if self._explicit_budget else (None if _is_classic(model, engine) else TPRU_BUDGET)
         self.debias = debias
         self.bgr = bgr
         self.options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
@@ -108,8 +109,7 @@ class TPRU:
         else:  # a custom engine: anything with generate() and score(), held to the whole contract
             self.engine = as_engine(engine)
             self.model_name = f"<{self.engine.name} engine>"
-        if budget == "auto" and self.budget is not None:
-            # a model folder that records its own training budget (tpru-nano) is served at it
+        if not self._explicit_budget and self.budget is not None:  # a folder's own training budget wins (nano)
             self.budget = self.engine.budget or self.budget
         self.load_s = time.perf_counter() - started
 
@@ -124,7 +124,7 @@ class TPRU:
                     ref.packaged and ref.onnx_folder is not None and _onnx_runtime_installed()) else "hf"
             if ref.packaged:  # the hf folder, or the ONNX export beside it
                 target = str(ref.onnx_folder or ref.target) if kind == "onnx" else ref.target
-        if self.budget is not None and self.budget is not TPRU_BUDGET:  # an explicit budget: every engine hears it
+        if isinstance(self.budget, PixelBudget) and self._explicit_budget:  # every engine hears an explicit budget
             kwargs.setdefault("min_pixels", self.budget.min_pixels)
             kwargs.setdefault("max_pixels", self.budget.max_pixels)
         # every engine takes the same options and refuses the ones it cannot honour (quantization on onnx...)

@@ -62,7 +62,7 @@ class HFEngine(HFTokens, Engine):
         revision, cache_dir, local_files_only: where Hub weights come from.
         trust_remote_code: off unless asked; Qwen2.5-VL needs no remote code.
         min_pixels, max_pixels: the pixel budget frames are served at (default: the model folder's own budget,
-            see :func:`tpru_agent.hub.folder_budget`, else TPRU's 16,384..36,864). The engine resizes every frame
+            see :func:`tpru_agent.frames.folder_budget`, else TPRU's 16,384..36,864). The engine resizes every frame
             as TPRU's training did (:func:`tpru_agent.frames.resize_to_budget`; a no-op for frames the SDK already
             sized) and loads the processor at the checkpoint's wide budget, so a ``preprocessor_config.json`` with
             its own ``min_pixels`` / ``max_pixels`` keys only rounds sides to 28, as in training.
