@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from . import render
+from .options import runtime_options
 
 
 class _DefaultRun(click.Group):
@@ -45,13 +46,7 @@ def eval_group() -> None:
                    "dataset put it). reason mode refuses K > 1.")
 @click.option("--out", "-o", default=None, help="Output folder (default runs/eval/<model>-<mode>).")
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run in --out instead of resuming it.")
-@click.option("--quantization", "-q", default=None, type=click.Choice(["4bit", "8bit"]),
-              help="bitsandbytes quantisation (hf engine).")
-@click.option("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:1, cpu ...")
-@click.option("--dtype", default="auto", help="auto, bfloat16, float16, float32 (hf engine).")
-@click.option("--template", type=click.Path(dir_okay=False), default=None,
-              help="Jinja preamble file (uses {{ content }}) instead of the built-in answer rules.")
-@click.option("--base-url", default=None, help="openai engine: server URL, e.g. http://127.0.0.1:8000/v1")
+@runtime_options
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="reason mode: reasoning budget.")
 @click.option("--min-pixels", type=click.IntRange(min=1), default=None,

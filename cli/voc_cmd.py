@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from . import render
+from .options import runtime_options
 
 
 @click.command("voc")
@@ -29,13 +30,7 @@ from . import render
 @click.option("--frames", type=click.IntRange(2, 64), default=16, show_default=True,
               help="Frames per episode, evenly sampled, then shuffled.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the shuffles and simulator episodes.")
-@click.option("--quantization", "-q", default=None, type=click.Choice(["4bit", "8bit"]),
-              help="bitsandbytes quantisation (hf engine).")
-@click.option("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:1, cpu ...")
-@click.option("--dtype", default="auto", help="auto, bfloat16, float16, float32 (hf engine).")
-@click.option("--template", type=click.Path(dir_okay=False), default=None,
-              help="Jinja preamble file (uses {{ content }}) instead of the built-in answer rules.")
-@click.option("--base-url", default=None, help="openai engine: server URL, e.g. http://127.0.0.1:8000/v1")
+@runtime_options
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run in --out instead of resuming it.")
 @click.option("--no-plots", is_flag=True, help="Skip voc.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object instead of tables.")
