@@ -58,3 +58,9 @@ def test_no_reports_means_no_fallback_and_the_card_says_so(tmp_path):
     assert beats_classic(tmp_path) is False
     text = card(tmp_path, nano.load_recipe(), default=False)
     assert "not measured" in text and "CLI fallback when TPRU-3B is missing: **no**" in text
+
+
+def test_ship_without_a_release_is_one_line_with_the_fix(tmp_path, capsys):
+    assert nano.main(["--workdir", str(tmp_path), "--stages", "ship"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--stages release,eval,ship" in err and "Traceback" not in err

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from tpru_agent.errors import ConfigError
+from tpru_agent.errors import ConfigError, TPRUError
 from tpru_agent.fsutil import replace_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
     try:
         timings = run(Path(args.workdir), stages, args.workers, args.recipe)
+    except TPRUError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except subprocess.CalledProcessError as exc:
         print(f"error: stage command failed with exit {exc.returncode}: {' '.join(map(str, exc.cmd[3:]))}",
               file=sys.stderr)

@@ -11,6 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
+from tpru_agent.errors import ConfigError
+
 from tpru_agent.fsutil import replace_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2] / "tpru_agent" / "models" / "tpru-nano"
@@ -117,7 +119,8 @@ def ship(work: Path, recipe: dict, target: Path = PACKAGE_DIR) -> Path:
     """Copy the release (hf folder + ``onnx/``) into the package, write the card and the fallback flag."""
     release = work / "release"
     if not (release / "model.safetensors").is_file() or not any((release / "onnx").glob("*.onnx")):
-        raise FileNotFoundError(f"{release} holds no release; run the release stage first")
+        raise ConfigError(f"{release} holds no release (model.safetensors + onnx/); run the release stage first: "
+                          "python -m tpru_agent.finetune.recipes.nano --stages release,eval,ship")
     default = beats_classic(work)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
