@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 from tpru_agent.errors import ConfigError
-
 from tpru_agent.fsutil import replace_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2] / "tpru_agent" / "models" / "tpru-nano"
