@@ -114,6 +114,10 @@ def open_model(model: str | None, engine: str, quantization: str | None, device:
     from tpru_agent import TPRU
 
     kwargs = {"base_url": base_url} if base_url else {}
+    if model is None and engine in ("auto", "hf"):
+        # The default model is used only when it is already downloaded: a plain `tpru order` must never start a
+        # 7.5 GB download (`hf download ...` or --model does that on purpose).
+        kwargs["local_files_only"] = True
     name = model or DEFAULT_MODEL
     try:
         return TPRU(name, engine=engine, quantization=quantization, device=device, template=template, debias=debias,
@@ -121,9 +125,9 @@ def open_model(model: str | None, engine: str, quantization: str | None, device:
     except (ModelNotFoundError, EngineUnavailableError) as exc:
         if strict or model is not None or engine != "auto":
             raise
-        render.warn(f"{exc}")
-        render.warn(f"falling back to {FALLBACK_LABEL}. For the real model: {_download_hint(name)}, or pass "
-                    "--model DIR; --strict refuses this fallback.")
+        why = "is not downloaded" if isinstance(exc, ModelNotFoundError) else f"cannot run here ({exc})"
+        render.warn(f"{name} {why}; falling back to {FALLBACK_LABEL}. For the real model: {_download_hint(name)}, "
+                    "or pass --model DIR; --strict refuses this fallback.")
         try:
             return TPRU(FALLBACK_MODEL, template=template, debias=debias, device=device)
         except (ModelNotFoundError, EngineUnavailableError) as again:

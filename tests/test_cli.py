@@ -143,3 +143,23 @@ def test_finetune_without_its_extra_is_one_line_before_any_model_lookup(monkeypa
     assert result.exit_code == 1
     assert "[finetune]" in result.output
     assert "no-such-model" not in result.output and "Traceback" not in result.output
+
+
+def test_the_default_model_is_never_downloaded_by_a_plain_verb(monkeypatch, frame_dir):
+    """Without --model, the default is looked up in the cache only, and its absence is one warning line."""
+    from tpru_agent import hub
+    from tpru_agent.errors import ModelNotFoundError
+
+    seen = {}
+
+    def locate(model, **kwargs):
+        seen.update(kwargs, model=model)
+        raise ModelNotFoundError("not in the local cache")
+
+    monkeypatch.setattr(hub, "locate", locate)
+    monkeypatch.setattr(hub, "FALLBACK_MODEL", "classic")
+    result = run("order", frame_dir)
+    assert result.exit_code == 0, result.output
+    assert seen["model"] == "tpru-3b" and seen["local_files_only"] is True
+    warning = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "tpru-3b is not downloaded" in warning[0] and "hf download" in warning[0]
