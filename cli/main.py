@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from tpru_agent.errors import EngineUnavailableError, ModelNotFoundError, TPRUError
+from tpru_agent.errors import EngineUnavailableError, ModelNotFoundError, TPRUError, install_hint
 from tpru_agent.hub import DEFAULT_MODEL, FALLBACK_MODEL
 
 from . import render
@@ -44,8 +44,7 @@ def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
     extra = EXTRA_OF.get(top)
     if extra is None:
         return None
-    return (f"this command needs the [{extra}] extra (module {top!r} is not installed). Install it: "
-            f"pip install 'tpru-agent[{extra}]', or from a clone of the repository: pip install -e '.[{extra}]'")
+    return f"this command needs the [{extra}] extra (module {top!r} is not installed). Install it: {install_hint(extra)}"
 
 
 class TPRUGroup(click.Group):
@@ -292,6 +291,13 @@ def verify_cmd(observation, history, goal, description, model, engine, quantizat
     sys.exit(0 if verdict.ok else 3)  # 3, not 2: click uses 2 for usage errors
 
 
+def _engine_fix(engine: str) -> str:
+    """"no: <how to install it>" for an engine of ``tpru env`` whose modules are not all importable."""
+    missing = next(m for m in ENGINE_MODULES[engine] if importlib.util.find_spec(m) is None)
+    extra = EXTRA_OF.get(missing)
+    return f"no: {install_hint(extra)}" if extra else f"no: {missing!r} is missing; reinstall tpru-agent"
+
+
 ENGINE_MODULES = {
     "hf": ["torch", "transformers", "qwen_vl_utils"],
     "quant (4bit/8bit)": ["bitsandbytes"],
@@ -337,7 +343,7 @@ def env_cmd(as_json):
         return
     render.show_table("Versions", ["package", "version"], [[k, v] for k, v in facts["versions"].items()])
     render.show_table("Engines and extras", ["engine", "importable"],
-                      [[k, "yes" if v else "no (pip install 'tpru-agent[...]')"] for k, v in engines.items()])
+                      [[k, "yes" if v else _engine_fix(k)] for k, v in engines.items()])
     render.show_table("Devices", ["device", "available"], [[k, v] for k, v in devices.items()])
     ort = facts["onnxruntime"]
     render.show_table("ONNX Runtime", ["distribution", "version"],

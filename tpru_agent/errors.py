@@ -53,6 +53,11 @@ class ConfigError(TPRUError, ValueError):
     """A configuration value or file is wrong; the message names the key and the accepted values."""
 
 
+def install_hint(extra: str) -> str:
+    """How to install an extra: the package name, and the command from a clone (it is not on PyPI yet)."""
+    return f"pip install 'tpru-agent[{extra}]' (from a clone of the repository: pip install -e '.[{extra}]')"
+
+
 def require(module: str, extra: str, *, what: str | None = None):
     """Import ``module`` or raise :class:`EngineUnavailableError` naming the extra that provides it.
 
@@ -65,7 +70,7 @@ def require(module: str, extra: str, *, what: str | None = None):
         need = what or module
         raise EngineUnavailableError(
             f"{need} needs the '{module}' package, which is not installed ({exc}). "
-            f"Install it with: pip install 'tpru-agent[{extra}]'"
+            f"Install it with: {install_hint(extra)}"
         ) from exc
 
 
