@@ -101,10 +101,10 @@ def show_verdict(verdict, observation: str) -> None:
 
 
 def show_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    """A plain table."""
+    """A plain table: cells are text, never rich markup (an extra such as ``[hf]`` or a file name stays whole)."""
     table = Table(title=title, title_justify="left")
     for col in columns:
         table.add_column(col)
     for row in rows:
-        table.add_row(*[str(c) for c in row])
+        table.add_row(*[escape(str(c)) for c in row])
     print_table(table)

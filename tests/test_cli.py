@@ -163,3 +163,10 @@ def test_the_default_model_is_never_downloaded_by_a_plain_verb(monkeypatch, fram
     assert seen["model"] == "tpru-3b" and seen["local_files_only"] is True
     warning = [line for line in result.output.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "tpru-3b is not downloaded" in warning[0] and "hf download" in warning[0]
+
+
+def test_table_cells_are_text_not_markup(capsys):
+    from tpru_agent.cli import render
+
+    render.show_table("t", ["engine", "importable"], [["hf", "no: pip install 'tpru-agent[hf]'"]])
+    assert "tpru-agent[hf]" in capsys.readouterr().out
