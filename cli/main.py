@@ -164,14 +164,19 @@ class _ReasonParseHint:
 def split_inputs(values: tuple[str, ...]) -> list[str]:
     """Accept repeated flags and comma-separated lists: ``--history a.png,b.png --history c.png``.
 
-    A value naming an existing file or folder is kept whole, so ``-H a,b.png`` passes the file ``a,b.png``.
+    Pieces that together name an existing file or folder stay whole, so ``-H a,b.png`` passes the file
+    ``a,b.png`` and ``-H a,b.png,c.png`` passes ``a,b.png`` and ``c.png``.
     """
     out = []
     for value in values:
-        if "," in value and Path(value).expanduser().exists():
-            out.append(value)
-        else:
-            out.extend(part for part in value.split(",") if part)
+        parts = value.split(",")
+        i = 0
+        while i < len(parts):
+            j = next((j for j in range(len(parts), i + 1, -1)
+                      if Path(",".join(parts[i:j])).expanduser().exists()), i + 1)
+            if ",".join(parts[i:j]):
+                out.append(",".join(parts[i:j]))
+            i = j
     return out
 
 

@@ -90,6 +90,14 @@ def test_a_file_name_with_a_comma_passes_whole(frames, tmp_path):
     assert json.loads(result.stdout)["candidates"] == [str(frames[3])]
 
 
+def test_a_comma_file_name_inside_a_comma_list_stays_whole(frames, tmp_path):
+    comma = tmp_path / "left,right.png"
+    comma.write_bytes(frames[0].read_bytes())
+    result = run("next", "-H", f"{comma},{frames[1]}", "-c", frames[3], "--model", "classic", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["candidates"] == [str(frames[3])]   # before: "frame 0 ... 'left': no such file"
+
+
 def test_models_prints_the_download_command_for_missing_weights(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
     table = run("models", env={**env, "COLUMNS": "200"})
