@@ -96,7 +96,8 @@ def finetune(config_file, sets, resume, dry_run, as_json, **flags):
 
     # The extra first: without it nothing below can work, and the user should not wait for a model lookup to learn
     # it. A missing module is turned into one line naming the [finetune] extra by the CLI's error handling.
-    for module in ("yaml", "trl", "datasets", "peft") if not dry_run else ("yaml",):
+    # (--dry-run too: its config may pass GRPOConfig fields through, which only TRL itself can check)
+    for module in ("yaml", "trl", "datasets", "peft") if not dry_run else ("yaml", "trl"):
         importlib.import_module(module)
     overrides = {k: v for k, v in flags.items() if k in _FLAG_KEYS and v is not None}
     overrides.update(parse_sets(sets))
