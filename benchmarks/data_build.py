@@ -65,7 +65,7 @@ class Timer:
 
 def measure(episodes: int, frames: int, workers: int, samples_per_episode: int) -> dict:
     """Time one full build from frames on disk; wall-clock and CPU figures."""
-    from tpru_agent.finetune.build import BuildConfig, build
+    from tpru_agent.finetune.data.build import BuildConfig, build
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "episodes"

@@ -1,7 +1,7 @@
 """Peak memory and time of one GRPO step of ``tpru finetune`` (tiny model, CPU), by rollout size.
 
 Each point trains one optimizer step (``max_steps 1``) in its own subprocess, through the product path
-(``tpru_agent.finetune.train``), on a TPRU-layout dataset of 4- and 3-frame ordering and 7-image next-frame
+(``tpru_agent.finetune.train.job``), on a TPRU-layout dataset of 4- and 3-frame ordering and 7-image next-frame
 questions at the TPRU pixel budget, and reports the subprocess's peak RSS (``ru_maxrss``) and wall time. The child
 runs under an address-space cap (``--cap-gib``, default 12): a point that would grow past it fails fast instead of
 taking the machine down, and is reported as ``over_cap``.
@@ -14,7 +14,7 @@ reserves well above the resident peak: 6 GiB was too tight for a 1.9 GiB residen
 Issue 13 (``loader`` points): the reported shape (updates of half a rollout, 2 generations, micro-batch 4, so
 ``gradient_accumulation_steps = prompts_per_rollout / 4`` and ``steps_per_generation`` twice that) with TRL's stock
 train loader, which decodes the whole rollout once per micro-step fetch, against ours, which decodes each row of the
-rollout once (``finetune/grpo.py``); ``decoded_rows`` counts the rows decoded during the one step.
+rollout once (``finetune/train/grpo.py``); ``decoded_rows`` counts the rows decoded during the one step.
 
     OMP_NUM_THREADS=1 python benchmarks/finetune_memory.py --workdir /tmp/tpru-memory
     OMP_NUM_THREADS=1 python benchmarks/finetune_memory.py --loader-only --rows 128 --loader-rollouts 64 128
@@ -64,8 +64,8 @@ def child(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from tpru_agent.finetune.config import resolve_config
-    from tpru_agent.finetune.train import train
+    from tpru_agent.finetune.train.config import resolve_config
+    from tpru_agent.finetune.train.job import train
 
     loader = spec.pop("loader", None)
     decoded = [0]
@@ -73,7 +73,7 @@ def child(spec: dict) -> None:
         import datasets
         from trl import GRPOTrainer
 
-        from tpru_agent.finetune.grpo import TPRUGRPOTrainer
+        from tpru_agent.finetune.train.grpo import TPRUGRPOTrainer
 
         if loader == "stock":
             TPRUGRPOTrainer.get_train_dataloader = GRPOTrainer.get_train_dataloader

@@ -49,7 +49,7 @@ def write_episodes(root: Path, episodes: int, frames: int, size: tuple[int, int]
 def measure(model_dir: Path, work: Path, *, episodes: int, frames: int, levels: list[int]) -> dict:
     """Episodes per minute for each concurrency level against one server."""
     from tpru_agent import TPRU
-    from tpru_agent.finetune.label import LabelConfig, run_label
+    from tpru_agent.finetune.eval.label import LabelConfig, run_label
 
     from .server_load import free_port, start_server, stop_server
 

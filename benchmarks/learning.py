@@ -3,7 +3,7 @@
 The task is TPRU's Temporal Reordering on synthetic procedures a small model can learn from pixels: each episode
 is a bar growing over ``--frames`` steps (random colours, widths and positions, pixel noise), the frames are shown
 shuffled and labelled A, B, C..., and the answer is the label permutation (chance = 1 / frames!). The run goes
-through the product path: a TPRU-layout dataset on disk, ``tpru_agent.finetune.train`` with ``method=sft+grpo``
+through the product path: a TPRU-layout dataset on disk, ``tpru_agent.finetune.train.job`` with ``method=sft+grpo``
 (a supervised warm-up that teaches the answer format, then GRPO with the TPRU reward), held-out greedy accuracy
 every ``--eval-steps`` steps in ``metrics.jsonl``. Figures: the curve (held-out accuracy per stage and step),
 chance, the best and final accuracy, and the ratio to chance.
@@ -52,7 +52,7 @@ def episode_frames(rng: random.Random, steps: int, size: int = 84):
 
 def write_task(root: Path, *, frames: int, n_train: int, n_test: int, seed: int = 0) -> Path:
     """A TPRU-layout dataset of ``frames``-frame orderings (train / test drawn from disjoint random episodes)."""
-    from tpru_agent.finetune.tpru_format import TPRURow, encode_png, write_parquet
+    from tpru_agent.finetune.data.tpru_format import TPRURow, encode_png, write_parquet
     from tpru_agent.tasks import ordering
 
     question = ordering.build(frames)
@@ -93,8 +93,8 @@ def learn(workdir: Path, *, size: str = "tiny", frames: int = 3, n_train: int = 
           grpo_lr: float = 5e-5, reward: str = "tpru_partial", pixels: int = 3136, max_completion: int = 64,
           seed: int = 0) -> dict:
     """Run the experiment in ``workdir``; returns the figures."""
-    from tpru_agent.finetune.config import resolve_config
-    from tpru_agent.finetune.train import train
+    from tpru_agent.finetune.train.config import resolve_config
+    from tpru_agent.finetune.train.job import train
     from tpru_agent.testing import build_tiny_checkpoint
 
     workdir.mkdir(parents=True, exist_ok=True)

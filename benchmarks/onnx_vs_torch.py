@@ -1,6 +1,6 @@
 """ONNX Runtime vs PyTorch on CPU, same model and inputs: prefill, per-token decode, fast-mode score, answers.
 
-The checkpoint (``mid`` by default) is exported with ``tpru_agent.export`` (fp32, and int8 = ORT dynamic
+The checkpoint (``mid`` by default) is exported with ``tpru_agent.onnx.export`` (fp32, and int8 = ORT dynamic
 quantisation of the decoder) for the frame size of the synthetic frames (196x168), so both runtimes see the same
 pixels and token ids. Each pair is timed side by side (calls alternate, p50 of each side), on ``--threads``
 threads (1 by default). Ratios read "how many times faster ONNX Runtime is": ``torch_ms / ort_ms``.
@@ -179,7 +179,7 @@ def run(args) -> dict:
     from benchmarks import model_folder, pin_threads, synthetic_frames, workdir
     from tpru_agent.engines.hf import HFEngine
     from tpru_agent.engines.onnx import ONNXEngine
-    from tpru_agent.export import export_onnx, quantize_onnx
+    from tpru_agent.onnx.export import export_onnx, quantize_onnx
 
     size = args.size if args.size_given else ("tiny" if args.quick else "mid")
     pin_threads(args.threads)

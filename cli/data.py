@@ -13,9 +13,8 @@ from pathlib import Path
 
 import click
 
+from tpru_agent.cli import render
 from tpru_agent.errors import ConfigError
-
-from . import render
 
 
 class _RichProgress:
@@ -81,7 +80,7 @@ def build_cmd(sources, out, config_file, seed, samples_per_episode, test_fractio
     """Turn episodes into TPRU questions with negatives; resumable (run the same command again after a crash)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tpru_agent.finetune.build import BuildConfig, build
+    from tpru_agent.finetune.data.build import BuildConfig, build
 
     settings = _load_config(config_file)
     flags = {"sources": tuple(sources) or None, "out": out, "seed": seed, "samples_per_episode": samples_per_episode,
@@ -139,7 +138,7 @@ def _image_labels(problem: str, answer: str) -> list[str]:
 def _sheet(picked: list, path: Path) -> Path:
     from PIL import Image
 
-    from tpru_agent.sheet import contact_sheet, save_image
+    from tpru_agent.cli.sheet import contact_sheet, save_image
 
     parts = []
     for n, (split, row) in enumerate(picked, 1):
@@ -166,7 +165,7 @@ def _sheet(picked: list, path: Path) -> Path:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def show_cmd(directory, samples, seed, sheet, as_json):
     """Print the statistics of a TPRU dataset and draw random samples with their questions and answers."""
-    from tpru_agent.finetune.tpru_format import sample_rows, summarize
+    from tpru_agent.finetune.data.tpru_format import sample_rows, summarize
 
     root = Path(directory)
     manifest_file = root / "manifest.json" if root.is_dir() else None

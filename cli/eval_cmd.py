@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import click
 
-from . import render
-from .options import runtime_options
+from tpru_agent.cli import render
+from tpru_agent.cli.options import runtime_options
 
 
 class _DefaultRun(click.Group):
@@ -60,7 +60,7 @@ def eval_group() -> None:
 def run_cmd(model, data, engine, mode, split, limit, debias, out, overwrite, quantization, device, dtype, template,
             base_url, max_new_tokens, min_pixels, max_pixels, bins, no_plots, as_json):
     """Evaluate MODEL on the dataset at --data; rerun the same command to resume an interrupted run."""
-    from tpru_agent.finetune.evaluate import EvalConfig, run_eval
+    from tpru_agent.finetune.eval.run import EvalConfig, run_eval
 
     if model is None:
         if engine != "classic":
@@ -154,7 +154,7 @@ def compare_cmd(report_a, report_b, show, as_json):
 
     "A only" / "B only" count the items only that run got right; McNemar's p-values come from them.
     """
-    from tpru_agent.finetune.eval_report import compare_reports
+    from tpru_agent.finetune.eval.report import compare_reports
 
     diff = compare_reports(report_a, report_b)
     if as_json:

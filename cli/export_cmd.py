@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import render
+from tpru_agent.cli import render
 
 
 @click.command("export")
@@ -25,7 +25,7 @@ from . import render
 def export(model: str, fmt: str, out: str, int8: bool, frame_size: str | None, opset: int,
            external_data: bool | None, overwrite: bool, as_json: bool) -> None:
     """Export MODEL to ONNX for `TPRU(DIR, engine="onnx")` (vision / embedding / decoder graphs + tpru_onnx.json)."""
-    from tpru_agent.export import export_onnx, read_manifest
+    from tpru_agent.onnx.export import export_onnx, read_manifest
 
     with render.err_console.status(f"exporting {model} to {fmt} ...") as status:
         folder = export_onnx(model, out, int8=int8, frame_size=frame_size, opset=opset, external_data=external_data,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from . import render
+from tpru_agent.cli import render
 
 #: Flags that map one to one onto config keys (``None``: not given, the YAML / default value stays).
 _FLAG_KEYS = ("base", "data", "output_dir", "method", "peft", "preset", "max_steps", "learning_rate", "beta",
@@ -92,7 +92,7 @@ def finetune(config_file, sets, resume, dry_run, as_json, **flags):
     """
     import importlib
 
-    from tpru_agent.finetune.config import resolve_config
+    from tpru_agent.finetune.train.config import resolve_config
 
     # The extra first: without it nothing below can work, and the user should not wait for a model lookup to learn
     # it. A missing module is turned into one line naming the [finetune] extra by the CLI's error handling.
@@ -108,12 +108,12 @@ def finetune(config_file, sets, resume, dry_run, as_json, **flags):
     if dry_run:
         _dry_run(cfg, resume, as_json)
         return
-    from tpru_agent.finetune.launch import check_launchable, launch_command, needs_launch
+    from tpru_agent.finetune.train.launch import check_launchable, launch_command, needs_launch
     from tpru_agent.hub import locate
 
     locate(cfg.base, inference=False)  # fail here, with the SDK's message, before any process starts
     if needs_launch(cfg):
-        from tpru_agent.finetune.train import prepare_run
+        from tpru_agent.finetune.train.job import prepare_run
 
         check_launchable(cfg)
         out = prepare_run(cfg, resume=resume)
@@ -121,7 +121,7 @@ def finetune(config_file, sets, resume, dry_run, as_json, **flags):
         render.note("launching: " + " ".join(cmd))
         sys.exit(subprocess.call(cmd))
     _quiet_libraries()
-    from tpru_agent.finetune.train import train
+    from tpru_agent.finetune.train.job import train
 
     result = train(cfg, resume=resume, console=render.err_console if cfg.progress else None)
     payload = {"status": result.status, "output_dir": str(result.output_dir),
@@ -143,8 +143,8 @@ def finetune(config_file, sets, resume, dry_run, as_json, **flags):
 
 
 def _dry_run(cfg, resume: bool, as_json: bool) -> None:
-    from tpru_agent.finetune.launch import launch_command, needs_launch
-    from tpru_agent.finetune.memory import estimate_for, model_shape
+    from tpru_agent.finetune.train.launch import launch_command, needs_launch
+    from tpru_agent.finetune.train.memory import estimate_for, model_shape
 
     shape = model_shape(cfg.base)
     estimate = estimate_for(cfg, shape)

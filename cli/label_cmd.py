@@ -1,4 +1,4 @@
-"""``tpru label -s SOURCE ... -o progress.parquet``: per-frame progress labels for a dataset (finetune/label.py).
+"""``tpru label -s SOURCE ... -o progress.parquet``: per-frame progress labels for a dataset (finetune/eval/label.py).
 
 Only click and rich load at import; the labelling code loads inside the verb.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from . import render
+from tpru_agent.cli import render
 
 
 @click.command("label")
@@ -39,7 +39,7 @@ def label(sources, out, model, engine, base_url, api_key, concurrency, mode, met
     rerun the same command to resume after a kill."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from tpru_agent.finetune.label import LabelConfig, run_label
+    from tpru_agent.finetune.eval.label import LabelConfig, run_label
 
     config = LabelConfig(sources=tuple(sources), out=out, model=model, engine=engine, base_url=base_url,
                          api_key=api_key, concurrency=concurrency, mode=mode, method=method, seed=seed,

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import click
 
+from tpru_agent.cli import render
 from tpru_agent.errors import EngineUnavailableError, ModelNotFoundError, TPRUError, install_hint
 from tpru_agent.hub import DEFAULT_MODEL, FALLBACK_MODEL
-
-from . import render
 
 #: FALLBACK_MODEL (tpru_agent.hub, the one place it is decided) is what the CLI runs when the default model's weights
 #: are missing and neither --model nor --strict is given: tpru-nano when the package ships it flagged as the
@@ -208,7 +207,7 @@ def order_cmd(frames, description, video_frames, sheet, model, engine, quantizat
     with _ReasonParseHint(mode):
         result = tpru.order_frames(images, description=description, mode=mode)
     if sheet:
-        from tpru_agent.sheet import contact_sheet, save_image
+        from tpru_agent.cli.sheet import contact_sheet, save_image
 
         ordered = [images[i] for i in result.order]
         labels = [f"{step}. {Path(names[i]).name}" for step, i in enumerate(result.order, 1)]
@@ -362,8 +361,16 @@ def env_cmd(as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def models_cmd(as_json):
     """Known model names, what they point to, and whether their weights are in the local cache."""
-    from tpru_agent.hub import ALIASES, PACKAGED, SIZES, cache_dir, cache_state, download_command, is_shipped, \
-        packaged_folder
+    from tpru_agent.hub import (
+        ALIASES,
+        PACKAGED,
+        SIZES,
+        cache_dir,
+        cache_state,
+        download_command,
+        is_shipped,
+        packaged_folder,
+    )
 
     rows = []
     for name, hub_id in ALIASES.items():

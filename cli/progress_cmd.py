@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from . import render
+from tpru_agent.cli import render
 
 
 @click.command("progress")
@@ -43,9 +43,8 @@ from . import render
 def progress(frames, description, reference, method, video_frames, plot, model, engine, quantization, device, mode,
              template, base_url, strict, as_json):
     """Task progress (0 = start, 1 = done) of each of FRAMES (files, globs, a folder or a video; any order)."""
+    from tpru_agent.cli.main import open_model, split_inputs
     from tpru_agent.frames import expand_sources, load_frames
-
-    from .main import open_model, split_inputs
 
     inputs = list(frames)
     source = inputs if len(inputs) > 1 else inputs[0]
@@ -55,8 +54,8 @@ def progress(frames, description, reference, method, video_frames, plot, model, 
                            video_frames=video_frames)
     names = [str(x) for x in expand_sources(inputs, video_frames=video_frames)]
     if plot:
-        from tpru_agent.progress_plot import progress_plot
-        from tpru_agent.sheet import save_image
+        from tpru_agent.cli.progress_plot import progress_plot
+        from tpru_agent.cli.sheet import save_image
 
         images = load_frames(source, budget=None, video_frames=video_frames)
         save_image(progress_plot(images, result), plot)

@@ -9,7 +9,7 @@ import ipaddress
 
 import click
 
-from . import render
+from tpru_agent.cli import render
 
 LOOPBACK = "127.0.0.1"
 

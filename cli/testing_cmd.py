@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import render
+from tpru_agent.cli import render
 
 
 @click.group("testing")

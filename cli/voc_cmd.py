@@ -1,4 +1,4 @@
-"""``tpru eval voc``: value-order correlation of ``TPRU.progress`` on expert episodes (see finetune/voc.py).
+"""``tpru eval voc``: value-order correlation of ``TPRU.progress`` on expert episodes (see finetune/eval/voc.py).
 
 Only click, rich and the standard library load at import; the evaluation code loads inside the verb.
 """
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import click
 
-from . import render
-from .options import runtime_options
+from tpru_agent.cli import render
+from tpru_agent.cli.options import runtime_options
 
 
 @click.command("voc")
@@ -38,7 +38,7 @@ def voc(model, sources, out, engine, mode, method, reference, frames, seed, quan
         base_url, overwrite, no_plots, as_json):
     """VOC of MODEL's per-frame progress on the episodes of --source (shuffled frames, Spearman vs time);
     rerun the same command to resume."""
-    from tpru_agent.finetune.voc import VocConfig, run_voc
+    from tpru_agent.finetune.eval.voc import VocConfig, run_voc
 
     config = VocConfig(model=model, sources=tuple(sources), out=out, engine=engine, mode=mode, method=method,
                        reference=reference, seed=seed, frames=frames, quantization=quantization, device=device,

@@ -32,7 +32,7 @@ def one_line_errors(main):
 def run_checker(model, reference, frames, *, mode: str, window: int, out: Path) -> dict:
     """Observe every frame; write ``events.jsonl`` and ``timeline.png`` under ``out``; return the run's facts."""
     from tpru_agent import ProcedureChecker
-    from tpru_agent.sheet import contact_sheet, save_image
+    from tpru_agent.cli.sheet import contact_sheet, save_image
 
     out.mkdir(parents=True, exist_ok=True)
     log = out / "events.jsonl"

@@ -58,7 +58,7 @@ def onnx_dir(tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny checkpoint exported to ONNX (fp32, frames of :data:`ONNX_FRAME`), once per session. Read-only."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from tpru_agent.export import export_onnx
+    from tpru_agent.onnx.export import export_onnx
 
     return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "fp32", frame_size=ONNX_FRAME)
 

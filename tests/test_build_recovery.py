@@ -13,8 +13,8 @@ from episode_data import palette, write_folders
 
 from tpru_agent.cli.main import cli
 from tpru_agent.errors import ConfigError
-from tpru_agent.finetune.build import BuildConfig, build
-from tpru_agent.finetune.tpru_format import read_parquet
+from tpru_agent.finetune.data.build import BuildConfig, build
+from tpru_agent.finetune.data.tpru_format import read_parquet
 from tpru_agent.fsutil import replace_dir, umask, write_text
 
 COLORS = palette(12, seed=3)
@@ -130,7 +130,7 @@ def test_build_tiny_writes_usual_modes(tmp_path):
 def test_a_parquet_rewritten_through_pandas_still_loads_for_training(source, tmp_path):
     pd = pytest.importorskip("pandas")
     pytest.importorskip("datasets")
-    from tpru_agent.finetune.data import load_split
+    from tpru_agent.finetune.train.inputs import load_split
 
     build(_cfg(source, tmp_path / "data"))
     for shard in (tmp_path / "data" / "train").glob("*.parquet"):
@@ -141,7 +141,7 @@ def test_a_parquet_rewritten_through_pandas_still_loads_for_training(source, tmp
 
 
 def test_the_final_checkpoint_swap_gives_usual_modes(tmp_path):
-    from tpru_agent.finetune.modeling import _swap_in
+    from tpru_agent.finetune.train.modeling import _swap_in
 
     for round_ in range(2):   # a new final, then one replacing it
         tmp = tmp_path / f".final.{round_}.tmp"

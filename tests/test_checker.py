@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from oracle import PixelOracle, frame
+
 from tpru_agent import TPRU, ConfigError, ProcedureChecker, Status
 
 
@@ -110,7 +110,8 @@ def test_progress_reaches_the_end_of_a_long_reference():
 
 def test_reference_as_an_explicit_list_keeps_its_order_and_a_video_gives_reference_frames(tmp_path):
     """A folder is read in natural file-name order; a list is used as given; a video is sampled evenly."""
-    from episode_data import frame as episode_frame, write_video
+    from episode_data import frame as episode_frame
+    from episode_data import write_video
 
     from tpru_agent.checker import same_frame
 

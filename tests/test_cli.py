@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import synthetic_frames
 from PIL import Image
 
 from tpru_agent.cli.main import cli
-
-from conftest import synthetic_frames
 
 
 @pytest.fixture(scope="module")

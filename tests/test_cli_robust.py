@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import synthetic_frames
+
 from tpru_agent import hub
 from tpru_agent.cli.main import cli
 from tpru_agent.errors import ModelNotFoundError

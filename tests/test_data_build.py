@@ -16,9 +16,9 @@ import pytest
 from episode_data import decode, palette, same_color, write_folders
 
 from tpru_agent.errors import ConfigError
-from tpru_agent.finetune.build import BuildConfig, build
-from tpru_agent.finetune.features import frame_features, thumbs_array
-from tpru_agent.finetune.tpru_format import read_parquet
+from tpru_agent.finetune.data.build import BuildConfig, build
+from tpru_agent.finetune.data.features import frame_features, thumbs_array
+from tpru_agent.finetune.data.tpru_format import read_parquet
 
 TOY_TASKS = ["stack the red block", "slide the blue block", "push the green block"]
 COLORS = palette(24, seed=1)

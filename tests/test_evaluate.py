@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from oracle import PixelOracle, frame
 
 from tpru_agent import TPRU, ConfigError
-from tpru_agent.finetune.eval_data import open_dataset, parse_options, question_from_problem
-from tpru_agent.finetune.eval_report import compare_reports
-from tpru_agent.finetune.evaluate import EvalConfig, run_eval
-from tpru_agent.finetune.stats import calibration, mcnemar, percentile, wilson_interval
-from tpru_agent.finetune.tpru_format import TPRURow, encode_png, write_parquet
+from tpru_agent.finetune.data.tpru_format import TPRURow, encode_png, write_parquet
+from tpru_agent.finetune.eval.dataset import open_dataset, parse_options, question_from_problem
+from tpru_agent.finetune.eval.report import compare_reports
+from tpru_agent.finetune.eval.run import EvalConfig, run_eval
+from tpru_agent.finetune.eval.statistics import calibration, mcnemar, percentile, wilson_interval
 from tpru_agent.tasks import next_frame, ordering, previous
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -343,7 +343,7 @@ def test_engine_classic_alone_runs_and_pixel_budget_is_an_option(dataset, tmp_pa
     assert json.loads(result.output)["accuracy"]["n"] == 2
     missing = CliRunner().invoke(cli, ["eval", "run", "-d", str(dataset)])
     assert missing.exit_code == 2 and "--engine classic" in missing.output
-    from tpru_agent.finetune.evaluate import open_model
+    from tpru_agent.finetune.eval.run import open_model
 
     tpru = open_model(EvalConfig(model="classic", data=str(dataset), engine="classic", max_pixels=12544))
     assert tpru.budget.max_pixels == 12544 and tpru.budget.min_pixels == 12544

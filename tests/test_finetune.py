@@ -24,7 +24,7 @@ pytest.importorskip("peft")
 
 from PIL import Image, ImageDraw  # noqa: E402
 
-from tpru_agent.finetune.config import resolve_config  # noqa: E402
+from tpru_agent.finetune.train.config import resolve_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def bar_frame(step: int, steps: int = 4, hue: int = 0, size: int = 112) -> Image
 
 def write_dataset(root: Path, *, n_train: int = 12, n_test: int = 4, seed: int = 0) -> Path:
     """A TPRU-layout dataset: 4- and 3-frame ordering and 7-image next-frame questions over growing bars."""
-    from tpru_agent.finetune.tpru_format import TPRURow, encode_png, write_parquet
+    from tpru_agent.finetune.data.tpru_format import TPRURow, encode_png, write_parquet
     from tpru_agent.tasks import next_frame, ordering
 
     rng = random.Random(seed)
@@ -130,7 +130,7 @@ def answers(final: Path, frames) -> None:
 @pytest.fixture(scope="module")
 def full_run(tiny_checkpoint, dataset, tmp_path_factory):
     """GRPO, full fine-tuning with the KL term (the paper's beta), 4 steps, a checkpoint every 2."""
-    from tpru_agent.finetune.train import train
+    from tpru_agent.finetune.train.job import train
 
     out = tmp_path_factory.mktemp("full") / "run"
     cfg = tiny_config(tiny_checkpoint, dataset, out, max_steps=4, save_steps=2, beta=0.01)
@@ -171,7 +171,7 @@ def test_every_rollout_batch_passed_the_multimodal_check(full_run, dataset):
     cfg, _ = full_run
     rollouts = records(Path(cfg.output_dir) / "rollouts.jsonl")
     assert [r["step"] for r in rollouts] == [0, 1, 2, 3]
-    from tpru_agent.finetune.tpru_format import read_parquet
+    from tpru_agent.finetune.data.tpru_format import read_parquet
 
     rows = list(read_parquet(dataset / "train"))
     for r in rollouts:
@@ -189,7 +189,7 @@ def test_full_grpo_weights_load_in_the_sdk_and_answer(full_run, frames4):
 
 def test_a_finished_run_is_not_overwritten_without_resume(full_run):
     from tpru_agent.errors import ConfigError
-    from tpru_agent.finetune.train import train
+    from tpru_agent.finetune.train.job import train
 
     cfg, _ = full_run
     with pytest.raises(ConfigError, match="already holds a run"):
@@ -200,9 +200,9 @@ def test_a_finished_run_is_not_overwritten_without_resume(full_run):
 
 def test_batch_guard_stops_right_padded_prompts(tiny_checkpoint, tmp_path):
     """Prompts of different lengths in one rollout with a right-padding processor: caught before training."""
-    from tpru_agent.finetune.data import load_split
-    from tpru_agent.finetune.grpo import BatchCheckError, build_grpo_trainer
-    from tpru_agent.finetune.modeling import load_model, load_processor
+    from tpru_agent.finetune.train.grpo import BatchCheckError, build_grpo_trainer
+    from tpru_agent.finetune.train.inputs import load_split
+    from tpru_agent.finetune.train.modeling import load_model, load_processor
 
     data = write_dataset(tmp_path / "d", n_train=2, n_test=1)   # a 4-frame and a 3-frame ordering question
     cfg = tiny_config(tiny_checkpoint, data, tmp_path / "run", num_generations=2, prompts_per_rollout=2,
@@ -225,7 +225,7 @@ def test_batch_guard_stops_right_padded_prompts(tiny_checkpoint, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- PEFT
 def test_lora_trains_only_the_language_model_and_merges(tiny_checkpoint, dataset, tmp_path, frames4):
-    from tpru_agent.finetune.train import train
+    from tpru_agent.finetune.train.job import train
 
     cfg = tiny_config(tiny_checkpoint, dataset, tmp_path / "run", peft="lora", beta=0.0, max_steps=3)
     result = train(cfg)
@@ -241,7 +241,7 @@ def test_lora_trains_only_the_language_model_and_merges(tiny_checkpoint, dataset
 
 @pytest.mark.slow
 def test_qlora_trains_on_a_4bit_base_and_merges_into_full_weights(tiny_checkpoint, dataset, tmp_path, frames4):
-    from tpru_agent.finetune.train import train
+    from tpru_agent.finetune.train.job import train
 
     cfg = tiny_config(tiny_checkpoint, dataset, tmp_path / "run", peft="qlora", beta=0.0, max_steps=2, eval_samples=0)
     result = train(cfg)
@@ -258,7 +258,7 @@ def test_qlora_trains_on_a_4bit_base_and_merges_into_full_weights(tiny_checkpoin
 
 @pytest.mark.slow
 def test_unmerged_adapter_is_saved_with_processor_and_note(tiny_checkpoint, dataset, tmp_path, frames4):
-    from tpru_agent.finetune.train import train
+    from tpru_agent.finetune.train.job import train
 
     cfg = tiny_config(tiny_checkpoint, dataset, tmp_path / "run", peft="lora", merge=False, beta=0.0, max_steps=1,
                       eval_samples=0)
@@ -273,7 +273,7 @@ def test_unmerged_adapter_is_saved_with_processor_and_note(tiny_checkpoint, data
 # ----------------------------------------------------------------------------------------------- SFT warm-up
 @pytest.mark.slow
 def test_sft_then_grpo_runs_both_stages_and_hands_over_weights(tiny_checkpoint, dataset, tmp_path, frames4):
-    from tpru_agent.finetune.train import train
+    from tpru_agent.finetune.train.job import train
 
     cfg = tiny_config(tiny_checkpoint, dataset, tmp_path / "run", method="sft+grpo", beta=0.0, max_steps=2,
                       sft_max_steps=2, sft_learning_rate=1e-3, eval_samples=0)
@@ -291,7 +291,7 @@ def test_sft_then_grpo_runs_both_stages_and_hands_over_weights(tiny_checkpoint, 
 # ----------------------------------------------------------------------------------------------- faults
 def _launch(config: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "tpru_agent.finetune.train", "--config", str(config), *extra],
+    return subprocess.Popen([sys.executable, "-m", "tpru_agent.finetune.train.job", "--config", str(config), *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -335,9 +335,9 @@ def test_full_fine_tuning_keeps_fp32_master_weights_and_ships_bf16(tiny_checkpoi
 
     import torch
 
-    from tpru_agent.finetune.config import FinetuneConfig
-    from tpru_agent.finetune.grpo import grpo_args
-    from tpru_agent.finetune.modeling import cast_checkpoint, train_dtype
+    from tpru_agent.finetune.train.config import FinetuneConfig
+    from tpru_agent.finetune.train.grpo import grpo_args
+    from tpru_agent.finetune.train.modeling import cast_checkpoint, train_dtype
 
     gpu_like = FinetuneConfig(data="d", bf16=True)
     assert train_dtype(gpu_like) == torch.float32
@@ -363,7 +363,7 @@ def test_full_fine_tuning_keeps_fp32_master_weights_and_ships_bf16(tiny_checkpoi
 # ----------------------------------------------------------------------------------------------- trains what it says
 def test_a_split_smaller_than_one_rollout_is_fitted_and_trains(tiny_checkpoint, tmp_path, caplog):
     """Paper batch sizes (256 prompts per rollout, 128 per update) on 6 rows: fitted with a warning, steps > 0."""
-    from tpru_agent.finetune.train import train
+    from tpru_agent.finetune.train.job import train
 
     data = write_dataset(tmp_path / "d", n_train=6, n_test=1)
     cfg = tiny_config(tiny_checkpoint, data, tmp_path / "run", num_generations=2, per_device_train_batch_size=2,
@@ -379,8 +379,8 @@ def test_a_split_smaller_than_one_rollout_is_fitted_and_trains(tiny_checkpoint, 
 def test_fit_rollout_refuses_with_the_fix_when_no_update_fits():
     """1 row x 5 generations cannot fill micro-batches of 10 completions: a typed error names the setting."""
     from tpru_agent.errors import ConfigError
-    from tpru_agent.finetune.config import FinetuneConfig
-    from tpru_agent.finetune.grpo import fit_rollout
+    from tpru_agent.finetune.train.config import FinetuneConfig
+    from tpru_agent.finetune.train.grpo import fit_rollout
 
     cfg = FinetuneConfig(data="d", per_device_train_batch_size=10)
     assert fit_rollout(cfg, 300) == (cfg, None)                        # a full rollout: unchanged
@@ -393,7 +393,7 @@ def test_fit_rollout_refuses_with_the_fix_when_no_update_fits():
 
 
 def test_max_steps_bounds_the_sft_stage_too(tiny_checkpoint, dataset, tmp_path):
-    from tpru_agent.finetune.train import train
+    from tpru_agent.finetune.train.job import train
 
     cfg = tiny_config(tiny_checkpoint, dataset, tmp_path / "run", method="sft", max_steps=1, sft_batch_size=2,
                       eval_samples=0)
@@ -407,7 +407,7 @@ def test_pickle_weights_are_refused_even_beside_other_safetensors(tiny_checkpoin
     from safetensors.torch import load_file, save_file
 
     from tpru_agent.errors import ModelNotFoundError
-    from tpru_agent.finetune.train import train
+    from tpru_agent.finetune.train.job import train
 
     folder = tmp_path / "mixed"
     shutil.copytree(tiny_checkpoint, folder)
@@ -421,8 +421,8 @@ def test_pickle_weights_are_refused_even_beside_other_safetensors(tiny_checkpoin
 
 def test_overlong_prompts_are_left_out_and_counted(tiny_checkpoint, dataset):
     """Token counts include the image tokens; the 7-image prompts are the longest and go first."""
-    from tpru_agent.finetune.data import load_split, prompt_lengths
-    from tpru_agent.finetune.modeling import load_processor
+    from tpru_agent.finetune.train.inputs import load_split, prompt_lengths
+    from tpru_agent.finetune.train.modeling import load_processor
     from tpru_agent.frames import PixelBudget
 
     cfg = tiny_config(tiny_checkpoint, dataset, dataset.parent / "unused")
@@ -444,9 +444,9 @@ def test_overlong_prompts_are_left_out_and_counted(tiny_checkpoint, dataset):
 
 def test_generation_is_chunked_and_splits_multimodal_fields_per_row(tiny_checkpoint, tmp_path):
     """A rollout of 4 prompts x 2 generations, generated 2 completions per call: every batch check still passes."""
-    from tpru_agent.finetune.data import load_split
-    from tpru_agent.finetune.grpo import build_grpo_trainer
-    from tpru_agent.finetune.modeling import load_model, load_processor
+    from tpru_agent.finetune.train.grpo import build_grpo_trainer
+    from tpru_agent.finetune.train.inputs import load_split
+    from tpru_agent.finetune.train.modeling import load_model, load_processor
 
     data = write_dataset(tmp_path / "d", n_train=4, n_test=1)
     cfg = tiny_config(tiny_checkpoint, data, tmp_path / "run", num_generations=2, prompts_per_rollout=4,
@@ -481,9 +481,9 @@ def test_rows_are_decoded_once_per_rollout_not_once_per_fetch(tiny_checkpoint, t
     import transformers
     from trl import GRPOTrainer
 
-    from tpru_agent.finetune.data import load_split
-    from tpru_agent.finetune.grpo import TPRUGRPOTrainer, build_grpo_trainer
-    from tpru_agent.finetune.modeling import load_model, load_processor
+    from tpru_agent.finetune.train.grpo import TPRUGRPOTrainer, build_grpo_trainer
+    from tpru_agent.finetune.train.inputs import load_split
+    from tpru_agent.finetune.train.modeling import load_model, load_processor
 
     data = write_dataset(tmp_path / "d", n_train=4, n_test=1)
     cfg = tiny_config(tiny_checkpoint, data, tmp_path / "run", num_generations=2, prompts_per_rollout=4,
@@ -526,7 +526,7 @@ def test_resume_equals_the_uninterrupted_run(tiny_checkpoint, dataset, tmp_path,
     equal the uninterrupted run's. Before, the checkpoint's weights were silently not loaded (key layout)."""
     import shutil
 
-    from tpru_agent.finetune.train import train
+    from tpru_agent.finetune.train.job import train
 
     def run(out):
         return tiny_config(tiny_checkpoint, dataset, out, method=method, max_steps=4, save_steps=2, beta=0.01,
@@ -554,7 +554,7 @@ def test_resume_equals_the_uninterrupted_run(tiny_checkpoint, dataset, tmp_path,
 
 
 def test_resume_refuses_a_checkpoint_of_another_model():
-    from tpru_agent.finetune.resume import ResumeError, match_keys
+    from tpru_agent.finetune.train.resume import ResumeError, match_keys
 
     with pytest.raises(ResumeError, match="matches 0 parameters"):
         match_keys(["model.layers.0.other.weight"], ["model.language_model.layers.0.mlp.weight"])

@@ -10,8 +10,15 @@ import pytest
 import yaml
 
 from tpru_agent.errors import ConfigError
-from tpru_agent.finetune.config import (MODEL_SHAPES, PRESET_BUDGET_GIB, PRESETS, FinetuneConfig, estimate_for,
-                                        estimate_memory_gib, resolve_config)
+from tpru_agent.finetune.train.config import (
+    MODEL_SHAPES,
+    PRESET_BUDGET_GIB,
+    PRESETS,
+    FinetuneConfig,
+    estimate_for,
+    estimate_memory_gib,
+    resolve_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,7 +169,7 @@ def test_estimate_orders_the_methods_sensibly():
 def test_launch_command_is_what_accelerate_parses(overrides, processes, config_name):
     from accelerate.commands.launch import launch_command_parser
 
-    from tpru_agent.finetune.launch import launch_command
+    from tpru_agent.finetune.train.launch import launch_command
 
     cfg = resolve_config(overrides={"data": "d", **overrides})
     cmd = launch_command(cfg, "run/config.yaml", resume=True, python="python3")
@@ -171,7 +178,7 @@ def test_launch_command_is_what_accelerate_parses(overrides, processes, config_n
     assert args.num_processes == processes
     assert args.num_machines == cfg.num_nodes and args.machine_rank == cfg.node_rank
     assert Path(args.config_file).name == config_name and Path(args.config_file).is_file()
-    assert args.module and args.training_script == "tpru_agent.finetune.train"
+    assert args.module and args.training_script == "tpru_agent.finetune.train.job"
     assert args.training_script_args == ["--config", "run/config.yaml", "--resume"]
     assert (args.main_process_ip == "10.0.0.1") == (cfg.num_nodes > 1)
 
@@ -181,7 +188,7 @@ def test_launch_command_is_what_accelerate_parses(overrides, processes, config_n
 def test_shipped_accelerate_configs_load_in_accelerate(name, kind, stage):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from tpru_agent.finetune.launch import accelerate_config
+    from tpru_agent.finetune.train.launch import accelerate_config
 
     path = accelerate_config(FinetuneConfig(data="d", deepspeed=None if name == "ddp" else name))
     assert path.name == f"{name}.yaml"
@@ -191,14 +198,14 @@ def test_shipped_accelerate_configs_load_in_accelerate(name, kind, stage):
 
 
 def test_training_entry_point_parses_its_own_arguments():
-    from tpru_agent.finetune.train import main
+    from tpru_agent.finetune.train.job import main
 
     with pytest.raises(SystemExit):  # argparse: --config is required
         main([])
 
 
 def test_needs_launch_only_for_several_processes_outside_a_launched_one(monkeypatch):
-    from tpru_agent.finetune.launch import check_launchable, needs_launch
+    from tpru_agent.finetune.train.launch import check_launchable, needs_launch
 
     for key in ("LOCAL_RANK", "ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
@@ -261,7 +268,7 @@ def test_cli_offline_base_fails_with_the_sdk_message(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- data
 def test_to_messages_interleaves_text_and_image_placeholders_in_order():
-    from tpru_agent.finetune.data import to_messages
+    from tpru_agent.finetune.train.inputs import to_messages
     from tpru_agent.tasks import ordering
 
     problem = ordering.build(4).problem
@@ -277,15 +284,16 @@ def test_to_messages_interleaves_text_and_image_placeholders_in_order():
 
 
 def _write_rows(path, rows):
-    from tpru_agent.finetune.tpru_format import TPRURow, encode_png, write_parquet
     from PIL import Image
+
+    from tpru_agent.finetune.data.tpru_format import TPRURow, encode_png, write_parquet
 
     write_parquet([TPRURow(p, tuple(encode_png(Image.new("RGB", s, (i * 40, 0, 0))) for i, s in enumerate(sizes)),
                            a, task="ordering", episode_id=f"e{k}") for k, (p, sizes, a) in enumerate(rows)], path)
 
 
 def test_load_split_gives_trl_examples_at_the_pixel_budget(tmp_path):
-    from tpru_agent.finetune.data import load_split, manifest
+    from tpru_agent.finetune.train.inputs import load_split, manifest
     from tpru_agent.tasks import ordering
 
     q4, q3 = ordering.build(4), ordering.build(3)
@@ -306,7 +314,7 @@ def test_load_split_gives_trl_examples_at_the_pixel_budget(tmp_path):
 
 
 def test_sft_targets_state_the_answer_in_the_trained_format():
-    from tpru_agent.finetune.sft import sft_target
+    from tpru_agent.finetune.train.sft import sft_target
     from tpru_agent.tasks import format_score, tpru_reward
 
     for answer, task, negative in [("CABD", "ordering", False), ("B", "next", False), ("E", "previous", True),
@@ -347,7 +355,7 @@ def _batch(pad_left=True, tokens=(4, 2), images=(2, 1), grid_rows=None, mm_shift
     ({"mm_shift": True}, "mm_token_type_ids do not mark the image tokens"),
 ])
 def test_batch_check_table(kwargs, message):
-    from tpru_agent.finetune.grpo import BatchCheckError, check_multimodal_batch
+    from tpru_agent.finetune.train.grpo import BatchCheckError, check_multimodal_batch
 
     batch = _batch(**kwargs)
     if message is None:
@@ -361,7 +369,7 @@ def test_batch_check_table(kwargs, message):
 
 # ----------------------------------------------------------------------------------------------- run folder
 def test_model_card_and_curves(tmp_path):
-    from tpru_agent.finetune.run import append_jsonl, model_card, plot_curves, read_jsonl, truncate_jsonl
+    from tpru_agent.finetune.train.callbacks import append_jsonl, model_card, plot_curves, read_jsonl, truncate_jsonl
 
     metrics = tmp_path / "metrics.jsonl"
     for step in (1, 2, 3):
@@ -404,7 +412,7 @@ def test_dry_run_memory_estimate_follows_the_model_folder(tiny_checkpoint):
     assert payload["memory_model"].startswith("tiny (") and "from its config.json" in payload["memory_model"]
     three_b = estimate_for(resolve_config(overrides={"data": "d"}), "3b")
     assert payload["memory_gib_per_gpu"]["weights"] < 0.01 < three_b["weights"]
-    from tpru_agent.finetune.memory import model_shape
+    from tpru_agent.finetune.train.memory import model_shape
 
     shape = model_shape(tiny_checkpoint)
     from safetensors.torch import load_file
@@ -415,7 +423,7 @@ def test_dry_run_memory_estimate_follows_the_model_folder(tiny_checkpoint):
 
 # ----------------------------------------------------------------------------------------------- paper GRPO
 def test_paper_preset_clips_as_the_authors_and_passes_grpo_fields_through(tmp_path):
-    from tpru_agent.finetune.grpo import grpo_args
+    from tpru_agent.finetune.train.grpo import grpo_args
 
     cfg = resolve_config(overrides={"data": "d", "device": "cpu"})
     args = grpo_args(cfg, tmp_path)
@@ -442,8 +450,8 @@ def test_grpo_pass_through_errors_name_the_fix(overrides, message):
 
 
 def test_every_difference_from_the_authors_is_recorded_in_the_example_and_the_card():
-    from tpru_agent.finetune.recipe import DIFFERENCES
-    from tpru_agent.finetune.run import model_card
+    from tpru_agent.finetune.train.authors_diff import DIFFERENCES
+    from tpru_agent.finetune.train.callbacks import model_card
 
     example = (REPO / "examples" / "tpru-3b.yaml").read_text()
     card = model_card(resolve_config(overrides={"data": "d"}).to_dict(), base="b", base_path="p", data={},

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import base64
 import io
 import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -249,7 +248,7 @@ def test_is_video(value, expected):
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, tpru_agent.frames, tpru_agent.sheet; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, tpru_agent.frames, tpru_agent.cli.sheet; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -12,9 +12,9 @@ import random
 
 import numpy as np
 import pytest
+from oracle import PixelOracle, frame
 
 from tpru_agent import TPRU, ConfigError, FrameError, ParseError
-from oracle import PixelOracle, frame
 
 
 @pytest.mark.parametrize("mode", ["fast", "reason"])

@@ -173,7 +173,7 @@ def models_dir(tiny_checkpoint, tmp_path_factory) -> Path:
     pytest.importorskip("torch")
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from tpru_agent.export import export_onnx
+    from tpru_agent.onnx.export import export_onnx
 
     root = tmp_path_factory.mktemp("models")
     folder = root / "tpru-nano"

@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("yaml", reason="the recipe reads YAML (extra finetune)")
 
-from tpru_agent.finetune.config import resolve_config  # noqa: E402
-from tpru_agent.finetune.recipes import nano  # noqa: E402
-from tpru_agent.finetune.recipes.nano_ship import beats_classic, card  # noqa: E402
+from tpru_agent.finetune.train.config import resolve_config  # noqa: E402
+from tpru_agent.finetune.train.recipes import nano  # noqa: E402
+from tpru_agent.finetune.train.recipes.nano_ship import beats_classic, card  # noqa: E402
 
 
 def test_recipe_stages_are_valid_finetune_configs(tmp_path):

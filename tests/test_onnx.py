@@ -15,11 +15,12 @@ pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 
 from conftest import ONNX_FRAME, synthetic_frames  # noqa: E402
+
 from tpru_agent.engines.base import GenerationOptions, Request  # noqa: E402
 from tpru_agent.engines.chat import common_prefix, expand_image_pads, render_chat, rope_index  # noqa: E402
 from tpru_agent.errors import ConfigError, ModelNotFoundError  # noqa: E402
-from tpru_agent.export import parse_frame_size, read_manifest  # noqa: E402
 from tpru_agent.hub import ONNX_MANIFEST, resolve  # noqa: E402
+from tpru_agent.onnx.export import parse_frame_size, read_manifest  # noqa: E402
 from tpru_agent.tasks import continuation, ordering, render_prompt  # noqa: E402
 
 FRAME = ONNX_FRAME  # the size of conftest's synthetic frames: hf and onnx then see the same pixels (onnx_dir: conftest)
@@ -41,7 +42,7 @@ def fast_answer(engine, request: Request) -> tuple[str, list[float]]:
 
 @pytest.fixture(scope="module")
 def int8_dir(onnx_dir, tmp_path_factory):
-    from tpru_agent.export import quantize_onnx
+    from tpru_agent.onnx.export import quantize_onnx
 
     return quantize_onnx(onnx_dir, tmp_path_factory.mktemp("onnx") / "int8")
 
@@ -234,7 +235,7 @@ def test_facade_picks_onnx_for_an_export_folder(onnx_dir, tiny_checkpoint):
 
 def test_bad_export_folders_raise_typed_errors(tmp_path, onnx_dir, tiny_checkpoint):
     from tpru_agent.engines.onnx import ONNXEngine
-    from tpru_agent.export import export_onnx
+    from tpru_agent.onnx.export import export_onnx
 
     with pytest.raises(ModelNotFoundError, match="tpru export"):
         ONNXEngine(tiny_checkpoint)  # a transformers folder, not an export
@@ -299,7 +300,7 @@ def test_save_graph_gathers_spilled_weights_into_one_file(tmp_path, onnx_dir):
     """Graphs over 2 GB come out of the exporter with one file per weight; they are gathered into <graph>.data."""
     import onnx
 
-    from tpru_agent.export import _save_graph
+    from tpru_agent.onnx.export import _save_graph
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -334,7 +335,7 @@ def test_engine_runs_without_torch(onnx_dir):
 
 def test_export_never_overwrites_the_source_or_foreign_files(tiny_checkpoint, tmp_path):
     from tpru_agent.errors import ConfigError
-    from tpru_agent.export import export_onnx
+    from tpru_agent.onnx.export import export_onnx
 
     with pytest.raises(ConfigError, match="source model"):
         export_onnx(tiny_checkpoint, tiny_checkpoint, overwrite=True)

@@ -38,8 +38,8 @@ def test_every_package_folder_is_listed():
 
 def test_package_data_covers_the_accelerate_configs():
     data = _setuptools()["package-data"]
-    configs = sorted((ROOT / "finetune" / "accelerate_configs").glob("*.yaml"))
-    assert configs and "accelerate_configs/*.yaml" in data["tpru_agent.finetune"]
+    configs = sorted((ROOT / "finetune" / "train" / "accelerate_configs").glob("*.yaml"))
+    assert configs and "accelerate_configs/*.yaml" in data["tpru_agent.finetune.train"]
 
 
 @pytest.mark.slow
@@ -49,5 +49,6 @@ def test_the_built_wheel_holds_the_packages_and_configs(tmp_path):
     wheel = next(tmp_path.glob("tpru_agent-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("tpru_agent/cli/main.py", "tpru_agent/serve/app.py", "tpru_agent/video.py",
-                   "tpru_agent/finetune/accelerate_configs/zero3.yaml", "tpru_agent/py.typed"):
+                   "tpru_agent/onnx/export.py", "tpru_agent/finetune/eval/run.py",
+                   "tpru_agent/finetune/train/accelerate_configs/zero3.yaml", "tpru_agent/py.typed"):
         assert needed in names, needed

@@ -8,8 +8,8 @@ import threading
 
 import numpy as np
 import pytest
-
 from conftest import synthetic_frames
+
 from tpru_agent.engines.base import GenerationOptions, Request
 from tpru_agent.engines.prefix_cache import match_length
 from tpru_agent.errors import ConfigError

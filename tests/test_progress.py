@@ -8,12 +8,13 @@ import random
 
 import numpy as np
 import pytest
-
 from episode_data import frame as episode_frame
-from oracle import PixelOracle, frame as oracle_frame
+from oracle import PixelOracle
+from oracle import frame as oracle_frame
+
 from tpru_agent import TPRU, ConfigError, FrameError
 from tpru_agent import progress as P
-from tpru_agent.aggregate import covering_windows
+from tpru_agent.ordering import covering_windows
 
 
 # ----------------------------------------------------------------------------------------------- pure tables

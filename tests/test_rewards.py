@@ -7,8 +7,8 @@ import json
 import pytest
 
 from tpru_agent.errors import ConfigError
-from tpru_agent.finetune import rewards
-from tpru_agent.finetune.rewards import completion_text, pairwise_agreement, partial_reward, resolve_rewards
+from tpru_agent.finetune.train import rewards
+from tpru_agent.finetune.train.rewards import completion_text, pairwise_agreement, partial_reward, resolve_rewards
 
 
 def _chat(text: str) -> list[dict]:
@@ -132,14 +132,14 @@ def test_rewards_reject_mismatched_lengths():
 
 def test_resolve_rewards_by_name_and_import_path():
     assert resolve_rewards(["tpru", "tpru_partial"]) == [rewards.tpru, rewards.tpru_partial]
-    assert resolve_rewards(["tpru_agent.finetune.rewards:label_density"]) == [rewards.label_density]
+    assert resolve_rewards(["tpru_agent.finetune.train.rewards:label_density"]) == [rewards.label_density]
 
 
 @pytest.mark.parametrize("names, message", [
     (["tpru_parital"], "Did you mean 'tpru_partial'"),
     (["nosuchmodule.xyz:f"], "cannot be loaded"),
-    (["tpru_agent.finetune.rewards:nothing"], "cannot be loaded"),
-    (["tpru_agent.finetune.rewards:REWARDS"], "not callable"),
+    (["tpru_agent.finetune.train.rewards:nothing"], "cannot be loaded"),
+    (["tpru_agent.finetune.train.rewards:REWARDS"], "not callable"),
     ([], "at least one reward"),
 ])
 def test_resolve_rewards_errors_name_the_fix(names, message):

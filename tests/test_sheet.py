@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tpru_agent.cli.sheet import contact_sheet, default_columns, save_image
 from tpru_agent.errors import ConfigError, FrameError
-from tpru_agent.sheet import contact_sheet, default_columns, save_image
 
 
 def _frames(count: int, size=(160, 120)):

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from tpru_agent.errors import ConfigError
-from tpru_agent.tasks import next_frame, ordering, previous, render_prompt
 from tpru_agent.frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS
+from tpru_agent.tasks import next_frame, ordering, previous, render_prompt
 from tpru_agent.testing import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="the tiny checkpoint needs the [hf] extra")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,8 +9,8 @@ import pytest
 from PIL import Image
 
 from tpru_agent.errors import ConfigError, FrameError
-from tpru_agent.finetune.features import budget_size, fit_budget
-from tpru_agent.finetune.tpru_format import (
+from tpru_agent.finetune.data.features import budget_size, fit_budget
+from tpru_agent.finetune.data.tpru_format import (
     TPRURow,
     content_hash,
     encode_png,

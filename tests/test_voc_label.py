@@ -7,13 +7,14 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from episode_data import palette, write_folders, write_lerobot
-from oracle import PixelOracle, frame as oracle_frame
+from oracle import PixelOracle
+from oracle import frame as oracle_frame
+
 from tpru_agent import TPRU, ConfigError
 from tpru_agent.cli.main import cli
-from tpru_agent.finetune.label import LabelConfig, run_label
-from tpru_agent.finetune.voc import VocConfig, mean_interval, run_voc, sample_indices, shuffle
+from tpru_agent.finetune.eval.label import LabelConfig, run_label
+from tpru_agent.finetune.eval.voc import VocConfig, mean_interval, run_voc, sample_indices, shuffle
 
 pq = pytest.importorskip("pyarrow.parquet")
 

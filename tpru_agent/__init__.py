@@ -7,7 +7,7 @@ Example:
     (1, 2, 0, 3)
 """
 
-from .errors import (
+from tpru_agent.errors import (
     ConfigError,
     EngineClosedError,
     EngineUnavailableError,
@@ -16,7 +16,7 @@ from .errors import (
     ParseError,
     TPRUError,
 )
-from .results import CheckEvent, ChoiceResult, OrderResult, ProgressResult, Status, StepVerdict
+from tpru_agent.results import CheckEvent, ChoiceResult, OrderResult, ProgressResult, Status, StepVerdict
 
 __version__ = "0.1.0"
 
@@ -26,8 +26,8 @@ def __dir__():  # pragma: no cover - cosmetic
 
 
 # The facade and the checker are imported eagerly: neither imports torch at import time.
-from .model import TPRU  # noqa: E402
-from .checker import ProcedureChecker  # noqa: E402
+from tpru_agent.checker import ProcedureChecker  # noqa: E402
+from tpru_agent.model import TPRU  # noqa: E402
 
 __all__ = [
     "TPRU", "ProcedureChecker", "OrderResult", "ChoiceResult", "StepVerdict", "ProgressResult", "CheckEvent", "Status",

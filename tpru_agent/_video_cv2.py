@@ -8,7 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from .video import REENCODE, pick_indices
+from tpru_agent.video import REENCODE, pick_indices
 
 log = logging.getLogger(__name__)
 

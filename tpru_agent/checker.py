@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, ParseError
-from .frames import load_frame, load_frames
-from .results import CheckEvent, Status
+from tpru_agent.errors import ConfigError, ParseError
+from tpru_agent.frames import load_frame, load_frames
+from tpru_agent.results import CheckEvent, Status
 
 #: Mean absolute difference (0..255, on a 32x32 grey thumbnail) under which two frames count as the same. Real
 #: motion measured 0.3-3.8 between frames 4-8 simulator steps apart (Meta-World, 224 px); identical renders give 0.

@@ -28,9 +28,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import ConfigError, FrameError
-from .images import decode, decode_bytes, describe, fingerprint, frame_error, is_inline, to_rgb
-from .video import read_labelled, video_labels
+from tpru_agent.errors import ConfigError, FrameError
+from tpru_agent.images import decode, decode_bytes, describe, fingerprint, frame_error, is_inline, to_rgb
+from tpru_agent.video import read_labelled, video_labels
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EngineUnavailableError, ModelNotFoundError, close_matches, require
+from tpru_agent.errors import EngineUnavailableError, ModelNotFoundError, close_matches, require
 
 ALIASES: dict[str, str] = {
     "tpru-3b": "Stephengzk/TPRU-3B",

@@ -19,8 +19,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import FrameError
-
+from tpru_agent.errors import FrameError
 
 
 #: Formats decoded at all. Pillow would otherwise try every plugin, EPS included, which runs Ghostscript on

@@ -13,16 +13,16 @@ import time
 from functools import partial
 from typing import Any, Sequence
 
-from . import aggregate
-from .engines.base import Engine, GenerationOptions, Request, as_engine
-from .errors import ConfigError, ParseError
-from .frames import TPRU_BUDGET, PixelBudget, load_frame, load_frames
-from .hub import DEFAULT_MODEL, resolve
-from .progress import estimate as estimate_progress
-from .results import ChoiceResult, OrderResult, ProgressResult, StepVerdict
-from .tasks import continuation, next_frame, ordering, parse_response, previous, render_prompt
-from .tasks.answer import Answer, softmax
-from .tasks.question import MAX_CANDIDATES, MAX_ORDER_LABELS, Question
+from tpru_agent import ordering as aggregate
+from tpru_agent.engines.base import Engine, GenerationOptions, Request, as_engine
+from tpru_agent.errors import ConfigError, ParseError
+from tpru_agent.frames import TPRU_BUDGET, PixelBudget, load_frame, load_frames
+from tpru_agent.hub import DEFAULT_MODEL, resolve
+from tpru_agent.progress import estimate as estimate_progress
+from tpru_agent.results import ChoiceResult, OrderResult, ProgressResult, StepVerdict
+from tpru_agent.tasks import continuation, next_frame, ordering, parse_response, previous, render_prompt
+from tpru_agent.tasks.answer import Answer, softmax
+from tpru_agent.tasks.question import MAX_CANDIDATES, MAX_ORDER_LABELS, Question
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class TPRU:
         self.load_s = time.perf_counter() - started
 
     def _create(self, engine: str, **kwargs: Any) -> Engine:
-        from .engines import create_engine
+        from tpru_agent.engines import create_engine
 
         kind, target = engine, self.model_name
         if engine in ("auto", "hf", "onnx"):
@@ -136,7 +136,7 @@ class TPRU:
 
     def _classic(self):
         """The classic engine when it runs this model (it has no chain of thought and no sense of direction)."""
-        from .engines.classic import ClassicEngine
+        from tpru_agent.engines.classic import ClassicEngine
 
         return self.engine if isinstance(self.engine, ClassicEngine) else None
 
@@ -205,7 +205,7 @@ class TPRU:
         """Put frames in temporal order.
 
         Up to 4 frames are one TPRU question. 5..64 frames are ordered through 4-frame covering windows whose
-        pairwise preferences are aggregated (see :mod:`tpru_agent.aggregate`); the confidence is then the geometric
+        pairwise preferences are aggregated (see :mod:`tpru_agent.ordering`); the confidence is then the geometric
         mean, over windows, of the window's probability of the final order restricted to it. The classic engine
         orders more than 4 frames by its own shortest path instead (:meth:`ClassicEngine.order`).
 
@@ -375,7 +375,7 @@ class TPRU:
                 started: float | None = None) -> StepVerdict:
         """``verify_step`` on frames already loaded at this model's budget (the checker's path: each frame is
         loaded once per call)."""
-        from .checker import same_frame
+        from tpru_agent.checker import same_frame
 
         started = time.perf_counter() if started is None else started
         mode = self._mode(mode)
@@ -424,7 +424,7 @@ class TPRU:
         """
         if format != "onnx":
             raise ConfigError(f"export format must be 'onnx', got {format!r}")
-        from .export import export_onnx
+        from tpru_agent.onnx.export import export_onnx
 
         return export_onnx(self.model_name, out, int8=int8, frame_size=frame_size, overwrite=overwrite)
 

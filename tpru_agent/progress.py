@@ -8,7 +8,7 @@ every value here comes from answer probabilities, never from one hard order:
 
 - ``"rank"`` (default when the model has a sense of direction): the frames are asked about in TPRU's 4-frame
   ordering questions over covering windows (every pair of frames shares a window: 20 fast-mode passes for 16
-  frames, see :mod:`tpru_agent.aggregate`); each window's distribution over its 24 orders gives ``P(i before j)``
+  frames, see :mod:`tpru_agent.ordering`); each window's distribution over its 24 orders gives ``P(i before j)``
   for its pairs; a frame's progress is its **expected rank**, ``mean_j P(j before i)``, which is the share of the
   other frames that come before it. With evenly sampled frames that is the fraction of the episode done.
 - ``"seriation"``: direction-free. The expected distance in order of each pair (``E|pos(i) - pos(j)|`` within the
@@ -46,11 +46,11 @@ from typing import Sequence
 
 import numpy as np
 
-from . import aggregate
-from .errors import ConfigError, ParseError
-from .results import ProgressResult
-from .tasks import ordering
-from .tasks.question import MAX_ORDER_LABELS
+from tpru_agent import ordering as aggregate
+from tpru_agent.errors import ConfigError, ParseError
+from tpru_agent.results import ProgressResult
+from tpru_agent.tasks import ordering
+from tpru_agent.tasks.question import MAX_ORDER_LABELS
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import ConfigError, require
-from .frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS
-from .fsutil import replace_dir
+from tpru_agent.errors import ConfigError, require
+from tpru_agent.frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS
+from tpru_agent.fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ SIZES: dict[str, dict] = {
                   num_key_value_heads=2, mrope_section=[4, 6, 6]),
         vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[1]),
     ),
-    # tpru-nano's shape (finetune/recipes/nano.yaml): ~5.8M parameters, trainable on one CPU core
+    # tpru-nano's shape (finetune/train/recipes/nano.yaml): ~5.8M parameters, trainable on one CPU core
     "nano": dict(
         text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, mrope_section=[8, 12, 12]),
@@ -98,7 +98,7 @@ _SENTENCES = (
 
 def _corpus(seed: int) -> list[str]:
     """Text the tokenizer is trained on: rendered TPRU prompts, answers, reasoning-like sentences, chat words."""
-    from .tasks import next_frame, ordering, previous, render_prompt
+    from tpru_agent.tasks import next_frame, ordering, previous, render_prompt
 
     rng = random.Random(seed)
     perms = ["".join(p) for p in itertools.permutations("ABCD")]
@@ -352,8 +352,8 @@ def sample_requests(frames: list) -> list:
 
     A fixed question set for engine parity tests and benchmarks; needs at least 4 frames.
     """
-    from .engines.base import Request
-    from .tasks import next_frame, ordering, previous, render_prompt
+    from tpru_agent.engines.base import Request
+    from tpru_agent.tasks import next_frame, ordering, previous, render_prompt
 
     f4 = frames[:4]
     f7 = f4 + [f.transpose(0) for f in frames[:3]]  # mirrored copies: 7 distinct frames

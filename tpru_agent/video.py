@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import FrameError
+from tpru_agent.errors import FrameError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def read_labelled(path, *, video_frames: int = 4, timestamps: Sequence[float] | 
         except _Unreadable as exc:
             why = f"PyAV: {exc}"
             log.debug("%s: %s; trying OpenCV", path, why)
-    from . import _video_cv2
+    from tpru_agent import _video_cv2
 
     wanted, fps, images = _video_cv2.read(path, video_frames, timestamps, _with_reason(make_error, why))
     return _labels(path, wanted, fps), images
@@ -89,7 +89,7 @@ def video_labels(path, *, video_frames: int = 4, timestamps: Sequence[float] | N
         except _Unreadable as exc:
             why = f"PyAV: {exc}"
     if count is None:
-        from . import _video_cv2
+        from tpru_agent import _video_cv2
 
         count, fps = _video_cv2.probe(path, _with_reason(make_error, why))
     return _labels(path, pick_indices(count, fps, video_frames, timestamps, make_error), fps)

@@ -16,10 +16,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tpru_agent.errors import ConfigError, FrameError
-
-from ..features import fit_budget
-from .base import Episode
-from .common import SkipFn, check_count, even_indices, natural_key, read_meta, skip, text_name
+from tpru_agent.finetune.data.features import fit_budget
+from tpru_agent.finetune.sources.base import Episode
+from tpru_agent.finetune.sources.common import (
+    SkipFn,
+    check_count,
+    even_indices,
+    natural_key,
+    read_meta,
+    skip,
+    text_name,
+)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 META_FILE = "meta.json"

@@ -21,10 +21,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tpru_agent.errors import ConfigError, FrameError, close_matches, require
-
-from ..features import fit_budget
-from .base import Episode
-from .common import SkipFn, check_count, even_indices, skip
+from tpru_agent.finetune.data.features import fit_budget
+from tpru_agent.finetune.sources.base import Episode
+from tpru_agent.finetune.sources.common import SkipFn, check_count, even_indices, skip
 
 
 class LeRobotLayout:

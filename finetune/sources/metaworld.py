@@ -41,8 +41,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ...errors import ConfigError, close_matches, require
-from .base import Episode
+from tpru_agent.errors import ConfigError, close_matches, require
+from tpru_agent.finetune.sources.base import Episode
 
 log = logging.getLogger(__name__)
 

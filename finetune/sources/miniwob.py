@@ -43,8 +43,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ...errors import ConfigError, EngineUnavailableError, close_matches, require
-from .base import Episode
+from tpru_agent.errors import ConfigError, EngineUnavailableError, close_matches, require
+from tpru_agent.finetune.sources.base import Episode
 
 log = logging.getLogger(__name__)
 

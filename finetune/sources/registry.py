@@ -28,9 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tpru_agent.errors import ConfigError, close_matches
-
-from .base import Episode
-from .common import SkipFn
+from tpru_agent.finetune.sources.base import Episode
+from tpru_agent.finetune.sources.common import SkipFn
 
 #: kind -> (module, function, the key a bare first item stands for, the keys the spec accepts).
 KINDS: dict[str, tuple[str, str, str | None, tuple[str, ...]]] = {
@@ -180,7 +179,7 @@ def plan_units(spec: SourceSpec, source: int, *, seed: int = 0) -> list[Unit]:
     """
     args = dict(spec.args)
     if spec.kind == "frames":
-        from .folders import list_episodes
+        from tpru_agent.finetune.sources.folders import list_episodes
 
         names = list_episodes(args["path"])
         if names == ["."]:
@@ -193,13 +192,13 @@ def plan_units(spec: SourceSpec, source: int, *, seed: int = 0) -> list[Unit]:
         return [Unit(source, i, "frames", {"root": root, "episodes": chunk, **args})
                 for i, chunk in enumerate(_chunks(names, PER_UNIT["frames"]))]
     if spec.kind == "video":
-        from .video import list_videos
+        from tpru_agent.finetune.sources.video import list_videos
 
         videos = [str(v) for v in list_videos(args.pop("path"))]
         return [Unit(source, i, "video", {"paths": chunk, **args})
                 for i, chunk in enumerate(_chunks(videos, PER_UNIT["video"]))]
     if spec.kind == "lerobot":
-        from .lerobot import LeRobotLayout
+        from tpru_agent.finetune.sources.lerobot import LeRobotLayout
 
         layout = LeRobotLayout(args["path"])
         layout.camera(args.get("camera"))
@@ -229,15 +228,15 @@ def plan_units(spec: SourceSpec, source: int, *, seed: int = 0) -> list[Unit]:
 def run_unit(unit: Unit, on_skip: SkipFn | None = None) -> Iterator[Episode]:
     """The episodes of one unit, in order (each drop reported to ``on_skip``)."""
     if unit.kind == "frames":
-        from .folders import folder_episodes
+        from tpru_agent.finetune.sources.folders import folder_episodes
 
         return folder_episodes(**unit.kwargs, on_skip=on_skip)
     if unit.kind == "video":
-        from .video import video_episodes
+        from tpru_agent.finetune.sources.video import video_episodes
 
         return video_episodes(**unit.kwargs, on_skip=on_skip)
     if unit.kind == "lerobot":
-        from .lerobot import lerobot_episodes
+        from tpru_agent.finetune.sources.lerobot import lerobot_episodes
 
         return lerobot_episodes(**unit.kwargs, on_skip=on_skip)
     _, func = _function(unit.kind)

@@ -18,10 +18,23 @@ from pathlib import Path
 import numpy as np
 
 from tpru_agent.errors import ConfigError, FrameError
-
-from ..features import NEAR_DUP_MAX_DIFF, dedup_consecutive, fit_budget, frame_features, thumbs_array
-from .base import Episode
-from .common import SkipFn, check_count, even_indices, natural_key, read_meta, skip, text_name
+from tpru_agent.finetune.data.features import (
+    NEAR_DUP_MAX_DIFF,
+    dedup_consecutive,
+    fit_budget,
+    frame_features,
+    thumbs_array,
+)
+from tpru_agent.finetune.sources.base import Episode
+from tpru_agent.finetune.sources.common import (
+    SkipFn,
+    check_count,
+    even_indices,
+    natural_key,
+    read_meta,
+    skip,
+    text_name,
+)
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
 MODES = ("even", "scenes")

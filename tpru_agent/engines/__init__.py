@@ -11,8 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ..errors import ConfigError, close_matches
-from .base import Engine, GenerationOptions, Request
+from tpru_agent.engines.base import Engine, GenerationOptions, Request
+from tpru_agent.errors import ConfigError, close_matches
 
 #: Engine kind -> ``"module:Class"``; the module is imported on first use (torch only loads with ``hf``/``onnx``).
 ENGINES: dict[str, str] = {

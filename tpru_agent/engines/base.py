@@ -18,8 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from ..errors import ConfigError, EngineClosedError
-from ..tasks.question import Question
+from tpru_agent.errors import ConfigError, EngineClosedError
+from tpru_agent.tasks.question import Question
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, ModelNotFoundError
-from ..tasks.question import split_images
-from .base import common_prefix  # noqa: F401  (re-exported: engines and tests read it from here)
+from tpru_agent.engines.base import common_prefix  # noqa: F401  (re-exported: engines and tests read it from here)
+from tpru_agent.errors import ConfigError, ModelNotFoundError
+from tpru_agent.tasks.question import split_images
 
 IMAGE_PAD = "<|image_pad|>"
 

@@ -16,7 +16,7 @@ lie along a short path.
   ordering is therefore 0.5; when answering (``generate``) it picks the first of the tied pair in the question's
   answer order (``ABCD`` before ``DCBA``), which is a coin flip with respect to the truth.
 - Ordering any number of frames (:meth:`ClassicEngine.order`, which ``TPRU.order_frames`` uses for more than 4):
-  the shortest path through the whole distance matrix (:func:`tpru_agent.aggregate.shortest_path`), not 4-frame
+  the shortest path through the whole distance matrix (:func:`tpru_agent.ordering.shortest_path`), not 4-frame
   windows (their pairwise preferences would all be 0.5 and the aggregation would echo the input; issue 14). The
   direction is the same explicit guess: the end shown earlier among the inputs comes first. The confidence is
   the geometric mean, over 4-frame covering windows, of the probability above of the path restricted to each:
@@ -79,12 +79,12 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import aggregate
-from ..errors import ConfigError, EngineClosedError, FrameError
-from ..images import fingerprint
-from ..tasks.answer import extract_answer
-from ..tasks.question import LETTERS, Question, split_images
-from .base import Engine, GenerationOptions, Request, distinct, no_quantization, only_auto
+from tpru_agent import ordering as aggregate
+from tpru_agent.engines.base import Engine, GenerationOptions, Request, distinct, no_quantization, only_auto
+from tpru_agent.errors import ConfigError, EngineClosedError, FrameError
+from tpru_agent.images import fingerprint
+from tpru_agent.tasks.answer import extract_answer
+from tpru_agent.tasks.question import LETTERS, Question, split_images
 
 #: Log-score of a continuation that is not a valid answer to the question (probability ~0, but finite so a
 #: softmax over scores stays defined).
@@ -146,7 +146,7 @@ class ClassicEngine(Engine):
             raise ConfigError(f"device {device!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' "
                               "(the classic engine runs on the CPU whichever is named)")
         if min_pixels is not None or max_pixels is not None:
-            from ..frames import serving_budget
+            from tpru_agent.frames import serving_budget
 
             self.budget = serving_budget(None, min_pixels, max_pixels)
         self._cv2 = cv2

@@ -30,14 +30,14 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import hub
-from ..errors import ConfigError, EngineClosedError, require
-from ..frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, resize_to_budget, serving_budget
-from .base import Engine, GenerationOptions, Request, distinct, score_shared_prefix
-from .chat import expand_image_pads, split_prompt
-from .hf_options import QUANTIZATIONS, check_quantization, cpu_auto_dtype, pick_device, pick_dtype
-from .hf_tokens import HFTokens
-from .prefix_cache import PrefixCache, Span, fork, image_key, kv_nbytes, tensors_nbytes
+from tpru_agent import hub
+from tpru_agent.engines.base import Engine, GenerationOptions, Request, distinct, score_shared_prefix
+from tpru_agent.engines.chat import expand_image_pads, split_prompt
+from tpru_agent.engines.hf_options import QUANTIZATIONS, check_quantization, cpu_auto_dtype, pick_device, pick_dtype
+from tpru_agent.engines.hf_tokens import HFTokens
+from tpru_agent.engines.prefix_cache import PrefixCache, Span, fork, image_key, kv_nbytes, tensors_nbytes
+from tpru_agent.errors import ConfigError, EngineClosedError, require
+from tpru_agent.frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, resize_to_budget, serving_budget
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Example:
 
 from __future__ import annotations
 
-from ..errors import ConfigError, close_matches
+from tpru_agent.errors import ConfigError, close_matches
 
 QUANTIZATIONS = ("4bit", "8bit")
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
 
-from ..errors import ConfigError
-from ..tasks.question import IMAGE
-from .base import GenerationOptions, Request
-from .chat import split_prompt
+from tpru_agent.engines.base import GenerationOptions, Request
+from tpru_agent.engines.chat import split_prompt
+from tpru_agent.errors import ConfigError
+from tpru_agent.tasks.question import IMAGE
 
 Turns = Sequence[tuple[str, str]]
 

@@ -24,13 +24,16 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, EngineClosedError, ModelNotFoundError, require
-from ..frames import serving_budget
-from ..hub import ONNX_MANIFEST, resolve
-from ..images import fingerprint
-from ..onnx_manifest import read_manifest
-from .base import Engine, GenerationOptions, Request, distinct, no_quantization, only_auto, score_shared_prefix
-from .chat import (
+from tpru_agent.engines.base import (
+    Engine,
+    GenerationOptions,
+    Request,
+    distinct,
+    no_quantization,
+    only_auto,
+    score_shared_prefix,
+)
+from tpru_agent.engines.chat import (
     common_prefix,
     expand_image_pads,
     load_chat_template,
@@ -40,7 +43,12 @@ from .chat import (
     rope_index,
     split_prompt,
 )
-from .ort_setup import GPU_FIX, installed_distributions, runtime_problem
+from tpru_agent.engines.ort_setup import GPU_FIX, installed_distributions, runtime_problem
+from tpru_agent.errors import ConfigError, EngineClosedError, ModelNotFoundError, require
+from tpru_agent.frames import serving_budget
+from tpru_agent.hub import ONNX_MANIFEST, resolve
+from tpru_agent.images import fingerprint
+from tpru_agent.onnx.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -60,9 +60,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from ..errors import ConfigError, EngineClosedError, EngineUnavailableError, ModelNotFoundError, require
-from .base import Engine, GenerationOptions, Request, distinct, no_quantization, only_auto
-from .openai_protocol import (
+from tpru_agent.engines.base import Engine, GenerationOptions, Request, distinct, no_quantization, only_auto
+from tpru_agent.engines.openai_protocol import (
     ServerError,
     continuation_logprob,
     error_message,
@@ -76,6 +75,7 @@ from .openai_protocol import (
     question_payload,
     user_content,
 )
+from tpru_agent.errors import ConfigError, EngineClosedError, EngineUnavailableError, ModelNotFoundError, require
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class OpenAIEngine(Engine):
         for option, value in (("device", device), ("dtype", dtype)):
             only_auto(option, value, "openai", "the server chooses it (tpru serve --device; vLLM --dtype)")
         if min_pixels is not None or max_pixels is not None:
-            from ..frames import serving_budget
+            from tpru_agent.frames import serving_budget
 
             self.budget = serving_budget(None, min_pixels, max_pixels)
         httpx = require("httpx", "serve", what="the openai engine")

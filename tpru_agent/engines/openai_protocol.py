@@ -12,9 +12,9 @@ import re
 from typing import Any, Sequence
 from urllib.parse import urlsplit
 
-from ..errors import ConfigError, TPRUError
-from ..tasks.question import Question, split_images
-from .base import Request
+from tpru_agent.engines.base import Request
+from tpru_agent.errors import ConfigError, TPRUError
+from tpru_agent.tasks.question import Question, split_images
 
 # Qwen2's pre-tokenizer split (transformers' PRETOKENIZE_REGEX) with \p{L} / \p{N} spelled for Python's re.
 _PRETOKEN = re.compile(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[^\r\n\w]|_)?[^\W\d_]+|\d| ?(?:[^\s\w]|_)+[\r\n]*"

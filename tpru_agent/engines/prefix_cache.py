@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..images import fingerprint
+from tpru_agent.images import fingerprint
 
 #: (start, end, key): an image's token run ``ids[start:end]`` and the hash of its pixels.
 Span = tuple[int, int, str]

@@ -37,6 +37,6 @@ Example:
 
 from __future__ import annotations
 
-from .app import ServerConfig, create_app, served_name
+from tpru_agent.serve.app import ServerConfig, create_app, served_name
 
 __all__ = ["ServerConfig", "create_app", "served_name"]

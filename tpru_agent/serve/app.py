@@ -18,9 +18,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError, require
-from .errors import ClientError, error_body, validation_body
-from .limits import Limits, context_limit
+from tpru_agent.errors import ConfigError, require
+from tpru_agent.serve.errors import ClientError, error_body, validation_body
+from tpru_agent.serve.limits import Limits, context_limit
 
 log = logging.getLogger(__name__)
 _GONE = object()
@@ -112,8 +112,8 @@ def create_app(model, config: ServerConfig | None = None):
     require("fastapi", "serve", what="tpru serve")
     from fastapi import FastAPI
 
-    from .routes import add_routes
-    from .worker import ModelWorker
+    from tpru_agent.serve.routes import add_routes
+    from tpru_agent.serve.worker import ModelWorker
 
     cfg = config or ServerConfig()
     worker = ModelWorker(model.engine, max_queue=cfg.max_queue, max_batch=cfg.max_batch,
@@ -258,7 +258,7 @@ async def _send_json(send, status: int, body: dict, headers: dict[str, str] | No
 
 
 def _version() -> str:
-    from .. import __version__
+    from tpru_agent import __version__
 
     return __version__
 

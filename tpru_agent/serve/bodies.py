@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..frames import PixelBudget, load_frame
-from .errors import ClientError
+from tpru_agent.frames import PixelBudget, load_frame
+from tpru_agent.serve.errors import ClientError
 
 Mode = Literal["reason", "fast"]
 _DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),", re.IGNORECASE)
@@ -146,7 +146,7 @@ def decode_image(value: Any, *, param: str, budget: PixelBudget | None = None):
         ClientError: 400 for anything that is not a readable image of an accepted format, 413 for one over
             :data:`MAX_REQUEST_IMAGE_PIXELS` (judged from its header, before decoding).
     """
-    from ..errors import FrameError
+    from tpru_agent.errors import FrameError
 
     data = image_bytes(value, param=param)
     check_image_header(data, param)
@@ -164,7 +164,7 @@ def check_image_header(data: bytes, param: str) -> None:
     """
     from PIL import Image, UnidentifiedImageError
 
-    from ..images import IMAGE_FORMATS
+    from tpru_agent.images import IMAGE_FORMATS
 
     try:
         with warnings.catch_warnings():

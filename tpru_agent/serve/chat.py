@@ -17,10 +17,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ..engines.base import GenerationOptions
-from ..tasks.question import IMAGE
-from .bodies import ChatBody, check_image_count
-from .errors import ClientError
+from tpru_agent.engines.base import GenerationOptions
+from tpru_agent.serve.bodies import ChatBody, check_image_count
+from tpru_agent.serve.errors import ClientError
+from tpru_agent.tasks.question import IMAGE
 
 #: OpenAI fields this server does not implement -> the values that mean "not used" (those are accepted).
 UNSUPPORTED: dict[str, tuple] = {

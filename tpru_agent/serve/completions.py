@@ -18,22 +18,22 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, AsyncIterator, Callable
 
-from ..engines.base import Request
-from ..engines.hf_tokens import HFTokens
-from .bodies import ChatBody, decode_image
-from .chat import ChatCall, chunk, completion, new_id, parse_chat, usage
-from .errors import ClientError
-from .limits import check_score, context_limit, count_prompt, fit_context
-from .question import build_question
-from .tokens import content_logprobs, entry, prompt_logprobs
-from .worker import model_error, run_model
+from tpru_agent.engines.base import Request
+from tpru_agent.engines.hf_tokens import HFTokens
+from tpru_agent.serve.bodies import ChatBody, decode_image
+from tpru_agent.serve.chat import ChatCall, chunk, completion, new_id, parse_chat, usage
+from tpru_agent.serve.errors import ClientError
+from tpru_agent.serve.limits import check_score, context_limit, count_prompt, fit_context
+from tpru_agent.serve.question import build_question
+from tpru_agent.serve.tokens import content_logprobs, entry, prompt_logprobs
+from tpru_agent.serve.worker import model_error, run_model
 
 log = logging.getLogger(__name__)
 
 
 def finite(values: list[float]) -> list[float]:
     """JSON has no infinities: a ``-inf`` log-prob (probability 0) is sent as -1e30; NaN is an engine error."""
-    from ..errors import TPRUError
+    from tpru_agent.errors import TPRUError
 
     out = []
     for v in map(float, values):
@@ -204,7 +204,7 @@ async def _submit(state, call):
     try:
         return state.worker.submit(call)
     except Exception as exc:  # noqa: BLE001 - QueueFullError / WorkerClosedError -> 503
-        from .worker import QueueFullError
+        from tpru_agent.serve.worker import QueueFullError
 
         if isinstance(exc, QueueFullError):
             raise ClientError(503, str(exc), kind="server_busy", code="queue_full",

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..engines.hf_tokens import HFTokens
-from .errors import ClientError
+from tpru_agent.engines.hf_tokens import HFTokens
+from tpru_agent.serve.errors import ClientError
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ Example:
 
 from __future__ import annotations
 
-from ..tasks.question import LETTERS, MAX_CANDIDATES, MAX_ORDER_LABELS, TASKS, Option, Question
-from .errors import ClientError
+from tpru_agent.serve.errors import ClientError
+from tpru_agent.tasks.question import LETTERS, MAX_CANDIDATES, MAX_ORDER_LABELS, TASKS, Option, Question
 
 _KEYS = {"task", "problem", "n_images", "labels", "options", "context_steps", "target_step", "description"}
 

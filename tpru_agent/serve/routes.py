@@ -6,11 +6,19 @@ import asyncio
 import time
 from functools import partial
 
-from .bodies import ChatBody, NextBody, OrderBody, PreviousBody, VerifyBody, check_image_count, count_images
-from .bodies import decode_image
-from .completions import chat_completions
-from .errors import ClientError
-from .worker import run_model
+from tpru_agent.serve.bodies import (
+    ChatBody,
+    NextBody,
+    OrderBody,
+    PreviousBody,
+    VerifyBody,
+    check_image_count,
+    count_images,
+    decode_image,
+)
+from tpru_agent.serve.completions import chat_completions
+from tpru_agent.serve.errors import ClientError
+from tpru_agent.serve.worker import run_model
 
 
 async def _decode(values, name: str, *, single: bool = False, budget=None):

@@ -6,7 +6,7 @@ teacher-forced pass over the prompt plus the reply (raw model distribution: no t
 
 from __future__ import annotations
 
-from ..engines.hf_tokens import HFTokens, Trace
+from tpru_agent.engines.hf_tokens import HFTokens, Trace
 
 
 def entry(engine: HFTokens, token_id: int, logprob: float) -> dict:

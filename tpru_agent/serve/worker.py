@@ -18,9 +18,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..engines.base import GenerationOptions, Request
-from ..errors import ConfigError, EngineUnavailableError, FrameError, ParseError, TPRUError
-from .errors import ClientError
+from tpru_agent.engines.base import GenerationOptions, Request
+from tpru_agent.errors import ConfigError, EngineUnavailableError, FrameError, ParseError, TPRUError
+from tpru_agent.serve.errors import ClientError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The TPRU prompt and answer contract: pure functions, no torch (shared by the SDK and finetune)."""
 
-from . import next_frame, ordering, previous
-from .answer import (
+from tpru_agent.tasks import next_frame, ordering, previous
+from tpru_agent.tasks.answer import (
     Parsed,
     accuracy_score,
     extract_answer,
@@ -11,8 +11,18 @@ from .answer import (
     parse_response,
     tpru_reward,
 )
-from .prompt import DEFAULT_PREAMBLE, render_prompt
-from .question import IMAGE, LETTERS, NONE_TEXT, TASKS, Option, Question, continuation, describe, split_images
+from tpru_agent.tasks.prompt import DEFAULT_PREAMBLE, render_prompt
+from tpru_agent.tasks.question import (
+    IMAGE,
+    LETTERS,
+    NONE_TEXT,
+    TASKS,
+    Option,
+    Question,
+    continuation,
+    describe,
+    split_images,
+)
 
 __all__ = [
     "DEFAULT_PREAMBLE", "IMAGE", "LETTERS", "NONE_TEXT", "TASKS", "Option", "Parsed", "Question",

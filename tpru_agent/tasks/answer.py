@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from ..errors import ParseError
+from tpru_agent.errors import ParseError
 
 _TAG_CHAR = re.compile(r"([<>/])")
 _FORMAT = re.compile(r"<think>.*?</think><answer>[A-Z]+</answer>", re.DOTALL)

@@ -6,8 +6,16 @@ choices provided" option. Here the history length, the goal frame and the candid
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .question import IMAGE, MAX_CANDIDATES, MAX_IMAGES, Question, choice_options, describe, option_lines
+from tpru_agent.errors import ConfigError
+from tpru_agent.tasks.question import (
+    IMAGE,
+    MAX_CANDIDATES,
+    MAX_IMAGES,
+    Question,
+    choice_options,
+    describe,
+    option_lines,
+)
 
 
 def context_block(steps: tuple[int, ...], final: bool = False) -> str:

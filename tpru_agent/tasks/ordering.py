@@ -6,8 +6,8 @@ among candidate permutations with one "None of the choices provided" option.
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .question import IMAGE, MAX_ORDER_LABELS, Question, choice_options, describe, letters, option_lines
+from tpru_agent.errors import ConfigError
+from tpru_agent.tasks.question import IMAGE, MAX_ORDER_LABELS, Question, choice_options, describe, letters, option_lines
 
 
 def _frames_intro(n: int, description: str | None) -> tuple[tuple[str, ...], str]:

@@ -5,9 +5,9 @@ TPRU's form gives steps 2, 3 and 4 and asks for step 1 among 4 candidates plus a
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .next_frame import choice_question
-from .question import Question
+from tpru_agent.errors import ConfigError
+from tpru_agent.tasks.next_frame import choice_question
+from tpru_agent.tasks.question import Question
 
 
 def build(n_later: int, n_candidates: int, *, none_position: int | None = -1,

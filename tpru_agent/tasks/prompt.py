@@ -12,8 +12,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from ..errors import ConfigError
-from .question import load_template
+from tpru_agent.errors import ConfigError
+from tpru_agent.tasks.question import load_template
 
 DEFAULT_PREAMBLE = """\
 The task below is about a set of images from one procedure.

@@ -11,7 +11,7 @@ import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..errors import ConfigError
+from tpru_agent.errors import ConfigError
 
 IMAGE = "<image>"
 NONE_TEXT = "None of the choices provided"

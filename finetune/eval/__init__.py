@@ -1,0 +1,1 @@
+"""``tpru eval`` and ``tpru label``: accuracy and VOC runs, reports, statistics, held-out checks during training."""

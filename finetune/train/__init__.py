@@ -1,0 +1,1 @@
+"""``tpru finetune``: the configuration, TRL wiring (GRPO, SFT), rewards, callbacks, launch and recipes."""

@@ -1,0 +1,1 @@
+"""ONNX export (``tpru export --format onnx``) and the manifest the onnx engine reads; importing this imports no torch."""
