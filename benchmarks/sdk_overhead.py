@@ -55,7 +55,7 @@ def bare_scorer(folder, device: str, prompt_text: str, images: list, answers: li
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
 
-    from tpru_agent.frames import TRAINED_MAX, TRAINED_MIN
+    from tpru_agent.sizing import TRAINED_MAX, TRAINED_MIN
 
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32 if device == "cpu" else
                                                         torch.bfloat16, device_map={"": device}).eval()

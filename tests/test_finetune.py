@@ -423,7 +423,7 @@ def test_overlong_prompts_are_left_out_and_counted(tiny_checkpoint, dataset):
     """Token counts include the image tokens; the 7-image prompts are the longest and go first."""
     from tpru_agent.finetune.train.inputs import load_split, prompt_lengths
     from tpru_agent.finetune.train.modeling import load_processor
-    from tpru_agent.frames import PixelBudget
+    from tpru_agent.sizing import PixelBudget
 
     cfg = tiny_config(tiny_checkpoint, dataset, dataset.parent / "unused")
     processor = load_processor(tiny_checkpoint, cfg)

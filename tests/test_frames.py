@@ -16,8 +16,12 @@ import pytest
 from PIL import Image
 
 from tpru_agent import frames as F
+from tpru_agent import sizing as S
 from tpru_agent.errors import ConfigError, FrameError
-from tpru_agent.frames import PixelBudget, fingerprint, is_video, load_frame, load_frames, resize_to_budget
+from tpru_agent.frames import is_video, load_frame, load_frames
+from tpru_agent.images import fingerprint
+from tpru_agent.sizing import (PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, TRAINED_FACTOR, TRAINED_MAX, TRAINED_MIN,
+                               PixelBudget, resize_to_budget)
 
 RED, GREEN, BLUE = (220, 30, 30), (30, 200, 30), (30, 30, 220)
 VIDEO_FPS, VIDEO_LEN = 10, 20  # brightness of frame i is 12 * i
@@ -102,7 +106,7 @@ def test_good_case_table_is_complete(assets):
 
 
 @pytest.mark.parametrize("name", GOOD)
-@pytest.mark.parametrize("budget", [F.TPRU_BUDGET, None], ids=["budget", "native"])
+@pytest.mark.parametrize("budget", [S.TPRU_BUDGET, None], ids=["budget", "native"])
 def test_every_input_kind_loads_as_rgb(assets, name, budget):
     source, kwargs, count = _case_inputs(assets)[name]
     out = load_frames(source, budget=budget, **kwargs)
@@ -110,8 +114,8 @@ def test_every_input_kind_loads_as_rgb(assets, name, budget):
     assert all(isinstance(f, Image.Image) and f.mode == "RGB" for f in out)
     if budget is not None:
         assert all(f.width % 28 == 0 and f.height % 28 == 0 for f in out)
-        assert all(F.budget_size(*f.size) == f.size for f in out)   # at its served size: a fixed point
-        assert all(16384 * 0.75 <= f.width * f.height <= 36864 * 1.25 for f in out)
+        assert all(S.budget_size(*f.size) == f.size for f in out)   # at its served size: a fixed point
+        assert all(TRAINED_MIN * 0.75 <= f.width * f.height <= TRAINED_MAX * 1.25 for f in out)
 
 
 @pytest.mark.parametrize("name", ["jpg", "jpeg", "bmp", "webp", "tif", "tiff", "gif"])
@@ -159,16 +163,16 @@ def test_budget_resize_is_the_authors_two_steps(size):
 
     image = Image.new("RGB", size)
     w, h = size
-    for bound, grow in ((36864, False), (16384, True)):   # the authors' two ifs, in their order
+    for bound, grow in ((TRAINED_MAX, False), (TRAINED_MIN, True)):   # the authors' two ifs, in their order
         if (w * h < bound) if grow else (w * h > bound):
             factor = math.sqrt(bound / (w * h))
             w, h = int(w * factor), int(h * factor)
             image = image.resize((w, h))
-    processor = Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056)
+    processor = Qwen2VLImageProcessor(min_pixels=PROCESSOR_MIN_PIXELS, max_pixels=PROCESSOR_MAX_PIXELS)
     grid = processor(images=[image], return_tensors="np")["image_grid_thw"][0]
     expected = (int(grid[2]) * 14, int(grid[1]) * 14)
     out = resize_to_budget(Image.new("RGB", size))
-    assert out.size == expected == F.budget_size(*size)
+    assert out.size == expected == S.budget_size(*size)
     assert out.width % 28 == 0 and out.height % 28 == 0
     if max(size) / min(size) < 10:   # (a 140:1 strip is not a fixed point of the authors' steps either)
         assert resize_to_budget(out) is out   # served size is a fixed point: no second resampling
@@ -176,7 +180,7 @@ def test_budget_resize_is_the_authors_two_steps(size):
 
 @pytest.mark.parametrize("size,tokens", [((224, 224), 49), ((640, 480), 48), ((112, 112), 25)])
 def test_budget_matches_the_papers_token_counts(size, tokens):
-    w, h = F.budget_size(*size)
+    w, h = S.budget_size(*size)
     assert (w // 28) * (h // 28) == tokens
 
 
@@ -190,7 +194,7 @@ def test_budget_none_keeps_size_and_custom_budget_applies():
 
 def test_off_distribution_budget_warns_once(caplog):
     budget = PixelBudget(min_pixels=1024, max_pixels=500_000)
-    with caplog.at_level(logging.WARNING, logger="tpru_agent.frames"):
+    with caplog.at_level(logging.WARNING, logger="tpru_agent.sizing"):
         load_frame(Image.new("RGB", (64, 64)), budget=budget)
         load_frame(Image.new("RGB", (64, 64)), budget=budget)
         load_frame(Image.new("RGB", (64, 64)))
@@ -247,8 +251,26 @@ def test_is_video(value, expected):
     assert is_video(value) is expected
 
 
+def test_budget_constants_are_the_authors_numbers():
+    """The one place the numbers are written out: TPRU's EasyR1 budget and the Qwen2.5-VL processor's defaults."""
+    assert (TRAINED_MIN, TRAINED_MAX, TRAINED_FACTOR) == (16384, 36864, 28)
+    assert (PROCESSOR_MIN_PIXELS, PROCESSOR_MAX_PIXELS) == (4 * 28 * 28, 16384 * 28 * 28)
+    assert (S.TPRU_BUDGET.min_pixels, S.TPRU_BUDGET.max_pixels, S.TPRU_BUDGET.factor) == (16384, 36864, 28)
+
+
+def test_frames_still_exposes_the_sizing_names_callers_import():
+    """Modules written before the split import these from tpru_agent.frames; they must be the sizing objects."""
+    for name in ("PixelBudget", "TPRU_BUDGET", "BUDGET_FILE", "PROCESSOR_MIN_PIXELS", "PROCESSOR_MAX_PIXELS",
+                 "TRAINED_MIN", "TRAINED_MAX", "TRAINED_FACTOR", "budget_size", "pil_step_size", "smart_resize",
+                 "resize_to_budget", "serving_budget", "folder_budget"):
+        assert getattr(F, name) is getattr(S, name), name
+        assert name in F.__all__, name
+    assert F.fingerprint is fingerprint
+
+
 def test_import_does_not_load_torch():
-    code = "import sys, tpru_agent.frames, tpru_agent.cli.sheet; assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, tpru_agent.frames, tpru_agent.sizing, tpru_agent.cli.sheet; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -363,12 +385,13 @@ def test_expand_sources_names_each_loaded_frame(assets):
 
 
 def test_smart_resize_matches_the_qwen2_vl_processor_over_a_grid():
-    """The torch-free arithmetic in frames.smart_resize equals the processor's own function (no drift)."""
+    """The torch-free arithmetic in sizing.smart_resize equals the processor's own function (no drift)."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as theirs
 
-    from tpru_agent.frames import smart_resize
+    from tpru_agent.sizing import smart_resize
 
-    for bounds in ((3136, 12845056), (16384, 36864), (4 * 28 * 28, 1280 * 28 * 28)):
+    patch = TRAINED_FACTOR * TRAINED_FACTOR
+    for bounds in ((PROCESSOR_MIN_PIXELS, PROCESSOR_MAX_PIXELS), (TRAINED_MIN, TRAINED_MAX), (4 * patch, 1280 * patch)):
         for h in (10, 14, 28, 57, 100, 141, 168, 240, 480, 721, 1080, 2160):
             for w in (10, 14, 28, 63, 100, 190, 224, 320, 640, 1280, 1920, 3840):
                 if max(h, w) / min(h, w) > 200:

@@ -208,7 +208,7 @@ def test_tpru_nano_runs_on_onnx_by_default_and_hf_by_name(models_dir, monkeypatc
 
 def test_an_explicit_budget_beats_the_folders_own_even_when_it_equals_tprus(models_dir, monkeypatch):
     from tpru_agent import TPRU
-    from tpru_agent.frames import TPRU_BUDGET
+    from tpru_agent.sizing import TPRU_BUDGET
 
     monkeypatch.setattr(hub, "PACKAGED_DIR", models_dir)
     hf = TPRU("tpru-nano", engine="hf", device="cpu", budget=TPRU_BUDGET)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tpru_agent.errors import ConfigError
-from tpru_agent.frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS
+from tpru_agent.sizing import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS
 from tpru_agent.tasks import next_frame, ordering, previous, render_prompt
 from tpru_agent.testing import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tiny_checkpoint
 

@@ -118,13 +118,13 @@ SIZES = [(640, 480), (1920, 1080), (100, 100), (50, 4000), (224, 224), (168, 112
 @pytest.mark.parametrize("width, height", SIZES)
 def test_budget_size_is_what_the_sdk_serves(width, height):
     """The data builder sizes frames exactly as the SDK serves them (train as served)."""
-    from tpru_agent.frames import resize_to_budget
+    from tpru_agent.sizing import resize_to_budget
 
     assert budget_size(width, height) == resize_to_budget(Image.new("RGB", (width, height))).size
 
 
 def test_fit_budget_matches_the_sdk_resize():
-    from tpru_agent.frames import resize_to_budget
+    from tpru_agent.sizing import resize_to_budget
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (300, 410, 3), dtype=np.uint8))

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from tpru_agent.errors import ConfigError, require
-from tpru_agent.frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS
+from tpru_agent.sizing import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS
 from tpru_agent.fsutil import replace_dir
 
 log = logging.getLogger(__name__)

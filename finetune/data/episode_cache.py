@@ -66,7 +66,7 @@ def ingest_unit(unit: Unit, prefix: str, path: str) -> dict:
     """
     pa = require("pyarrow", "finetune", what="building TPRU data")
     pq = require("pyarrow.parquet", "finetune", what="building TPRU data")
-    from tpru_agent.frames import fingerprint
+    from tpru_agent.images import fingerprint
 
     skips: list[list[str]] = []
     columns: dict[str, list] = {name: [] for name in

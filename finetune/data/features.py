@@ -39,16 +39,16 @@ class FrameFeatures:
 
 
 def budget_size(width: int, height: int, budget=None) -> tuple[int, int]:
-    """(width, height) after the TPRU pixel-budget resize (:func:`tpru_agent.frames.budget_size`)."""
-    from tpru_agent.frames import TPRU_BUDGET
-    from tpru_agent.frames import budget_size as sized
+    """(width, height) after the TPRU pixel-budget resize (:func:`tpru_agent.sizing.budget_size`)."""
+    from tpru_agent.sizing import TPRU_BUDGET
+    from tpru_agent.sizing import budget_size as sized
 
     return sized(width, height, budget or TPRU_BUDGET)
 
 
 def fit_budget(image, budget=None):
-    """An RGB copy of ``image`` at the pixel budget: :func:`tpru_agent.frames.resize_to_budget` (no torch import)."""
-    from tpru_agent.frames import TPRU_BUDGET, resize_to_budget
+    """An RGB copy of ``image`` at the pixel budget: :func:`tpru_agent.sizing.resize_to_budget` (no torch import)."""
+    from tpru_agent.sizing import TPRU_BUDGET, resize_to_budget
 
     return resize_to_budget(image, budget or TPRU_BUDGET)
 

@@ -85,14 +85,14 @@ def has_split(data: str | os.PathLike, split: str) -> bool:
 def prompt_lengths(ds, processor, *, template: str | None, budget) -> list[int]:
     """Tokens of each row's prompt as the model sees it: chat text, plus the visual tokens of its resized images.
 
-    Image sizes come from the encoded headers (no pixels are decoded) and :func:`tpru_agent.frames.budget_size`;
+    Image sizes come from the encoded headers (no pixels are decoded) and :func:`tpru_agent.sizing.budget_size`;
     the text is tokenized in batches.
     """
     import io
 
     from PIL import Image
 
-    from tpru_agent import frames
+    from tpru_agent.sizing import budget_size
 
     raw = ds.with_format("arrow")  # encoded image structs, no decoding, no transform
     factor = getattr(processor.image_processor, "patch_size", 14) * getattr(processor.image_processor,
@@ -107,7 +107,7 @@ def prompt_lengths(ds, processor, *, template: str | None, budget) -> list[int]:
             visual = 0
             for image in images or []:
                 with Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]) as im:
-                    w, h = frames.budget_size(*im.size, budget)
+                    w, h = budget_size(*im.size, budget)
                 visual += (w // factor) * (h // factor) - 1  # the placeholder token is already counted
             lengths.append(len(tokens) + visual)
     return lengths
@@ -180,7 +180,7 @@ def load_split(data: str | os.PathLike, split: str, *, template: str | None = No
         ConfigError: missing split, rows whose placeholders and images disagree.
     """
     datasets = require("datasets", "finetune", what="fine-tuning")
-    from tpru_agent.frames import PixelBudget, resize_to_budget
+    from tpru_agent.sizing import PixelBudget, resize_to_budget
 
     files = [str(f) for f in split_files(data, split)]
     ds = datasets.Dataset.from_parquet(files, split="train", cache_dir=cache_dir)

@@ -208,7 +208,7 @@ def write_final(trainer, processor, cfg: FinetuneConfig, base_path: str | os.Pat
         _point_adapter_at(tmp, cfg.base)
     info = dict(provenance, weights="adapter" if adapter and not cfg.merge else "full")
     (tmp / PROVENANCE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
-    from tpru_agent.frames import BUDGET_FILE
+    from tpru_agent.sizing import BUDGET_FILE
 
     # the budget the model was trained at: TPRU(path) serves it at the same size (train as served)
     (tmp / BUDGET_FILE).write_text(json.dumps({"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}) + "\n",

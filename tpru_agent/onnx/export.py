@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from tpru_agent.errors import ConfigError, require
-from tpru_agent.frames import TRAINED_FACTOR, TRAINED_MAX, TRAINED_MIN
+from tpru_agent.sizing import TRAINED_FACTOR, TRAINED_MAX, TRAINED_MIN
 from tpru_agent.fsutil import replace_dir, write_json
 from tpru_agent.hub import ONNX_MANIFEST
 from tpru_agent.onnx.manifest import FORMAT, FORMAT_VERSION, GRAPHS, read_manifest
@@ -63,7 +63,7 @@ def parse_frame_size(text: str | tuple[int, int] | None, *, max_pixels: int = TR
         ConfigError: malformed text, or sides that are not positive multiples of ``factor``.
     """
     if text is None:
-        from tpru_agent.frames import PixelBudget, budget_size
+        from tpru_agent.sizing import PixelBudget, budget_size
 
         side = budget_size(4096, 4096, PixelBudget(min_pixels=min(max_pixels, TRAINED_MIN), max_pixels=max_pixels,
                                                    factor=factor))[0]
@@ -139,7 +139,7 @@ def export_onnx(model: str | os.PathLike, out: str | os.PathLike, *, int8: bool 
         raise ConfigError(f"ONNX export supports Qwen2.5-VL checkpoints; {str(model)!r} is "
                           f"{getattr(config, 'model_type', 'unknown')!r}")
     preproc = json.loads((source / "preprocessor_config.json").read_text(encoding="utf-8"))
-    from tpru_agent.frames import serving_budget
+    from tpru_agent.sizing import serving_budget
 
     budget = serving_budget(source).max_pixels
     merge, patch = config.vision_config.spatial_merge_size, config.vision_config.patch_size

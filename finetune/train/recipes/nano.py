@@ -113,7 +113,7 @@ def stage_release(work: Path, recipe: dict) -> None:
     import shutil
 
     from tpru_agent.finetune.train.modeling import cast_checkpoint
-    from tpru_agent.frames import PixelBudget, budget_size
+    from tpru_agent.sizing import PixelBudget, budget_size
 
     release, onnx = work / "release", work / "release" / "onnx"
     if not (release / "model.safetensors").is_file():
