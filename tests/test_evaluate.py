@@ -44,6 +44,43 @@ def test_wilson_rejects_impossible_counts_and_handles_empty():
         wilson_interval(5, 3)
 
 
+def _wilson_closed_form(k: int, n: int, z: float) -> tuple[float, float]:
+    """The textbook Wilson score interval (no continuity correction), written out as the reference."""
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 12, 100, 461, 5000])
+@pytest.mark.parametrize("z", [1.959963984540054, 1.96, 2.5758293035489])
+def test_wilson_matches_the_closed_form_on_a_table(n, z):
+    from tpru_agent.finetune.eval.heldout import wilson_interval as heldout_wilson
+
+    for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+        got = wilson_interval(k, n, z)
+        assert got == pytest.approx(_wilson_closed_form(k, n, z), abs=1e-9), (k, n, z)
+        assert all(type(x) is float for x in got)  # plain floats: report.json, not numpy scalars
+        if z == 1.96:
+            assert heldout_wilson(k, n) == pytest.approx(got, abs=1e-12)
+    assert wilson_interval(0, n, z)[0] == 0.0 and wilson_interval(n, n, z)[1] == 1.0
+
+
+def test_mcnemar_matches_binomial_sums_of_exact_integers():
+    for b in range(0, 31, 3):
+        for c in range(0, 41, 4):
+            n, k = b + c, min(b, c)
+            if n == 0:
+                continue
+            tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+            result = mcnemar(b, c)
+            assert result.p_exact == pytest.approx(min(1.0, 2 * tail), rel=1e-9), (b, c)
+            assert result.p_mid == pytest.approx(min(1.0, 2 * tail - math.comb(n, k) / 2 ** n), rel=1e-9), (b, c)
+            assert type(result.p_exact) is float and type(result.p_mid) is float
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        mcnemar(-1, 3)
+
+
 @pytest.mark.parametrize("b, c, exact, mid", [
     (10, 2, 158 / 4096, 92 / 4096),    # P(X<=2 | n=12) = 79/4096; mid-p takes off half of P(X=2) = 66/4096
     (0, 5, 2 / 32, 1 / 32),
@@ -66,8 +103,13 @@ def test_calibration_and_percentile():
     assert calibration([1.0], [True], n_bins=4)[1][-1].n == 1  # confidence 1.0 falls in the last bin
     assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 95) == pytest.approx(4.8)
+    assert percentile([], 50) is None and type(percentile([3, 1], 25)) is float
     with pytest.raises(ConfigError):
         calibration([1.2], [True])
+    with pytest.raises(ConfigError, match="not a probability"):
+        calibration([0.5, float("nan")], [True, False])
+    with pytest.raises(ConfigError, match="0..100"):
+        percentile([1.0], 101)
 
 
 # ----------------------------------------------------------------------------------------------- parsing

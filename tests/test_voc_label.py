@@ -39,6 +39,9 @@ def test_mean_interval_brackets_the_mean():
     s = mean_interval([0.2, 0.4, 0.6, 0.8], seed=1)
     assert s["mean"] == pytest.approx(0.5) and s["ci95"][0] < 0.5 < s["ci95"][1] and s["n"] == 4
     assert mean_interval([])["mean"] is None
+    again = mean_interval([0.2, 0.4, 0.6, 0.8], seed=1)
+    assert again == s and all(type(x) is float for x in s["ci95"])  # seeded: the same report twice
+    assert mean_interval([0.3, 0.3, 0.3])["ci95"] == pytest.approx([0.3, 0.3])  # no spread, no interval width
 
 
 def test_voc_with_the_classic_engine_resumes_and_reports(tmp_path, frames_source):

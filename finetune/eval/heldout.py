@@ -9,27 +9,22 @@ is the full evaluation of saved weights, with per-task tables and intervals.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
+from tpru_agent.finetune.eval import statistics
 from tpru_agent.tasks import accuracy_score, format_score
 
 log = logging.getLogger(__name__)
 
 
 def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion.
+    """95% Wilson score interval of a proportion (:func:`tpru_agent.finetune.eval.statistics.wilson_interval`).
 
     Example:
         >>> [round(x, 3) for x in wilson_interval(50, 100)]
         [0.404, 0.596]
     """
-    if n == 0:
-        return (0.0, 1.0)
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    return statistics.wilson_interval(hits, n, z)
 
 
 def evaluate_generation(model, processor, dataset, *, limit: int = 64, max_new_tokens: int = 1024,
