@@ -160,3 +160,50 @@ def test_a_custom_engine_needs_generate_and_score_and_gets_the_rest():
     model.close()
     with pytest.raises(EngineClosedError):
         model.engine.score(ORDER, ["a"])
+
+
+# ------------------------------------------------------------------------------------------ token usage
+def test_usage_counts_the_tokens_a_score_and_a_generate_processed(kind_engine):
+    kind, e = kind_engine
+    e.take_usage()  # start from zero on this thread
+    conts = [continuation(a) for a in NEXT.question.answers()]
+    e.score(NEXT, conts)
+    scored = e.take_usage()
+    assert e.take_usage() == type(scored)()  # taking resets
+    e.generate([ORDER], OPTS)
+    generated = e.take_usage()
+    if kind == "classic":  # no language model, no tokens
+        assert scored.to_dict() == generated.to_dict() == {"prompt_tokens": 0, "image_tokens": 0,
+                                                           "generated_tokens": 0}
+        return
+    if not (scored.prompt_tokens or generated.prompt_tokens) and kind == "openai":
+        pytest.skip("this openai engine does not report token usage")
+    assert scored.prompt_tokens > len(conts) and scored.generated_tokens == 0
+    assert generated.prompt_tokens > 0 and 1 <= generated.generated_tokens <= 4
+    if kind != "openai":  # a server's usage reply need not split out image tokens
+        # 5 images of the tiny model's 196x168 frames: a fresh engine computes every one of their tokens
+        assert scored.image_tokens > 0 and scored.prompt_tokens > scored.image_tokens + len(conts) - 1
+        assert generated.prompt_tokens > generated.image_tokens > 0
+
+
+def test_usage_is_counted_per_thread(kind_engine):
+    import threading
+
+    kind, e = kind_engine
+    if kind == "classic":
+        pytest.skip("the classic engine counts no tokens")
+    e.take_usage()
+    seen = {}
+    worker = threading.Thread(target=lambda: (e.score(NEXT, [continuation("A"), continuation("B")]),
+                                              seen.setdefault("usage", e.take_usage())))
+    worker.start()
+    worker.join()
+    assert seen["usage"].prompt_tokens > 0 and e.take_usage().prompt_tokens == 0  # nothing leaked to this thread
+
+
+@pytest.fixture(params=KINDS)
+def kind_engine(request):
+    """A fresh engine (empty caches: its first prompt is computed in full) and its kind."""
+    e = make(request.param, request)
+    yield request.param, e
+    e.close()

@@ -4,7 +4,8 @@ Two primitives (see DESIGN): ``generate`` answers as TPRU was trained (``<think>
 ``score`` returns the log-probability of each candidate continuation after the same prompt, which gives a
 confidence for every call and a fast mode without a chain of thought. Every engine (classic, hf, onnx, openai)
 subclasses :class:`Engine` and implements all four methods (``generate``, ``score``, ``close``, ``info``); a
-closed engine raises :class:`~tpru_agent.errors.EngineClosedError`. An object passed as ``TPRU(engine=...)`` that
+closed engine raises :class:`~tpru_agent.errors.EngineClosedError`. Every engine counts the tokens it processes
+(:class:`Usage`, through :meth:`Engine._add_usage` / :meth:`Engine.take_usage`). An object passed as ``TPRU(engine=...)`` that
 only has ``generate`` and ``score`` is wrapped in :class:`CustomEngine`, which completes the contract for it.
 
 The shared parts of scoring live here too: :func:`distinct` (the continuation checks every engine makes) and
@@ -14,8 +15,9 @@ The shared parts of scoring live here too: :func:`distinct` (the continuation ch
 from __future__ import annotations
 
 import abc
+import threading
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from tpru_agent.errors import ConfigError, EngineClosedError
@@ -48,15 +50,68 @@ class GenerationOptions:
     seed: int | None = None
 
 
+@dataclass(frozen=True)
+class Usage:
+    """Tokens an engine processed (summed with ``+``).
+
+    Attributes:
+        prompt_tokens: prompt tokens fed to the model (text and image placeholder tokens, scored continuations
+            included); the hf and onnx engines count what they actually computed, so a prompt prefix reused from
+            their caches is not counted again.
+        image_tokens: the part of ``prompt_tokens`` that are image placeholder tokens.
+        generated_tokens: new tokens decoded (a stop token included).
+    """
+
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    generated_tokens: int = 0
+
+    def __add__(self, other: "Usage") -> "Usage":
+        if not isinstance(other, Usage):
+            return NotImplemented
+        return Usage(self.prompt_tokens + other.prompt_tokens, self.image_tokens + other.image_tokens,
+                     self.generated_tokens + other.generated_tokens)
+
+    def to_dict(self) -> dict[str, int]:
+        """``{"prompt_tokens": ..., "image_tokens": ..., "generated_tokens": ...}``."""
+        return asdict(self)
+
+
+_USAGE_GUARD = threading.Lock()
+
+
 class Engine(abc.ABC):
     """What every back-end implements. ``name`` is what results report (``"hf"``, ``"onnx"``, ``"classic"``...).
 
     ``budget`` is the :class:`~tpru_agent.frames.PixelBudget` the engine serves frames at when it knows one (a
     model folder's own training budget); ``None`` leaves it to the facade.
+
+    Token usage: an engine calls :meth:`_add_usage` from ``generate`` / ``score`` for the tokens it processed;
+    :meth:`take_usage` returns what was counted on the calling thread since the last take (the facade takes it
+    around each public call; a server calls engines from its own worker thread, so counts never mix).
     """
 
     name: str = "engine"
     budget: Any = None
+
+    def _usage_state(self) -> threading.local:
+        state = self.__dict__.get("_usage_local")
+        if state is None:
+            with _USAGE_GUARD:  # subclasses need not call an __init__ here: created on first use, once
+                state = self.__dict__.setdefault("_usage_local", threading.local())
+        return state
+
+    def _add_usage(self, *, prompt: int = 0, image: int = 0, generated: int = 0) -> None:
+        """Count tokens processed on the calling thread (prompt tokens fed, the image ones among them, new tokens)."""
+        state = self._usage_state()
+        state.usage = getattr(state, "usage", Usage()) + Usage(int(prompt), int(image), int(generated))
+
+    def take_usage(self) -> Usage:
+        """The :class:`Usage` counted on the calling thread since the last take; resets it to zero."""
+        state = self._usage_state()
+        usage = getattr(state, "usage", Usage())
+        state.usage = Usage()
+        return usage
 
     @abc.abstractmethod
     def generate(self, requests: Sequence[Request], options: GenerationOptions = GenerationOptions()) -> list[str]:
@@ -98,7 +153,7 @@ class CustomEngine(Engine):
     """An object with ``generate`` and ``score`` (``TPRU(engine=obj)``) held to the whole contract.
 
     ``close`` / ``info`` call the object's own when it has them; after ``close`` every call raises
-    :class:`EngineClosedError`. Other attributes are read from the object.
+    :class:`EngineClosedError`. Other attributes are read from the object. Usage is not known: zeros.
     """
 
     def __init__(self, inner: Any):

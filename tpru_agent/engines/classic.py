@@ -6,7 +6,7 @@ moved) and a 12x4x4 HSV colour histogram (global colour content, blind to positi
 frames is a weighted sum of the two L1 distances, so it is a metric (the triangle inequality holds), 0 for
 identical frames (Canny edge-density maps were tried and lowered accuracy on Meta-World, so they are not used).
 A procedure is assumed to change the scene a little at each step, so neighbouring steps are close and the frames
-lie along a short path.
+lie along a short path. With no language model, it counts no tokens: its usage is always zero.
 
 - Ordering (``"ordering"``): the log-score of a permutation is minus the length of the path it draws through
   the frame-distance matrix, divided by a temperature proportional to the mean pairwise distance (scale-free).

@@ -8,6 +8,10 @@ prompts already run and the visual features of the frames already seen: a new pr
 cached prefix (same tokens, same images) and a frame is encoded once. Results equal the uncached ones (within
 float noise); ``prefix_cache_mb=0`` turns it off.
 
+Token usage (:meth:`~tpru_agent.engines.base.Engine.take_usage`) counts what the model computed: ``score`` its
+shared prompt once, from where the prefix cache left off (reused tokens are not counted again), plus each
+candidate's own tokens; ``generate`` its prompt the same way and its new tokens up to the stop token.
+
 Example:
     >>> from tpru_agent.engines.hf import HFEngine
     >>> engine = HFEngine("tpru-3b", quantization="4bit")          # doctest: +SKIP
@@ -21,11 +25,9 @@ import contextlib
 import dataclasses
 import gc
 import inspect
-import json
 import logging
 import os
 import threading
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -33,7 +35,14 @@ import numpy as np
 from tpru_agent import hub
 from tpru_agent.engines.base import Engine, GenerationOptions, Request, distinct, score_shared_prefix
 from tpru_agent.engines.chat import expand_image_pads, split_prompt
-from tpru_agent.engines.hf_options import QUANTIZATIONS, check_quantization, cpu_auto_dtype, pick_device, pick_dtype
+from tpru_agent.engines.hf_options import (
+    QUANTIZATIONS,
+    check_quantization,
+    cpu_auto_dtype,
+    load_model,
+    pick_device,
+    pick_dtype,
+)
 from tpru_agent.engines.hf_tokens import HFTokens
 from tpru_agent.engines.prefix_cache import PrefixCache, Span, fork, image_key, kv_nbytes, tensors_nbytes
 from tpru_agent.errors import ConfigError, EngineClosedError, require
@@ -180,6 +189,10 @@ class HFEngine(HFTokens, Engine):
             inputs = inputs.to(model.device)
             out = model.generate(**inputs, **kwargs)
         new = out[:, inputs["input_ids"].shape[1]:]
+        ends = set(kwargs["eos_token_id"] or ())
+        self._add_usage(prompt=int(inputs["attention_mask"].sum()),
+                        image=int((inputs["input_ids"] == model.config.image_token_id).sum()),
+                        generated=sum(_decoded(row, ends) for row in new.tolist()))
         return tok.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _generate_cached(self, request: Request, kwargs: dict) -> str:
@@ -196,6 +209,7 @@ class HFEngine(HFTokens, Engine):
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              **{self._cache_kw: work}, **kwargs)
         full = out[0].tolist()
+        self._add_usage(prompt=1, generated=len(full) - len(ids))  # the prompt's last token; _prefill counted the rest
         kept = work.get_seq_length()
         # the images are the prompt's; an image pad token the model generated is text (its key never matches one)
         self.prefix_cache.put(np.asarray(full[:kept]), self._spans(ids, visual), work)
@@ -315,6 +329,7 @@ class HFEngine(HFTokens, Engine):
         out = model(inputs_embeds=embeds, position_ids=positions[..., reused:], use_cache=True, logits_to_keep=1,
                     **{self._cache_kw: cache})
         self.prefix_cache.count(reused, len(ids) - reused)
+        self._add_usage(prompt=len(ids) - reused, image=int((key[reused:] == model.config.image_token_id).sum()))
         self.prefix_cache.put(key, spans, cache)
         return torch.log_softmax(out.logits[0, -1].float(), dim=-1), cache, delta
 
@@ -338,6 +353,7 @@ class HFEngine(HFTokens, Engine):
         local.batch_repeat_interleave(batch)
         # Right padding needs no mask: a causal model never lets a real token see the pads after it.
         out = model(input_ids=inputs, position_ids=position_ids, use_cache=True, **{self._cache_kw: local})
+        self._add_usage(prompt=sum(len(r) - 1 for r in rests))
         logp = torch.log_softmax(out.logits.float(), dim=-1)
         values = []
         for b, rest in enumerate(rests):
@@ -388,28 +404,14 @@ class HFEngine(HFTokens, Engine):
         return f"HFEngine({str(self.folder)!r}, device={self.device!r}, quantization={self.quantization!r})"
 
 
+def _decoded(row: Sequence[int], ends: set[int]) -> int:
+    """New tokens of one generated row: up to and including its first stop token (padding after it is not)."""
+    return next((i + 1 for i, t in enumerate(row) if t in ends), len(row))
+
+
 def _drop_int8_cast_notice(record: logging.LogRecord) -> bool:
     return "inputs will be cast" not in str(record.msg)
 
 
 __all__ = ["HFEngine", "QUANTIZATIONS", "check_quantization", "pick_device", "pick_dtype", "split_prompt"]
 
-
-def load_model(transformers, folder: Path, kwargs: dict, *, local_files_only: bool | None = None):
-    """The model in ``folder``; a LoRA adapter folder (``tpru finetune --set merge=false``) is applied to its base.
-
-    The adapter's ``base_model_name_or_path`` is resolved like any model name (alias, Hub id or folder), then the
-    adapter is merged into the weights (kept separate on a quantised base, which cannot be merged).
-    """
-    adapter = Path(folder) / "adapter_config.json"
-    if not adapter.is_file() or (Path(folder) / "config.json").is_file():
-        return transformers.AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
-    peft = require("peft", "finetune", what="loading a LoRA adapter")
-    base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ConfigError(f"{adapter} names no base_model_name_or_path; merge the adapter or add the base's name")
-    log.info("loading LoRA adapter %s on its base %s", folder, base)
-    model = transformers.AutoModelForImageTextToText.from_pretrained(
-        hub.locate(base, local_files_only=local_files_only), **kwargs)
-    model = peft.PeftModel.from_pretrained(model, str(folder))
-    return model if "quantization_config" in kwargs else model.merge_and_unload()

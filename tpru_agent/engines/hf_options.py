@@ -7,7 +7,14 @@ Example:
 
 from __future__ import annotations
 
-from tpru_agent.errors import ConfigError, close_matches
+import json
+import logging
+from pathlib import Path
+
+from tpru_agent import hub
+from tpru_agent.errors import ConfigError, close_matches, require
+
+log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("4bit", "8bit")
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -130,4 +137,24 @@ def check_quantization(quantization: str | None) -> str | None:
     return q
 
 
-__all__ = ["QUANTIZATIONS", "check_quantization", "pick_device", "pick_dtype"]
+def load_model(transformers, folder: Path, kwargs: dict, *, local_files_only: bool | None = None):
+    """The model in ``folder``; a LoRA adapter folder (``tpru finetune --set merge=false``) is applied to its base.
+
+    The adapter's ``base_model_name_or_path`` is resolved like any model name (alias, Hub id or folder), then the
+    adapter is merged into the weights (kept separate on a quantised base, which cannot be merged).
+    """
+    adapter = Path(folder) / "adapter_config.json"
+    if not adapter.is_file() or (Path(folder) / "config.json").is_file():
+        return transformers.AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
+    peft = require("peft", "finetune", what="loading a LoRA adapter")
+    base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{adapter} names no base_model_name_or_path; merge the adapter or add the base's name")
+    log.info("loading LoRA adapter %s on its base %s", folder, base)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(
+        hub.locate(base, local_files_only=local_files_only), **kwargs)
+    model = peft.PeftModel.from_pretrained(model, str(folder))
+    return model if "quantization_config" in kwargs else model.merge_and_unload()
+
+
+__all__ = ["QUANTIZATIONS", "check_quantization", "load_model", "pick_device", "pick_dtype"]

@@ -4,7 +4,8 @@ Runs without torch or transformers: the chat template is rendered with Jinja, th
 the M-RoPE positions are computed in numpy (:mod:`tpru_agent.engines.chat`). Prompts, token ids and continuation
 scores are those of the hf engine. Frames are resized to the export's fixed frame size; their visual tokens are
 cached by content, and the last prompt's key/value cache is kept, so a ``score`` after a ``generate`` on the same
-request (or a new question over the same frames) re-runs only the tokens that changed.
+request (or a new question over the same frames) re-runs only the tokens that changed. Token usage counts what
+ran, as the hf engine's does: tokens reused from the last prompt's key/values are not counted again.
 
 Example:
     >>> from tpru_agent import TPRU
@@ -284,6 +285,7 @@ class ONNXEngine(Engine):
         logits, present = self._decode(embeds, positions[:, None, start:], len(ids),
                                        np.asarray([len(ids) - start - 1], dtype=np.int64), past)
         self._last = (list(ids), keys, present)
+        self._add_usage(prompt=len(ids) - start, image=int((at >= start).sum()))
         return log_softmax(logits[0, -1]), present, delta
 
     # ------------------------------------------------------------------ generate
@@ -307,6 +309,7 @@ class ONNXEngine(Engine):
             for _ in range(options.max_new_tokens):
                 token = next_token(logp, options.temperature, options.top_p, rng)
                 if token in self.eos:
+                    self._add_usage(generated=1)  # the stop token was decoded too
                     break
                 new.append(token)
                 if len(new) == options.max_new_tokens:
@@ -315,6 +318,7 @@ class ONNXEngine(Engine):
                 positions = np.full((3, 1, 1), pos + delta, dtype=np.int64)
                 logits, kv = self._decode(self._embed([token]), positions, pos + 1, np.zeros(1, dtype=np.int64), kv)
                 logp = log_softmax(logits[0, -1])
+            self._add_usage(generated=len(new))
             self._last = ((ids + new)[:kv[0].shape[2]], self._last[1], kv)
             replies.append(self.tokenizer.decode(new, skip_special_tokens=True))
         return replies
@@ -355,6 +359,7 @@ class ONNXEngine(Engine):
         past = [np.repeat(a, batch, axis=0) for a in kv]
         # Right padding needs no mask: a causal model never lets a real token see the pads after it.
         logits, _ = self._decode(embeds, positions, shared + width, np.arange(width, dtype=np.int64), past)
+        self._add_usage(prompt=sum(len(r) - 1 for r in rests))
         logp = log_softmax(logits)
         return [float(logp[b, np.arange(len(r) - 1), r[1:]].sum()) for b, r in enumerate(rests)]
 
