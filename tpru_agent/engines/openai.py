@@ -56,9 +56,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+from urllib.parse import urlsplit
 
 from tpru_agent.engines.base import Engine, GenerationOptions, Request, distinct, no_quantization, only_auto
 from tpru_agent.engines.openai_protocol import (
@@ -75,38 +75,56 @@ from tpru_agent.engines.openai_protocol import (
     question_payload,
     user_content,
 )
-from tpru_agent.errors import ConfigError, EngineClosedError, EngineUnavailableError, ModelNotFoundError, require
+from tpru_agent.errors import (
+    ConfigError,
+    EngineClosedError,
+    EngineUnavailableError,
+    ModelNotFoundError,
+    TPRUError,
+    close_matches,
+    require,
+)
 
 log = logging.getLogger(__name__)
 
 SCORE_METHODS = ("auto", "tpru", "top_logprobs", "prompt_logprobs")
 #: ``owned_by`` of the models ``tpru serve`` lists; how the engine knows it may send ``tpru_score``.
 TPRU_OWNER = "tpru-agent"
-_RETRY_STATUS = {429, 502, 503, 504}
+#: Chat-completion fields the ``openai`` client takes as arguments; every other field goes in ``extra_body``.
+_CHAT_ARGS = frozenset({"model", "messages", "max_tokens", "temperature", "top_p", "seed", "logprobs",
+                        "top_logprobs"})
+_START = ("start one with `tpru serve --model tpru-3b --port {port}` (or vLLM, see tpru_agent.engines.openai) "
+          "or fix base_url")
 
 
 class OpenAIEngine(Engine):
-    """Engine over an OpenAI-compatible HTTP server.
+    """Engine over an OpenAI-compatible HTTP server, through the official ``openai`` client (its transport, retries
+    and errors; the errors are raised again as this package's typed ones).
+
+    Token usage: each chat completion's ``usage`` (scoring requests included) is added to the engine's count
+    (``take_usage``). The OpenAI schema does not split out image tokens: ``prompt`` includes them, ``image`` stays 0.
 
     Args:
         model: the served model name (``tpru serve --served-model-name`` / ``vllm serve --served-model-name``);
             ``None`` takes the first model the server lists.
         base_url: server URL, e.g. ``http://127.0.0.1:8000/v1`` (``/v1`` is added to a bare host).
-        api_key: bearer token; defaults to the ``TPRU_API_KEY`` environment variable (never to other keys).
+        api_key: bearer token; defaults to the ``TPRU_API_KEY`` environment variable. ``OPENAI_API_KEY`` is
+            deliberately not read, so a real OpenAI key is never sent to another server.
         timeout: seconds per HTTP request (generation of a long chain of thought can take minutes).
         score_method: ``"auto"``, ``"tpru"``, ``"top_logprobs"`` or ``"prompt_logprobs"`` (see the module doc).
         top_logprobs: how many alternatives the ``top_logprobs`` method asks for (vLLM and ``tpru serve`` allow
             up to 20 unless started with a larger ``--max-logprobs``).
         image_format: ``"png"`` (lossless, default) or ``"jpeg"`` (smaller uploads, slightly different pixels).
         concurrency: requests in flight at once for batched ``generate`` and ``prompt_logprobs`` scoring.
-        max_retries: retries on connection errors and HTTP 429 / 502 / 503 / 504 (exponential back-off).
+        max_retries: retries of one request on connection errors, timeouts and HTTP 408 / 409 / 429 / 5xx
+            (the ``openai`` client's: exponential back-off, honouring ``Retry-After``).
         headers: extra HTTP headers sent with every request.
         device, dtype: ``"auto"`` only; the server chooses them (``tpru serve --device``, vLLM's ``--dtype``).
         quantization: ``None`` only; quantise on the server side.
         min_pixels, max_pixels: the budget the facade sizes frames at before sending them (``engine.budget``).
 
     Raises:
-        EngineUnavailableError: httpx (extra ``serve``) is not installed.
+        EngineUnavailableError: the ``openai`` package (extra ``serve``) is not installed.
         ConfigError: a bad option value, or a device / dtype / quantization (the server's to choose).
     """
 
@@ -124,7 +142,7 @@ class OpenAIEngine(Engine):
             from tpru_agent.frames import serving_budget
 
             self.budget = serving_budget(None, min_pixels, max_pixels)
-        httpx = require("httpx", "serve", what="the openai engine")
+        openai = require("openai", "serve", what="the openai engine")
         if score_method not in SCORE_METHODS:
             raise ConfigError(f"score_method must be one of {SCORE_METHODS}, got {score_method!r}")
         if image_format not in ("png", "jpeg"):
@@ -137,12 +155,15 @@ class OpenAIEngine(Engine):
         self.top_logprobs = top_logprobs
         self.image_format = image_format
         self.max_retries = max_retries
+        self.timeout = timeout
         key = api_key if api_key is not None else os.environ.get("TPRU_API_KEY")
-        hdrs = {"Authorization": f"Bearer {key}"} if key else {}
-        hdrs.update(headers or {})
-        self._client = httpx.Client(base_url=self.base_url, headers=hdrs, timeout=timeout,
-                                    limits=httpx.Limits(max_connections=max(concurrency, 4)))
-        self._httpx = httpx
+        headers = dict(headers or {})
+        # No key: the client still wants one, so give it a placeholder and leave the header out of every request.
+        keyless = not key and not any(h.lower() == "authorization" for h in headers)
+        self._extra_headers = {"Authorization": openai.Omit()} if keyless else None
+        self._openai = openai
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=key or "unused", timeout=timeout,
+                                     max_retries=max_retries, default_headers=headers or None)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tpru-openai")
         self._lock = threading.Lock()
         self._models: list[dict] | None = None
@@ -153,58 +174,80 @@ class OpenAIEngine(Engine):
             raise EngineClosedError(f"this OpenAIEngine ({self.base_url}) was closed; create a new one")
 
     # ------------------------------------------------------------------ HTTP
-    def _post(self, path: str, payload: dict) -> dict:
-        return self._request("POST", path, payload)
-
-    def _request(self, method: str, path: str, payload: dict | None = None) -> dict:
+    def _call(self, what: str, method, **kwargs: Any) -> Any:
+        """``method(**kwargs)`` of the ``openai`` client, its errors raised as this package's typed errors."""
         self._live()
-        httpx = self._httpx
-        for attempt in range(self.max_retries + 1):
-            try:
-                resp = self._client.request(method, path, json=payload)
-            except httpx.TimeoutException as exc:
-                raise ServerError(f"{method} {self.base_url}{path} timed out ({exc}); raise timeout= for long "
-                                  "generations") from exc
-            except httpx.TransportError as exc:
-                if attempt < self.max_retries:
-                    time.sleep(0.5 * 2 ** attempt)
-                    continue
-                raise EngineUnavailableError(
-                    f"cannot reach the server at {self.base_url} ({type(exc).__name__}: {exc}); start it with "
-                    "`tpru serve --model ...` (or vLLM, see tpru_agent.engines.openai) or fix base_url") from exc
-            if resp.status_code in _RETRY_STATUS and attempt < self.max_retries:
-                time.sleep(_retry_delay(resp.headers.get("retry-after"), attempt))
-                continue
-            return self._read(resp, method, path)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _read(self, resp, method: str, path: str) -> dict:
-        what = f"{method} {path}"
         try:
-            body = resp.json()
-        except ValueError:
-            body = None
-        if resp.status_code >= 400:
-            message = error_message(body) or resp.text[:300]
-            where = f"{what} on {self.base_url} answered HTTP {resp.status_code}: {message}"
-            if resp.status_code in (401, 403):
-                raise ConfigError(f"{where}. Pass api_key= (or set TPRU_API_KEY) to the server's key")
-            if resp.status_code == 404 and "model" in message.lower() and path != "/models":
-                raise ModelNotFoundError(f"{where}. Served models: {self.served_models()}")
-            if resp.status_code in (400, 413, 422):
-                raise ConfigError(where)
-            raise ServerError(where, status=resp.status_code, body=body)
-        if not isinstance(body, dict):
-            raise ServerError(f"{what} on {self.base_url} did not answer a JSON object", status=resp.status_code)
+            return method(extra_headers=self._extra_headers, **kwargs)
+        except self._openai.APIError as exc:
+            raise self._typed_error(exc, what) from exc
+
+    def _typed_error(self, exc: Exception, what: str) -> Exception:
+        openai = self._openai
+        start = _START.format(port=urlsplit(self.base_url).port or 8000)
+        if isinstance(exc, openai.APITimeoutError):
+            return EngineUnavailableError(
+                f"{what} on {self.base_url} timed out after {self.timeout:g} s (tried {self.max_retries + 1} "
+                f"times); raise timeout= for long generations, or check the server is up: {start}")
+        if isinstance(exc, openai.APIConnectionError):
+            cause = exc.__cause__ or exc
+            return EngineUnavailableError(
+                f"cannot reach the server at {self.base_url} ({type(cause).__name__}: {cause}; tried "
+                f"{self.max_retries + 1} times); {start}")
+        if not isinstance(exc, openai.APIStatusError):  # e.g. a response body the client cannot read
+            return ServerError(f"{what} on {self.base_url}: {exc}")
+        message = error_message(exc.body) or exc.message
+        where = f"{what} on {self.base_url} answered HTTP {exc.status_code}: {message}"
+        if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+            return ConfigError(f"{where}. Pass api_key= (or set TPRU_API_KEY) to the server's key; OPENAI_API_KEY "
+                               "is not read, so a real OpenAI key is never sent to another server")
+        if isinstance(exc, openai.NotFoundError) and what != "GET /models" and "model" in message.lower():
+            return ModelNotFoundError(f"{where}.{self._served_hint()}")
+        if isinstance(exc, (openai.BadRequestError, openai.UnprocessableEntityError)) or exc.status_code == 413:
+            return ConfigError(where)
+        return ServerError(where, status=exc.status_code, body=exc.body)
+
+    def _served_hint(self) -> str:
+        """`` Served models: [...]`` plus a close match of ``model``, or nothing when the listing fails."""
+        try:
+            served = self.served_models()
+        except TPRUError:  # only a hint inside another error's message
+            return ""
+        return f" Served models: {served}." + close_matches(str(self.model), served) if served else ""
+
+    def _chat(self, payload: dict, *, count: bool = True) -> dict:
+        """One chat completion as a plain dict (server extensions included); its ``usage`` counted if ``count``."""
+        args = {k: v for k, v in payload.items() if k in _CHAT_ARGS}
+        extra = {k: v for k, v in payload.items() if k not in _CHAT_ARGS}
+        body = self._call("POST /chat/completions", self._client.chat.completions.create, **args,
+                          extra_body=extra or None).to_dict()
+        if count:
+            self._count(body)
         return body
+
+    def _chats(self, items: Sequence, payload: Callable[[Any], dict]) -> list[dict]:
+        """One chat completion per item, sent concurrently; usage counted here, on the calling thread (it is
+        per thread, see :meth:`Engine.take_usage`)."""
+        def one(item: Any) -> dict:
+            return self._chat(payload(item), count=False)
+
+        bodies = [one(items[0])] if len(items) == 1 else list(self._pool.map(one, items))
+        for body in bodies:
+            self._count(body)
+        return bodies
+
+    def _count(self, body: dict) -> None:
+        usage = body.get("usage")
+        if isinstance(usage, dict):  # image tokens are inside prompt_tokens; the schema does not split them out
+            self._add_usage(prompt=usage.get("prompt_tokens") or 0, generated=usage.get("completion_tokens") or 0)
 
     # ------------------------------------------------------------------ server facts
     def _listing(self) -> list[dict]:
         with self._lock:
             if self._models is None:
                 try:
-                    data = self._request("GET", "/models").get("data")
-                    self._models = [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+                    page = self._call("GET /models", self._client.models.list)
+                    self._models = [m.to_dict() for m in page.data]
                 except ServerError:  # a server without /models: nothing known, not fatal
                     self._models = []
             return self._models
@@ -240,15 +283,10 @@ class OpenAIEngine(Engine):
     def generate(self, requests: Sequence[Request], options: GenerationOptions = GenerationOptions()) -> list[str]:
         """One chat completion per request, sent concurrently; the assistant text of each."""
         self._live()
-        def one(request: Request) -> str:
-            body = self._post("/chat/completions", self._payload(
-                request, max_tokens=options.max_new_tokens, temperature=options.temperature,
-                top_p=options.top_p, seed=options.seed))
-            return message_text(body)
-
-        if len(requests) == 1:
-            return [one(requests[0])]
-        return list(self._pool.map(one, requests))
+        bodies = self._chats(requests, lambda request: self._payload(
+            request, max_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
+            seed=options.seed))
+        return [message_text(body) for body in bodies]
 
     # ------------------------------------------------------------------ score
     def score(self, request: Request, continuations: Sequence[str], *, prefix: str = "") -> list[float]:
@@ -280,7 +318,7 @@ class OpenAIEngine(Engine):
         return "top_logprobs" if len(conts) > 1 and longest <= 3 else "prompt_logprobs"
 
     def _score_tpru(self, request: Request, conts: list[str], prefix: str) -> list[float]:
-        body = self._post("/chat/completions", self._payload(
+        body = self._chat(self._payload(
             request, max_tokens=1, tpru_score={"continuations": conts, "prefix": prefix}))
         values = (body.get("tpru_score") or {}).get("logprobs")
         if not isinstance(values, list) or len(values) != len(conts):
@@ -291,7 +329,7 @@ class OpenAIEngine(Engine):
     def _score_top(self, request: Request, conts: list[str], prefix: str) -> list[float] | None:
         split = prefill_split(conts, prefix)
         fill = (prefix + conts[0])[:split]
-        body = self._post("/chat/completions", self._payload(
+        body = self._chat(self._payload(
             request, assistant=fill, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=self.top_logprobs))
         try:
             first = body["choices"][0]["logprobs"]["content"][0]
@@ -306,17 +344,17 @@ class OpenAIEngine(Engine):
         return [floor if v is None else v for v in values]
 
     def _score_prompt(self, request: Request, conts: list[str], prefix: str) -> list[float]:
-        def one(cont: str) -> float:
-            body = self._post("/chat/completions", self._payload(
-                request, assistant=prefix + cont, max_tokens=1, temperature=0.0, prompt_logprobs=0,
-                return_token_ids=True))
+        bodies = self._chats(conts, lambda cont: self._payload(
+            request, assistant=prefix + cont, max_tokens=1, temperature=0.0, prompt_logprobs=0,
+            return_token_ids=True))
+        values = []
+        for cont, body in zip(conts, bodies):
             plp = body.get("prompt_logprobs")
             if not isinstance(plp, list):
                 raise ServerError(f"{self.base_url} answered no prompt_logprobs; the prompt_logprobs method needs "
                                   "vLLM (or tpru serve)", body=body)
-            return continuation_logprob(plp, body.get("prompt_token_ids"), len(cont))
-
-        return list(self._pool.map(one, conts))
+            values.append(continuation_logprob(plp, body.get("prompt_token_ids"), len(cont)))
+        return values
 
     # ------------------------------------------------------------------ lifecycle
     def info(self) -> dict:
@@ -325,7 +363,7 @@ class OpenAIEngine(Engine):
                 "score_method": self.score_method, "tpru_server": self.is_tpru_server()}
 
     def close(self) -> None:
-        """Close the HTTP connections and the request threads; later calls raise :class:`EngineClosedError`."""
+        """Close the client's connections and the request threads; later calls raise :class:`EngineClosedError`."""
         self._closed = True
         self._pool.shutdown(wait=False)
         self._client.close()
@@ -337,11 +375,3 @@ class OpenAIEngine(Engine):
 __all__ = ["OpenAIEngine", "SCORE_METHODS", "ServerError", "continuation_logprob", "image_data_url",
            "match_top_logprobs", "normalize_base_url", "pretoken_split", "question_payload", "user_content"]
 
-
-def _retry_delay(header: str | None, attempt: int) -> float:
-    """Seconds to wait before a retry: the server's ``Retry-After`` in seconds when it is one (clamped to 30 s),
-    else exponential backoff (an HTTP-date or garbage value is ignored, never raised)."""
-    try:
-        return min(30.0, max(0.0, float(header)))
-    except (TypeError, ValueError):
-        return 0.5 * 2 ** attempt

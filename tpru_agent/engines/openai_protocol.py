@@ -153,6 +153,9 @@ def message_text(body: dict) -> str:
 
 
 def error_message(body: Any) -> str:
+    """The server's message in an error body (OpenAI's ``error.message``, FastAPI's ``detail``, plain text)."""
+    if isinstance(body, str):
+        return body.strip()[:300]
     if isinstance(body, dict):
         err = body.get("error", body.get("detail", body.get("message")))
         if isinstance(err, dict):
