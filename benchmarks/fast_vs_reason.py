@@ -87,6 +87,12 @@ def run(args) -> dict:
                 fast_ms.append((time.perf_counter() - t0) * 1000)
     finally:
         model.close()
+    return _summary(fast_ms, reason_ms, generate_ms, short, budget)
+
+
+def _summary(fast_ms: list[float], reason_ms: list[float], generate_ms: list[float], short: list[float],
+             budget: int) -> dict:
+    """The report: medians, the per-token decode cost (reason generation minus a 16-token one) and the ratio."""
     fast_p50, reason_p50 = statistics.median(fast_ms), statistics.median(reason_ms)
     per_token = (statistics.median(generate_ms) - min(short)) / (budget - 16)
     fixed = reason_p50 - budget * per_token

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -93,7 +92,7 @@ def build_realsize_checkpoint(path: str | os.PathLike, *, size: str = "3b", devi
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from tpru_agent.fsutil import replace_dir
+    from tpru_agent.fsutil import atomic_dir
     from tpru_agent.testing import build_tiny_checkpoint
 
     target = Path(path).expanduser().resolve()
@@ -106,9 +105,7 @@ def build_realsize_checkpoint(path: str | os.PathLike, *, size: str = "3b", devi
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
     log.info("built %s random weights on %s in %.1f s", size, device, time.perf_counter() - started)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         del model
         gc.collect()
@@ -116,9 +113,6 @@ def build_realsize_checkpoint(path: str | os.PathLike, *, size: str = "3b", devi
             if (tiny / name).is_file():
                 shutil.copy2(tiny / name, tmp / name)
         (tmp / _STAMP).write_text(json.dumps(stamp))
-        replace_dir(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return target

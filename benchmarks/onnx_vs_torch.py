@@ -77,13 +77,30 @@ def _torch_parts(hf, request):
 
 
 def _timings(hf, engines: dict, request, args) -> dict:
-    import numpy as np
+    from tpru_agent.tasks import continuation
+
+    repeats, warmup = (3, 1) if args.quick else (args.repeats, args.warmup)
+    torch_calls, (embeds, positions, n, delta) = _torch_calls(hf, request)
+    conts = [continuation(a) for a in request.question.answers()]
+    torch_calls["score"] = lambda: hf.score(request, conts)
+    figures: dict = {"prompt_tokens": n, "threads": args.threads}
+    for label, engine in engines.items():
+        ort_calls = _ort_calls(engine, request, conts, embeds.numpy(), positions.numpy(), n, delta)
+        for name in ("vision", "prefill", "decode", "score"):
+            t_ms, o_ms = _side_by_side(torch_calls[name], ort_calls[name], repeats, warmup)
+            figures[f"{label}.{name}_torch_ms"] = round(t_ms, 2)
+            figures[f"{label}.{name}_ort_ms"] = round(o_ms, 2)
+            figures[f"{label}.{name}_ort_vs_torch_x"] = round(t_ms / o_ms, 2)
+    return figures
+
+
+def _torch_calls(hf, request) -> tuple[dict, tuple]:
+    """The torch side's vision / prefill / one-step decode calls, and (embeds, positions, tokens, rope delta)."""
     from transformers import DynamicCache
 
     torch, model = hf._torch, hf.model
     inputs, embeds, positions, delta = _torch_parts(hf, request)
     n = embeds.shape[1]
-    repeats, warmup = (3, 1) if args.quick else (args.repeats, args.warmup)
 
     def torch_vision():
         with torch.inference_mode():
@@ -105,39 +122,33 @@ def _timings(hf, engines: dict, request, args) -> dict:
         with torch.inference_mode():
             model(input_ids=step_ids, position_ids=step_pos, cache=cache, use_cache=True)
 
-    from tpru_agent.tasks import continuation
+    calls = {"vision": torch_vision, "prefill": torch_prefill, "decode": torch_step}
+    return calls, (embeds, positions, n, delta)
 
-    conts = [continuation(a) for a in request.question.answers()]
-    figures: dict = {"prompt_tokens": n, "threads": args.threads}
-    for label, engine in engines.items():
-        pixels = [engine._pixels(im) for im in request.images]
-        e_np, p_np = embeds.numpy(), positions.numpy()
-        index = np.asarray([n - 1])
-        _, kv = engine._decode(e_np, p_np, n, index, None)
-        step_embed = engine._embed([100])
-        step_p = np.full((3, 1, 1), n + delta, dtype=np.int64)
 
-        def ort_vision():
-            for p in pixels:
-                engine.sessions["vision"].run(None, {"pixels": p})
+def _ort_calls(engine, request, conts, e_np, p_np, n: int, delta: int) -> dict:
+    """The onnx engine's vision / prefill / one-step decode / score calls on the same inputs as the torch side."""
+    import numpy as np
 
-        def ort_step():
-            engine._decode(step_embed, step_p, n + 1, np.zeros(1, dtype=np.int64), kv)
+    pixels = [engine._pixels(im) for im in request.images]
+    index = np.asarray([n - 1])
+    _, kv = engine._decode(e_np, p_np, n, index, None)
+    step_embed = engine._embed([100])
+    step_p = np.full((3, 1, 1), n + delta, dtype=np.int64)
 
-        def ort_score():
-            engine.clear_cache()
-            engine.score(request, conts)
+    def ort_vision():
+        for p in pixels:
+            engine.sessions["vision"].run(None, {"pixels": p})
 
-        pairs = {"vision": (torch_vision, ort_vision),
-                 "prefill": (torch_prefill, lambda: engine._decode(e_np, p_np, n, index, None)),
-                 "decode": (torch_step, ort_step),
-                 "score": (lambda: hf.score(request, conts), ort_score)}
-        for name, (tf, of) in pairs.items():
-            t_ms, o_ms = _side_by_side(tf, of, repeats, warmup)
-            figures[f"{label}.{name}_torch_ms"] = round(t_ms, 2)
-            figures[f"{label}.{name}_ort_ms"] = round(o_ms, 2)
-            figures[f"{label}.{name}_ort_vs_torch_x"] = round(t_ms / o_ms, 2)
-    return figures
+    def ort_step():
+        engine._decode(step_embed, step_p, n + 1, np.zeros(1, dtype=np.int64), kv)
+
+    def ort_score():
+        engine.clear_cache()
+        engine.score(request, conts)
+
+    return {"vision": ort_vision, "prefill": lambda: engine._decode(e_np, p_np, n, index, None),
+            "decode": ort_step, "score": ort_score}
 
 
 def _agreement(hf, engines: dict, reqs: list, tokens: int) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -97,59 +98,94 @@ def contact_sheet(images, labels: Sequence[str], *, title: str | None = None,
     """
     frames = load_frames(list(images) if isinstance(images, (list, tuple)) else images, budget=None,
                          min_frames=1, what="sheet images")
-    labels = [str(label) for label in labels]
-    if len(labels) != len(frames):
-        raise ConfigError(f"contact_sheet got {len(frames)} images but {len(labels)} labels; give one label each")
-    if captions is not None:
-        captions = [str(c) for c in captions]
-        if len(captions) != len(frames):
-            raise ConfigError(f"contact_sheet got {len(frames)} images but {len(captions)} captions; give one each")
-    if isinstance(thumb, bool) or not isinstance(thumb, int) or thumb < 48:
-        raise ConfigError(f"thumb must be an integer of at least 48 pixels, got {thumb!r}")
-    columns = default_columns(len(frames)) if columns is None else columns
-    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
-        raise ConfigError(f"columns must be a positive integer, got {columns!r}")
-    columns = min(columns, len(frames))
-    rows = math.ceil(len(frames) / columns)
-
-    label_font = _font(max(14, thumb // 9))
-    caption_font = _font(max(11, thumb // 14))
-    title_font = _font(max(16, thumb // 8))
-    label_h = label_font.size + 10
-    caption_lines = 2 if captions is not None else 0
-    caption_h = caption_lines * (caption_font.size + 4) + (4 if caption_lines else 0)
-    cell_w, cell_h = thumb, label_h + thumb + caption_h
-    width = _PAD + columns * (cell_w + _PAD)
-    title_h = title_font.size + 16 if title else 0
-    height = title_h + _PAD + rows * (cell_h + _PAD)
-
-    sheet = Image.new("RGB", (width, height), _BACKGROUND)
+    labels = _one_each(labels, len(frames), "labels", "give one label each")
+    captions = None if captions is None else _one_each(captions, len(frames), "captions", "give one each")
+    layout = _layout(len(frames), thumb, columns, captioned=captions is not None, titled=bool(title))
+    sheet = Image.new("RGB", (layout.width, layout.height), _BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     if title:
-        draw.rectangle((0, 0, width, title_h - 1), fill=_TITLE_BAR)
-        text = _fit_text(draw, title, title_font, width - 2 * _PAD)
-        draw.text((_PAD, title_h // 2), text, font=title_font, fill=(255, 255, 255), anchor="lm")
+        draw.rectangle((0, 0, layout.width, layout.title_h - 1), fill=_TITLE_BAR)
+        text = _fit_text(draw, title, layout.title_font, layout.width - 2 * _PAD)
+        draw.text((_PAD, layout.title_h // 2), text, font=layout.title_font, fill=(255, 255, 255), anchor="lm")
     for k, frame in enumerate(frames):
-        row, col = divmod(k, columns)
-        x = _PAD + col * (cell_w + _PAD)
-        y = title_h + _PAD + row * (cell_h + _PAD)
-        label = _fit_text(draw, labels[k], label_font, cell_w - 4)
-        draw.text((x + cell_w // 2, y + label_h // 2), label, font=label_font, fill=_INK, anchor="mm",
-                  stroke_width=1, stroke_fill=_INK)
-        top = y + label_h
-        draw.rectangle((x, top, x + thumb - 1, top + thumb - 1), fill=_CELL)
-        small = ImageOps.contain(frame, (thumb, thumb), Image.Resampling.LANCZOS)
-        sheet.paste(small, (x + (thumb - small.width) // 2, top + (thumb - small.height) // 2))
-        if captions is not None:
-            line_y = top + thumb + 4
-            for line in _wrap(draw, captions[k], caption_font, cell_w - 2, caption_lines):
-                draw.text((x + 1, line_y), line, font=caption_font, fill=_MUTED)
-                line_y += caption_font.size + 4
+        _draw_cell(sheet, draw, layout, k, frame, labels[k], None if captions is None else captions[k])
     return sheet
 
 
+def _one_each(texts: Sequence[str], count: int, what: str, fix: str) -> list[str]:
+    """``texts`` as strings, checked to be one per image."""
+    texts = [str(t) for t in texts]
+    if len(texts) != count:
+        raise ConfigError(f"contact_sheet got {count} images but {len(texts)} {what}; {fix}")
+    return texts
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where everything goes on a sheet: grid, fonts and the heights of a cell's parts."""
+
+    thumb: int
+    columns: int
+    label_font: ImageFont.ImageFont | ImageFont.FreeTypeFont
+    caption_font: ImageFont.ImageFont | ImageFont.FreeTypeFont
+    title_font: ImageFont.ImageFont | ImageFont.FreeTypeFont
+    label_h: int
+    caption_lines: int
+    cell_h: int
+    title_h: int
+    width: int
+    height: int
+
+
+def _layout(count: int, thumb, columns, *, captioned: bool, titled: bool) -> _Layout:
+    """The sheet's layout for ``count`` thumbnails of side ``thumb`` in ``columns`` columns (default: see above).
+
+    Raises:
+        ConfigError: ``thumb`` is under 48 or not an integer, or ``columns`` is not a positive integer.
+    """
+    if isinstance(thumb, bool) or not isinstance(thumb, int) or thumb < 48:
+        raise ConfigError(f"thumb must be an integer of at least 48 pixels, got {thumb!r}")
+    columns = default_columns(count) if columns is None else columns
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+        raise ConfigError(f"columns must be a positive integer, got {columns!r}")
+    columns = min(columns, count)
+    rows = math.ceil(count / columns)
+    label_font, caption_font = _font(max(14, thumb // 9)), _font(max(11, thumb // 14))
+    title_font = _font(max(16, thumb // 8))
+    label_h = label_font.size + 10
+    caption_lines = 2 if captioned else 0
+    caption_h = caption_lines * (caption_font.size + 4) + (4 if caption_lines else 0)
+    cell_h = label_h + thumb + caption_h
+    title_h = title_font.size + 16 if titled else 0
+    return _Layout(thumb=thumb, columns=columns, label_font=label_font, caption_font=caption_font,
+                   title_font=title_font, label_h=label_h, caption_lines=caption_lines, cell_h=cell_h,
+                   title_h=title_h, width=_PAD + columns * (thumb + _PAD),
+                   height=title_h + _PAD + rows * (cell_h + _PAD))
+
+
+def _draw_cell(sheet: Image.Image, draw: ImageDraw.ImageDraw, layout: _Layout, k: int, frame: Image.Image,
+               label: str, caption: str | None) -> None:
+    """Draw thumbnail ``k``: its label above, the frame fitted in a grey square, its caption under it."""
+    thumb = layout.thumb
+    row, col = divmod(k, layout.columns)
+    x = _PAD + col * (thumb + _PAD)
+    y = layout.title_h + _PAD + row * (layout.cell_h + _PAD)
+    label = _fit_text(draw, label, layout.label_font, thumb - 4)
+    draw.text((x + thumb // 2, y + layout.label_h // 2), label, font=layout.label_font, fill=_INK, anchor="mm",
+              stroke_width=1, stroke_fill=_INK)
+    top = y + layout.label_h
+    draw.rectangle((x, top, x + thumb - 1, top + thumb - 1), fill=_CELL)
+    small = ImageOps.contain(frame, (thumb, thumb), Image.Resampling.LANCZOS)
+    sheet.paste(small, (x + (thumb - small.width) // 2, top + (thumb - small.height) // 2))
+    if caption is not None:
+        line_y = top + thumb + 4
+        for line in _wrap(draw, caption, layout.caption_font, thumb - 2, layout.caption_lines):
+            draw.text((x + 1, line_y), line, font=layout.caption_font, fill=_MUTED)
+            line_y += layout.caption_font.size + 4
+
+
 def save_image(image: Image.Image, path) -> Path:
-    """Write ``image`` atomically (temporary file + ``os.replace``), creating parent folders.
+    """Write ``image`` atomically (:func:`tpru_agent.fsutil.atomic_path`), creating parent folders.
 
     The format follows the extension (``.png``, ``.jpg``, ``.webp``...).
 

@@ -141,14 +141,13 @@ def test_a_parquet_rewritten_through_pandas_still_loads_for_training(source, tmp
 
 
 def test_the_final_checkpoint_swap_gives_usual_modes(tmp_path):
-    from tpru_agent.finetune.train.modeling import _swap_in
+    """write_final publishes through fsutil.atomic_dir: a new final, then one replacing it, both in usual modes."""
+    from tpru_agent.fsutil import atomic_dir
 
     for round_ in range(2):   # a new final, then one replacing it
-        tmp = tmp_path / f".final.{round_}.tmp"
-        tmp.mkdir(mode=0o700)
-        (tmp / "model.safetensors").write_bytes(b"x" * round_)
-        os.chmod(tmp / "model.safetensors", 0o600)   # as safetensors' save_file leaves it
-        _swap_in(tmp, tmp_path / "final")
+        with atomic_dir(tmp_path / "final") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x" * round_)
+            os.chmod(tmp / "model.safetensors", 0o600)   # as safetensors' save_file leaves it
         assert stat.S_IMODE((tmp_path / "final" / "model.safetensors").stat().st_mode) == 0o666 & ~umask()
         assert (tmp_path / "final" / "model.safetensors").stat().st_size == round_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]

@@ -1,6 +1,7 @@
 """Atomic, durable writes shared by everything that writes a file or a folder (data, checkpoints, exports, reports).
 
-Each write goes to a temporary name beside the target, is flushed to disk (fsync), gets the usual permissions
+Each write (a file: :func:`atomic_path`, :func:`write_text`, :func:`write_json`; a folder: :func:`atomic_dir`) goes
+to a temporary name beside the target, is flushed to disk (fsync), gets the usual permissions
 (``0666`` / ``0777`` minus the umask: ``mkstemp``, ``mkdtemp`` and safetensors make private ``0600`` files), and is
 renamed over the target; the folder is then fsync'ed so the rename survives a power cut.
 
@@ -152,3 +153,26 @@ def replace_dir(src: Path, dst: Path) -> None:
     else:
         os.replace(src, dst)
     fsync_dir(dst.parent)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary folder beside ``path`` to fill; on success it replaces ``path`` (:func:`replace_dir`).
+
+    On an error the temporary folder is removed and ``path`` is left as it was. A block that finds it has nothing
+    to publish after all (another process finished the same folder meanwhile) removes the temporary folder itself
+    (``shutil.rmtree(tmp)``); ``path`` is then left as it is.
+
+    Example:
+        >>> with atomic_dir(Path(tempfile.mkdtemp()) / "export") as tmp:
+        ...     _ = (tmp / "a.txt").write_text("done")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if tmp.exists():
+            replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -169,12 +169,37 @@ def _check_folder(folder: Path, name: str) -> Path:
         return folder  # a LoRA adapter: the hf engine loads its base and applies it
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"model folder {str(folder)!r} (from {name!r}) has no config.json")
-    _check_config(folder / "config.json", name)
     if not any(folder.glob("*.safetensors")):
+        _check_config(folder / "config.json", name)
         pickles = [p.name for p in folder.glob("*.bin")]
         extra = f" It has {pickles}: pickle weights are refused; convert them to safetensors." if pickles else ""
         raise ModelNotFoundError(f"model folder {str(folder)!r} (from {name!r}) has no *.safetensors weights.{extra}")
+    check_model_files(folder, name)
     return folder
+
+
+def check_model_files(folder: str | os.PathLike, name: str | None = None) -> None:
+    """The checks every loader runs on a local model folder before ``from_pretrained`` reads it.
+
+    Inference runs them through :func:`locate`, fine-tuning on its base before loading it: ``config.json`` names an
+    architecture transformers ships (no code from the folder is ever run), and the weights are safetensors, not
+    pickles (``*.bin``), even beside other safetensors files (an adapter, an extra tensor file). A folder without
+    ``config.json`` (an adapter) is left to ``from_pretrained(use_safetensors=True)``.
+
+    Raises:
+        ModelNotFoundError: a remote-code or unreadable config, or ``*.bin`` weights without ``model.safetensors``
+            (or its shard index).
+    """
+    folder = Path(folder)
+    name = str(folder) if name is None else name
+    if not (folder / "config.json").is_file():
+        return
+    _check_config(folder / "config.json", name)
+    pickles = sorted(p.name for p in folder.glob("*.bin") if p.name != "training_args.bin")
+    safe = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    if pickles and not safe:
+        raise ModelNotFoundError(f"model folder {str(folder)!r} (from {name!r}) has no model.safetensors weights. "
+                                 f"It has {pickles}: pickle weights are refused; convert them to safetensors.")
 
 
 #: Architectures the engines load without code from the model folder.

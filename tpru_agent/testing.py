@@ -21,12 +21,11 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 from tpru_agent.errors import ConfigError, require
+from tpru_agent.fsutil import atomic_dir
 from tpru_agent.sizing import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS
-from tpru_agent.fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -280,11 +279,24 @@ def build_tiny_checkpoint(path: str | os.PathLike, *, size: str = "tiny", seed: 
     target = Path(path).expanduser().resolve()
     if _is_complete(target, size, seed):
         return target
-    torch = require("torch", "hf", what="building the tiny checkpoint")
+    require("torch", "hf", what="building the tiny checkpoint")
     require("transformers", "hf", what="building the tiny checkpoint")
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
-
     tok = _train_tokenizer(seed)
+    model = _random_model(size, tok, seed)
+    with atomic_dir(target) as tmp:
+        n_params = _write_checkpoint(tmp, model, tok, {"recipe": RECIPE_VERSION, "size": size, "seed": seed})
+        if _is_complete(target, size, seed):  # another process finished the same build meanwhile: keep it
+            shutil.rmtree(tmp)
+            return target
+    log.info("built %s Qwen2.5-VL checkpoint (%d parameters) in %s", size, n_params, target)
+    return target
+
+
+def _random_model(size: str, tok, seed: int):
+    """The seeded random-weight model of ``size``, with a generation config that stops at end of turn."""
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
     config = _model_config(size, tok)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -293,34 +305,26 @@ def build_tiny_checkpoint(path: str | os.PathLike, *, size: str = "tiny", seed: 
         bos_token_id=config.text_config.bos_token_id, pad_token_id=config.text_config.pad_token_id,
         eos_token_id=[config.text_config.eos_token_id, config.text_config.bos_token_id],
     )
+    return model
+
+
+def _write_checkpoint(folder: Path, model, tok, stamp: dict) -> int:
+    """Save model, tokenizer, processor and the build stamp into ``folder`` (Hub layout); returns the parameters."""
+    from transformers import Qwen2VLImageProcessor
+
+    model.save_pretrained(folder, safe_serialization=True)
+    # The layout of the Qwen / TPRU releases: tokenizer files + chat template, preprocessor_config.json.
+    tok.save_pretrained(folder)
     # The real Qwen2.5-VL-3B/7B-Instruct processor budget, written as the real preprocessor_config.json writes it
     # (top-level min_pixels / max_pixels keys, which beat a size= argument): engines must hold their own budget.
-    image_processor = Qwen2VLImageProcessor(min_pixels=PROCESSOR_MIN_PIXELS, max_pixels=PROCESSOR_MAX_PIXELS)
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint is an ordinary folder
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        # The layout of the Qwen / TPRU releases: tokenizer files + chat template, preprocessor_config.json.
-        tok.save_pretrained(tmp)
-        image_processor.save_pretrained(tmp)
-        preproc_path = tmp / "preprocessor_config.json"
-        preproc = json.loads(preproc_path.read_text(encoding="utf-8"))
-        preproc.update(min_pixels=PROCESSOR_MIN_PIXELS, max_pixels=PROCESSOR_MAX_PIXELS)
-        preproc_path.write_text(json.dumps(preproc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        n_params = sum(p.numel() for p in model.parameters())
-        stamp = {"recipe": RECIPE_VERSION, "size": size, "seed": seed}
-        (tmp / _STAMP).write_text(json.dumps(dict(stamp, parameters=n_params), indent=2), encoding="utf-8")
-        if _is_complete(target, size, seed):  # another process finished the same build meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-            return target
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("built %s Qwen2.5-VL checkpoint (%d parameters) in %s", size, n_params, target)
-    return target
+    Qwen2VLImageProcessor(min_pixels=PROCESSOR_MIN_PIXELS, max_pixels=PROCESSOR_MAX_PIXELS).save_pretrained(folder)
+    preproc_path = folder / "preprocessor_config.json"
+    preproc = json.loads(preproc_path.read_text(encoding="utf-8"))
+    preproc.update(min_pixels=PROCESSOR_MIN_PIXELS, max_pixels=PROCESSOR_MAX_PIXELS)
+    preproc_path.write_text(json.dumps(preproc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    n_params = sum(p.numel() for p in model.parameters())
+    (folder / _STAMP).write_text(json.dumps(dict(stamp, parameters=n_params), indent=2), encoding="utf-8")
+    return n_params
 
 
 def synthetic_frames(count: int = 4, size: tuple[int, int] = (196, 168)) -> list:

@@ -6,7 +6,7 @@ structs with the Hugging Face ``Image`` feature recorded in the schema metadata,
 ``"CABD"``. Files this project writes also carry ``task``, ``domain``, ``negative`` and ``episode_id``; files
 without them (the authors' own) read with empty defaults.
 
-Writes are deterministic (same rows -> same bytes) and atomic (temporary file + ``os.replace``).
+Writes are deterministic (same rows -> same bytes) and atomic (:func:`tpru_agent.fsutil.atomic_path`).
 
 Example:
     >>> from tpru_agent.finetune.data.tpru_format import TPRURow, write_parquet, read_parquet

@@ -292,41 +292,49 @@ def metaworld_episodes(tasks: Sequence[str], episodes_per_task: int, *, frames_p
     _, env_dict, policy_map = _import_metaworld()
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)  # one name is one task, not a list of letters
     _check(tasks, episodes_per_task, frames_per_episode, size, perturb, max_steps, env_dict)
+    for task in tasks:
+        yield from _task_episodes(task, policy_map[task], episodes_per_task, frames_per_episode=frames_per_episode,
+                                  size=size, seed=seed, camera=camera, perturb=perturb,
+                                  open_gripper_early=open_gripper_early, max_steps=max_steps)
+
+
+def _task_episodes(task: str, policy_cls, count: int, *, frames_per_episode: int, size: int, seed: int,
+                   camera: str, perturb: float, open_gripper_early: bool, max_steps: int) -> Iterator[Episode]:
+    """``count`` episodes of one task (see :func:`metaworld_episodes`): roll out, retry failed experts, render."""
     sabotaged = perturb > 0 or open_gripper_early
     salt = (1 if perturb > 0 else 0) + (2 if open_gripper_early else 0)
-    for task in tasks:
-        env = _env(task, size, camera)
-        policy = policy_map[task]()
-        made, attempt, failures = 0, 0, 0
-        while made < episodes_per_task:
-            if attempt >= MAX_ATTEMPTS_PER_EPISODE * max(episodes_per_task, 1):
-                raise ConfigError(f"the Meta-World expert for {task!r} failed {failures} of {attempt} rollouts "
-                                  f"(max_steps={max_steps}); raise max_steps or drop the task")
-            rng = _rng(seed, task, made, attempt, salt)
-            attempt += 1
-            rand_vec = _set_task(env, task, rng)
-            states, success, applied, steps = _rollout(env, policy, rng, perturb=perturb,
-                                                       open_gripper_early=open_gripper_early, max_steps=max_steps)
-            if not success and not sabotaged:
-                failures += 1
-                log.info("Meta-World %s: rollout %d failed after %d steps; retrying", task, attempt, steps)
-                continue
-            indices = even_indices(len(states), frames_per_episode)
-            kind = ("-perturb" if perturb > 0 else "") + ("-gripper" if open_gripper_early else "")
-            yield Episode(
-                episode_id=f"metaworld/{task}/seed{seed}/ep{made}{kind}",
-                frames=_render(env, states, indices),
-                description=task_sentence(task),
-                domain="robot",
-                task=task,
-                meta={"source": "metaworld", "seed": seed, "index": made, "attempt": attempt - 1,
-                      "success": success, "steps": steps, "frame_steps": indices, "camera": camera, "size": size,
-                      "perturb": perturb, "open_gripper_early": open_gripper_early,
-                      "sabotage_applied": bool(perturb > 0 or applied), "rand_vec": [float(x) for x in rand_vec]},
-            )
-            made += 1
-        if failures:
-            log.warning("Meta-World %s: %d failed expert rollouts skipped (kept only successful ones)", task, failures)
+    env = _env(task, size, camera)
+    policy = policy_cls()
+    made, attempt, failures = 0, 0, 0
+    while made < count:
+        if attempt >= MAX_ATTEMPTS_PER_EPISODE * max(count, 1):
+            raise ConfigError(f"the Meta-World expert for {task!r} failed {failures} of {attempt} rollouts "
+                              f"(max_steps={max_steps}); raise max_steps or drop the task")
+        rng = _rng(seed, task, made, attempt, salt)
+        attempt += 1
+        rand_vec = _set_task(env, task, rng)
+        states, success, applied, steps = _rollout(env, policy, rng, perturb=perturb,
+                                                   open_gripper_early=open_gripper_early, max_steps=max_steps)
+        if not success and not sabotaged:
+            failures += 1
+            log.info("Meta-World %s: rollout %d failed after %d steps; retrying", task, attempt, steps)
+            continue
+        indices = even_indices(len(states), frames_per_episode)
+        kind = ("-perturb" if perturb > 0 else "") + ("-gripper" if open_gripper_early else "")
+        yield Episode(
+            episode_id=f"metaworld/{task}/seed{seed}/ep{made}{kind}",
+            frames=_render(env, states, indices),
+            description=task_sentence(task),
+            domain="robot",
+            task=task,
+            meta={"source": "metaworld", "seed": seed, "index": made, "attempt": attempt - 1,
+                  "success": success, "steps": steps, "frame_steps": indices, "camera": camera, "size": size,
+                  "perturb": perturb, "open_gripper_early": open_gripper_early,
+                  "sabotage_applied": bool(perturb > 0 or applied), "rand_vec": [float(x) for x in rand_vec]},
+        )
+        made += 1
+    if failures:
+        log.warning("Meta-World %s: %d failed expert rollouts skipped (kept only successful ones)", task, failures)
 
 
 __all__ = ["TASK_SENTENCES", "close_envs", "even_indices", "metaworld_episodes", "task_sentence"]

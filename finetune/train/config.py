@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from tpru_agent.errors import ConfigError, close_matches
+from tpru_agent.fsutil import write_text
+from tpru_agent.sizing import TRAINED_MAX, TRAINED_MIN
 
 METHODS = ("grpo", "sft", "sft+grpo")
 PEFTS = ("none", "lora", "qlora")
@@ -70,8 +72,8 @@ class FinetuneConfig:
     eval_max_new_tokens: int = 1024
     template: str | None = None
     data_cache_dir: str | None = None
-    min_pixels: int = 16384
-    max_pixels: int = 36864
+    min_pixels: int = TRAINED_MIN
+    max_pixels: int = TRAINED_MAX
     max_prompt_length: int | None = 7000
     # GRPO (TPRU recipe)
     num_generations: int = 5
@@ -216,10 +218,7 @@ class FinetuneConfig:
         import yaml
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
         return path
 
 

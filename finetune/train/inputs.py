@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tpru_agent.errors import ConfigError, require
+from tpru_agent.sizing import TRAINED_MAX, TRAINED_MIN
 from tpru_agent.tasks import IMAGE, render_prompt
 from tpru_agent.tasks.question import split_images
 
@@ -163,7 +164,7 @@ def _typed_images(ds, datasets, files: list[str]):
 
 
 def load_split(data: str | os.PathLike, split: str, *, template: str | None = None,
-               min_pixels: int = 16384, max_pixels: int = 36864, limit: int | None = None,
+               min_pixels: int = TRAINED_MIN, max_pixels: int = TRAINED_MAX, limit: int | None = None,
                completion_fn: Callable[..., str] | None = None, cache_dir: str | None = None,
                processor=None, max_prompt_length: int | None = None, report: dict | None = None):
     """A ``datasets.Dataset`` of one split whose rows read as TRL multimodal examples.

@@ -5,6 +5,12 @@ the same names); QLoRA loads the base in 4-bit NF4 (bitsandbytes) with the visio
 unquantised. The final folder is a complete transformers checkpoint that ``TPRU(path)`` loads: merged weights
 (default; LoRA / QLoRA adapters are merged into a full-precision copy of the base), or, with ``merge: false``,
 the adapter files plus the processor and a note.
+
+Why a loader of its own beside the hf engine's (:mod:`tpru_agent.engines.hf`): training loads the base differently
+(fp32 master weights for full fine-tuning, :func:`train_dtype`; 4-bit NF4 with a per-rank device map for QLoRA,
+:func:`quantization_config`; the vision tower frozen; the processor at the training budget, left padded), and
+serving does none of that. What a model folder must pass before either loads it is shared:
+:func:`tpru_agent.hub.check_model_files` (no remote code, safetensors only).
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tpru_agent.errors import ConfigError, ModelNotFoundError, require
+from tpru_agent.errors import ConfigError, require
 from tpru_agent.finetune.train.config import FinetuneConfig
-from tpru_agent.fsutil import atomic_path, replace_dir
+from tpru_agent.fsutil import atomic_dir, atomic_path, write_json
+from tpru_agent.hub import check_model_files
+from tpru_agent.sizing import BUDGET_FILE
 
 log = logging.getLogger(__name__)
 
@@ -90,31 +98,16 @@ def train_dtype(cfg: FinetuneConfig):
     return torch.bfloat16
 
 
-def check_safetensors(folder: str | os.PathLike) -> None:
-    """Refuse a folder whose weights are pickles (``*.bin``), as inference does, even beside other safetensors.
-
-    Raises:
-        ModelNotFoundError: the folder has ``*.bin`` weights and no ``model.safetensors`` (or shard index).
-    """
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        return  # a Hub id resolved elsewhere, or an adapter folder: from_pretrained(use_safetensors=True) decides
-    pickles = sorted(p.name for p in folder.glob("*.bin") if p.name != "training_args.bin")
-    safe = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
-    if pickles and not safe:
-        raise ModelNotFoundError(f"model folder {str(folder)!r} has no model.safetensors weights. It has {pickles}: "
-                                 "pickle weights are refused; convert them to safetensors.")
-
-
 def load_model(path: str | os.PathLike, cfg: FinetuneConfig):
     """The base model for training (:func:`train_dtype`), 4-bit for QLoRA, vision frozen on request / with PEFT.
 
     Raises:
-        ModelNotFoundError: pickle weights (:func:`check_safetensors`); only safetensors are loaded.
+        ModelNotFoundError: a remote-code model or pickle weights (:func:`tpru_agent.hub.check_model_files`, the
+            check inference runs too); only safetensors are loaded.
     """
     require("torch", "finetune", what="fine-tuning")
     transformers = require("transformers", "finetune", what="fine-tuning")
-    check_safetensors(path)
+    check_model_files(path)
     kwargs: dict[str, Any] = {"dtype": train_dtype(cfg), "trust_remote_code": False, "use_safetensors": True}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -155,18 +148,6 @@ def check_lora_targets(model, cfg: FinetuneConfig) -> list[str]:
     return names
 
 
-def _atomic_dir(target: Path) -> Path:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    # fsync'ed, and the usual file modes: safetensors writes its files 0600
-    replace_dir(tmp, target)
-
-
 def merge_adapter(base_path: str | os.PathLike, adapter_dir: str | os.PathLike, cfg: FinetuneConfig):
     """The base in full precision with the adapter merged in (QLoRA adapters merge into the unquantised base)."""
     torch = require("torch", "finetune", what="merging LoRA weights")
@@ -174,7 +155,7 @@ def merge_adapter(base_path: str | os.PathLike, adapter_dir: str | os.PathLike, 
     from transformers import AutoModelForImageTextToText
 
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
-    check_safetensors(base_path)
+    check_model_files(base_path)
     base = AutoModelForImageTextToText.from_pretrained(str(base_path), dtype=dtype, trust_remote_code=False,
                                                        use_safetensors=True)
     return peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
@@ -192,29 +173,25 @@ def write_final(trainer, processor, cfg: FinetuneConfig, base_path: str | os.Pat
     trainer.save_model(str(staging))  # gathers ZeRO-3 / FSDP shards; PEFT models save the adapter only
     if not trainer.accelerator.is_main_process:
         return target
-    tmp = _atomic_dir(target)
-    if adapter and cfg.merge:
-        merged = merge_adapter(base_path, staging, cfg)
-        merged.save_pretrained(str(tmp), safe_serialization=True)
-        del merged
-    else:
-        for item in staging.iterdir():
-            if item.name != "training_args.bin":  # a pickle: never shipped (safetensors only)
-                shutil.move(str(item), tmp / item.name)
-        if not adapter and use_bf16(cfg):
-            cast_checkpoint(tmp, "bfloat16")  # fp32 master weights -> the release dtype (half the size)
-    processor.save_pretrained(str(tmp))
-    if adapter and not cfg.merge:
-        _point_adapter_at(tmp, cfg.base)
-    info = dict(provenance, weights="adapter" if adapter and not cfg.merge else "full")
-    (tmp / PROVENANCE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
-    from tpru_agent.sizing import BUDGET_FILE
-
-    # the budget the model was trained at: TPRU(path) serves it at the same size (train as served)
-    (tmp / BUDGET_FILE).write_text(json.dumps({"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}) + "\n",
-                                   encoding="utf-8")
-    shutil.rmtree(staging, ignore_errors=True)
-    _swap_in(tmp, target)
+    with atomic_dir(target) as tmp:  # fsync'ed, with the usual file modes (safetensors writes its files 0600)
+        if adapter and cfg.merge:
+            merged = merge_adapter(base_path, staging, cfg)
+            merged.save_pretrained(str(tmp), safe_serialization=True)
+            del merged
+        else:
+            for item in staging.iterdir():
+                if item.name != "training_args.bin":  # a pickle: never shipped (safetensors only)
+                    shutil.move(str(item), tmp / item.name)
+            if not adapter and use_bf16(cfg):
+                cast_checkpoint(tmp, "bfloat16")  # fp32 master weights -> the release dtype (half the size)
+        processor.save_pretrained(str(tmp))
+        if adapter and not cfg.merge:
+            _point_adapter_at(tmp, cfg.base)
+        write_json(tmp / PROVENANCE, dict(provenance, weights="adapter" if adapter and not cfg.merge else "full"),
+                   default=str)
+        # the budget the model was trained at: TPRU(path) serves it at the same size (train as served)
+        write_json(tmp / BUDGET_FILE, {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels})
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -241,7 +218,7 @@ def cast_checkpoint(folder: str | os.PathLike, dtype: str = "bfloat16") -> None:
             data.pop("torch_dtype", None)
         else:
             data.setdefault("metadata", {})["total_size"] = update
-        path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        write_json(path, data)
 
 
 def _point_adapter_at(folder: Path, base: str) -> None:
@@ -250,4 +227,4 @@ def _point_adapter_at(folder: Path, base: str) -> None:
     if file.is_file():
         config = json.loads(file.read_text(encoding="utf-8"))
         config["base_model_name_or_path"] = base
-        file.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        write_json(file, config)

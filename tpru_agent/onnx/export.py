@@ -11,7 +11,8 @@ vision tower's data-dependent window index, so the parts are traced with the Tor
   ``logits_index [K]`` (the positions whose logits are wanted) and ``past_key_i / past_value_i`` -> ``logits
   [B, K, vocab]`` and ``present_key_i / present_value_i``.
 
-The folder also gets the tokenizer / processor / config files and ``tpru_onnx.json`` (see :func:`tpru_agent.onnx.manifest.read_manifest`).
+The folder also gets the tokenizer / processor / config files and ``tpru_onnx.json`` (see
+:func:`tpru_agent.onnx.manifest.read_manifest`).
 Torch is imported inside the export functions only; reading a manifest needs nothing but the standard library.
 
 Example:
@@ -26,16 +27,15 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
 
 from tpru_agent.errors import ConfigError, require
-from tpru_agent.sizing import TRAINED_FACTOR, TRAINED_MAX, TRAINED_MIN
-from tpru_agent.fsutil import replace_dir, write_json
+from tpru_agent.fsutil import atomic_dir, write_json
 from tpru_agent.hub import ONNX_MANIFEST
 from tpru_agent.onnx.manifest import FORMAT, FORMAT_VERSION, GRAPHS, read_manifest
+from tpru_agent.sizing import TRAINED_FACTOR, TRAINED_MAX, TRAINED_MIN, PixelBudget, budget_size, serving_budget
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,6 @@ def parse_frame_size(text: str | tuple[int, int] | None, *, max_pixels: int = TR
         ConfigError: malformed text, or sides that are not positive multiples of ``factor``.
     """
     if text is None:
-        from tpru_agent.sizing import PixelBudget, budget_size
-
         side = budget_size(4096, 4096, PixelBudget(min_pixels=min(max_pixels, TRAINED_MIN), max_pixels=max_pixels,
                                                    factor=factor))[0]
         return side, side
@@ -103,7 +101,8 @@ def export_onnx(model: str | os.PathLike, out: str | os.PathLike, *, int8: bool 
         int8: also quantise the decoder with ONNX Runtime dynamic int8 quantisation (the vision graph stays
             fp32; :func:`quantize_onnx` takes ``graphs=("decoder", "vision")`` for both).
         frame_size: ``(width, height)`` or ``"WxH"`` every frame is resized to (multiples of 28); default the
-            largest square in TPRU's pixel budget (168x168).
+            square a large square frame is served at under the model's budget (:func:`parse_frame_size`; 196x196
+            at TPRU's).
         opset: ONNX opset.
         external_data: keep weights in ``<graph>.onnx.data`` files; default only for graphs over 2 GB.
         overwrite: replace an existing ``out``.
@@ -118,6 +117,46 @@ def export_onnx(model: str | os.PathLike, out: str | os.PathLike, *, int8: bool 
         EngineUnavailableError: torch / transformers / onnx are not installed.
     """
     step = on_step or (lambda text: log.info("%s", text))
+    target, source = _export_paths(model, out, overwrite)
+    torch = require("torch", "hf", what="ONNX export")
+    require("onnx", "onnx", what="ONNX export")
+    transformers = require("transformers", "hf", what="ONNX export")
+    config = transformers.AutoConfig.from_pretrained(source)
+    if getattr(config, "model_type", None) != "qwen2_5_vl":
+        raise ConfigError(f"ONNX export supports Qwen2.5-VL checkpoints; {str(model)!r} is "
+                          f"{getattr(config, 'model_type', 'unknown')!r}")
+    preproc = json.loads((source / "preprocessor_config.json").read_text(encoding="utf-8"))
+    merge, patch = config.vision_config.spatial_merge_size, config.vision_config.patch_size
+    size = parse_frame_size(frame_size, max_pixels=serving_budget(source).max_pixels, factor=patch * merge)
+
+    step(f"loading {model} (float32, eager attention)")
+    hf_model = transformers.AutoModelForImageTextToText.from_pretrained(
+        source, dtype=torch.float32, attn_implementation="eager", use_safetensors=True, local_files_only=True).eval()
+    with atomic_dir(target) as tmp:
+        graphs = _trace_graphs(hf_model, preproc, size, tmp / "raw", opset, step)
+        n_params = sum(p.numel() for p in hf_model.parameters())
+        del hf_model
+        for name, info in graphs.items():
+            step(f"saving {name}.onnx")
+            info.update(_save_graph(tmp / "raw" / name / f"{name}.onnx", tmp / f"{name}.onnx", external_data))
+        shutil.rmtree(tmp / "raw")
+        copied = [f for f in PROCESSOR_FILES if (source / f).is_file()]
+        for f in copied:
+            shutil.copy2(source / f, tmp / f)
+        write_json(tmp / ONNX_MANIFEST, _manifest(model, source, config, opset, size, graphs, copied, n_params))
+        if int8:
+            step("quantising to int8 (ONNX Runtime dynamic quantisation)")
+            _quantize_in_place(tmp)
+    log.info("exported %s to %s", model, target)
+    return target
+
+
+def _export_paths(model, out, overwrite: bool) -> tuple[Path, Path]:
+    """``(target, source)``: the export folder and the model folder, checked not to clash.
+
+    Raises:
+        ConfigError: ``out`` exists (without ``overwrite``), is or holds the source, or holds other files.
+    """
     target = Path(out).expanduser().resolve()
     if target.exists() and not overwrite:
         raise ConfigError(f"export folder {str(target)!r} already exists; pass overwrite=True (CLI: --overwrite) "
@@ -131,77 +170,54 @@ def export_onnx(model: str | os.PathLike, out: str | os.PathLike, *, int8: bool 
     if target.exists() and any(target.iterdir()) and not (target / ONNX_MANIFEST).is_file():
         raise ConfigError(f"export folder {str(target)!r} holds files that are not an ONNX export; --overwrite "
                           "replaces only an earlier export or an empty folder")
-    torch = require("torch", "hf", what="ONNX export")
-    require("onnx", "onnx", what="ONNX export")
-    transformers = require("transformers", "hf", what="ONNX export")
-    config = transformers.AutoConfig.from_pretrained(source)
-    if getattr(config, "model_type", None) != "qwen2_5_vl":
-        raise ConfigError(f"ONNX export supports Qwen2.5-VL checkpoints; {str(model)!r} is "
-                          f"{getattr(config, 'model_type', 'unknown')!r}")
-    preproc = json.loads((source / "preprocessor_config.json").read_text(encoding="utf-8"))
-    from tpru_agent.sizing import serving_budget
+    return target, source
 
-    budget = serving_budget(source).max_pixels
-    merge, patch = config.vision_config.spatial_merge_size, config.vision_config.patch_size
-    width, height = parse_frame_size(frame_size, max_pixels=budget, factor=patch * merge)
 
-    step(f"loading {model} (float32, eager attention)")
-    hf_model = transformers.AutoModelForImageTextToText.from_pretrained(
-        source, dtype=torch.float32, attn_implementation="eager", use_safetensors=True, local_files_only=True).eval()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        from tpru_agent.onnx.trace import trace_decoder, trace_embed, trace_vision
+def _trace_graphs(hf_model, preproc: dict, size: tuple[int, int], raw: Path, opset: int,
+                  step: Callable[[str], None]) -> dict[str, dict]:
+    """Trace the three graphs into ``raw/<name>/<name>.onnx`` (one folder each: large graphs spill weight files)."""
+    import torch
 
-        graphs: dict[str, dict] = {}
-        raw = {name: tmp / "raw" / name / f"{name}.onnx" for name in GRAPHS}
-        for path in raw.values():
-            path.parent.mkdir(parents=True)  # one folder each: large graphs spill weight files next to them
-        # The tracer warns that the grid-dependent index tensors become constants: that is the design.
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            step(f"tracing the vision encoder for {width}x{height} frames")
-            graphs["vision"] = trace_vision(hf_model, preproc, width, height, raw["vision"], opset)
-            step("tracing the token embedding")
-            graphs["embed"] = trace_embed(hf_model, raw["embed"], opset)
-            step("tracing the decoder (inputs_embeds, M-RoPE positions, KV cache)")
-            graphs["decoder"] = trace_decoder(hf_model, raw["decoder"], opset)
-        n_params = sum(p.numel() for p in hf_model.parameters())
-        del hf_model
-        for name, info in graphs.items():
-            step(f"saving {name}.onnx")
-            info.update(_save_graph(raw[name], tmp / f"{name}.onnx", external_data))
-        shutil.rmtree(tmp / "raw")
-        copied = [f for f in PROCESSOR_FILES if (source / f).is_file()]
-        for f in copied:
-            shutil.copy2(source / f, tmp / f)
-        text = config.text_config
-        manifest = {
-            "format": FORMAT, "version": FORMAT_VERSION, "source_model": str(model), "source_folder": str(source),
-            "opset": opset, "precision": "fp32", "quantized_graphs": [],
-            "frame": {"width": width, "height": height, "grid_thw": [1, height // patch, width // patch],
-                      "tokens": (height // patch) * (width // patch) // merge**2},
-            "text": {"hidden_size": text.hidden_size, "num_layers": text.num_hidden_layers,
-                     "num_kv_heads": text.num_key_value_heads,
-                     "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-                     "vocab_size": text.vocab_size},
-            "spatial_merge_size": merge,
-            "token_ids": {"image": config.image_token_id, "video": config.video_token_id,
-                          "vision_start": config.vision_start_token_id, "vision_end": config.vision_end_token_id},
-            "parameters": n_params, "graphs": graphs, "processor_files": copied,
-            "exported_with": _versions("torch", "transformers", "onnx", "onnxruntime"),
-        }
-        write_json(tmp / ONNX_MANIFEST, manifest)
-        if int8:
-            step("quantising to int8 (ONNX Runtime dynamic quantisation)")
-            _quantize_in_place(tmp)
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("exported %s to %s", model, target)
-    return target
+    from tpru_agent.onnx.trace import trace_decoder, trace_embed, trace_vision
+
+    width, height = size
+    paths = {name: raw / name / f"{name}.onnx" for name in GRAPHS}
+    for path in paths.values():
+        path.parent.mkdir(parents=True)
+    graphs: dict[str, dict] = {}
+    # The tracer warns that the grid-dependent index tensors become constants: that is the design.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        step(f"tracing the vision encoder for {width}x{height} frames")
+        graphs["vision"] = trace_vision(hf_model, preproc, width, height, paths["vision"], opset)
+        step("tracing the token embedding")
+        graphs["embed"] = trace_embed(hf_model, paths["embed"], opset)
+        step("tracing the decoder (inputs_embeds, M-RoPE positions, KV cache)")
+        graphs["decoder"] = trace_decoder(hf_model, paths["decoder"], opset)
+    return graphs
+
+
+def _manifest(model, source: Path, config, opset: int, size: tuple[int, int], graphs: dict, copied: list[str],
+              n_params: int) -> dict:
+    """The ``tpru_onnx.json`` an fp32 export starts with (see :func:`tpru_agent.onnx.manifest.read_manifest`)."""
+    width, height = size
+    patch, merge = config.vision_config.patch_size, config.vision_config.spatial_merge_size
+    text = config.text_config
+    return {
+        "format": FORMAT, "version": FORMAT_VERSION, "source_model": str(model), "source_folder": str(source),
+        "opset": opset, "precision": "fp32", "quantized_graphs": [],
+        "frame": {"width": width, "height": height, "grid_thw": [1, height // patch, width // patch],
+                  "tokens": (height // patch) * (width // patch) // merge**2},
+        "text": {"hidden_size": text.hidden_size, "num_layers": text.num_hidden_layers,
+                 "num_kv_heads": text.num_key_value_heads,
+                 "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+                 "vocab_size": text.vocab_size},
+        "spatial_merge_size": merge,
+        "token_ids": {"image": config.image_token_id, "video": config.video_token_id,
+                      "vision_start": config.vision_start_token_id, "vision_end": config.vision_end_token_id},
+        "parameters": n_params, "graphs": graphs, "processor_files": copied,
+        "exported_with": _versions("torch", "transformers", "onnx", "onnxruntime"),
+    }
 
 
 def _save_graph(src: Path, dst: Path, external_data: bool | None) -> dict:
@@ -212,7 +228,7 @@ def _save_graph(src: Path, dst: Path, external_data: bool | None) -> dict:
     size = sum(p.stat().st_size for p in [src, *leftovers])
     external = size > PROTOBUF_LIMIT * 0.95 if external_data is None else external_data
     if not external and not leftovers:
-        os.replace(src, dst)
+        shutil.move(src, dst)  # a move inside the staging folder; atomic_dir publishes the whole folder
         return {"file": dst.name, "data": [], "bytes": dst.stat().st_size}
     graph = onnx.load(str(src), load_external_data=True)
     data = dst.name + ".data"
@@ -240,18 +256,11 @@ def quantize_onnx(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: 
     target = Path(out).expanduser().resolve()
     if target.exists() and not overwrite:
         raise ConfigError(f"folder {str(target)!r} already exists; pass overwrite=True or choose another folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_dir(target) as tmp:
         for item in Path(src).iterdir():
             if item.is_file():
                 shutil.copy2(item, tmp / item.name)
         _quantize_in_place(tmp, graphs)
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
