@@ -60,6 +60,7 @@ def eval_group() -> None:
 def run_cmd(model, data, engine, mode, split, limit, debias, out, overwrite, quantization, device, dtype, template,
             base_url, max_new_tokens, min_pixels, max_pixels, bins, no_plots, as_json):
     """Evaluate MODEL on the dataset at --data; rerun the same command to resume an interrupted run."""
+    from tpru_agent.cli.main import effective_mode, is_classic
     from tpru_agent.finetune.eval.run import EvalConfig, run_eval
 
     if model is None:
@@ -67,6 +68,7 @@ def run_cmd(model, data, engine, mode, split, limit, debias, out, overwrite, qua
             raise click.UsageError("Missing option '--model' / '-m' (or pass --engine classic for the no-weights "
                                    "baseline).")
         model = "classic"
+    mode = effective_mode(mode, is_classic(model, engine))  # recorded as what runs (the default out folder too)
     config = EvalConfig(model=model, data=data, out=out, engine=engine, mode=mode, split=split, limit=limit,
                         debias=debias, quantization=quantization, device=device, dtype=dtype, template=template,
                         base_url=base_url, max_new_tokens=max_new_tokens, bins=bins, plots=not no_plots,

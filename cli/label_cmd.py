@@ -39,8 +39,10 @@ def label(sources, out, model, engine, base_url, api_key, concurrency, mode, met
     rerun the same command to resume after a kill."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from tpru_agent.cli.main import effective_mode, is_classic
     from tpru_agent.finetune.eval.label import LabelConfig, run_label
 
+    mode = effective_mode(mode, is_classic(model, engine))
     config = LabelConfig(sources=tuple(sources), out=out, model=model, engine=engine, base_url=base_url,
                          api_key=api_key, concurrency=concurrency, mode=mode, method=method, seed=seed,
                          device=device, quantization=quantization)

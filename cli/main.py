@@ -6,10 +6,8 @@ Importing this module imports no torch: the model loads inside the verbs.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
 import logging
-import platform
 import sys
 from pathlib import Path
 
@@ -46,14 +44,43 @@ def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
     return f"this command needs the [{extra}] extra (module {top!r} is not installed). Install it: {install_hint(extra)}"
 
 
+class OneLineUsageError(click.UsageError):
+    """A click usage error shown as one red line with the help hint (exit code 2, as click's own)."""
+
+    def __init__(self, original: click.UsageError):
+        super().__init__(original.format_message(), original.ctx)
+
+    def show(self, file=None) -> None:
+        path = self.ctx.command_path if self.ctx is not None else "tpru"
+        render.error(f"{self.message} Run `{path} --help`.")
+
+
+def _short_usage_error(exc: click.UsageError, verbose: bool) -> click.UsageError:
+    """``exc`` as one line, unless ``-v`` asked for click's full usage text (or it is the help of a bare group)."""
+    if verbose or isinstance(exc, (OneLineUsageError, click.exceptions.NoArgsIsHelpError)):
+        return exc
+    return OneLineUsageError(exc)
+
+
 class TPRUGroup(click.Group):
-    """Turns the project's errors into one red line with the fix (exit 1); ``-v`` shows the traceback."""
+    """Turns the project's errors into one red line with the fix (exit 1), and click's usage errors into one red line
+    with the help hint (exit 2); ``-v`` shows the traceback, or click's full usage text."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        verbose = any(a in ("-v", "--verbose") for a in args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:  # an option of `tpru` itself
+            raise _short_usage_error(exc, verbose) from exc
 
     def invoke(self, ctx: click.Context):
+        verbose = bool(ctx.params.get("verbose"))
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # an unknown verb, or a bad option or argument of a verb
+            raise _short_usage_error(exc, verbose) from exc
         except (TPRUError, OSError, ModuleNotFoundError) as exc:
-            if ctx.obj and ctx.obj.get("verbose"):
+            if verbose:
                 raise
             if isinstance(exc, ModuleNotFoundError):
                 message = missing_extra_message(exc)
@@ -135,6 +162,23 @@ def open_model(model: str | None, engine: str, quantization: str | None, device:
             return TPRU("classic", template=template, debias=debias)
 
 
+def is_classic(model: str | None, engine: str) -> bool:
+    """Whether ``--model`` / ``--engine`` pick the classic engine (as ``TPRU`` decides it for a name)."""
+    return engine == "classic" or (engine == "auto" and str(model or "").strip().lower() == "classic")
+
+
+def effective_mode(mode: str, classic: bool) -> str:
+    """The mode that runs: the classic engine has no chain of thought (it only scores), so ``reason`` runs as
+    ``fast``; one yellow line says so when ``--mode reason`` was asked for (not when it is only the default)."""
+    if mode != "reason" or not classic:
+        return mode
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.get_parameter_source("mode") != click.core.ParameterSource.DEFAULT:
+        render.warn("the classic engine has no reasoning mode (it only scores the options); --mode reason ran as "
+                    "--mode fast")
+    return "fast"
+
+
 def _download_hint(name: str) -> str:
     from tpru_agent.hub import ALIASES, download_command
 
@@ -204,6 +248,7 @@ def order_cmd(frames, description, video_frames, sheet, model, engine, quantizat
     # frames first: a typo'd path fails here, before any model is looked up or downloaded
     images = load_frames(inputs, budget=None, video_frames=video_frames, min_frames=2, max_frames=MAX_ORDER_FRAMES)
     tpru = open_model(model, engine, quantization, device, template, base_url, strict, debias)
+    mode = effective_mode(mode, tpru.engine_name == "classic")
     with _ReasonParseHint(mode):
         result = tpru.order_frames(images, description=description, mode=mode)
     if sheet:
@@ -233,6 +278,7 @@ def _choice_command(kind: str):
         if goal:
             frame_names([goal], what="goal")
         tpru = open_model(model, engine, quantization, device, template, base_url, strict, debias)
+        mode = effective_mode(mode, tpru.engine_name == "classic")
         with _ReasonParseHint(mode):
             if kind == "next":
                 result = tpru.predict_next(ctx_in, cand_in, goal=goal, description=description, mode=mode)
@@ -286,6 +332,7 @@ def verify_cmd(observation, history, goal, description, model, engine, quantizat
     if goal:
         frame_names([goal], what="goal")
     tpru = open_model(model, engine, quantization, device, template, base_url, strict, debias)
+    mode = effective_mode(mode, tpru.engine_name == "classic")
     with _ReasonParseHint(mode):
         verdict = tpru.verify_step(hist, observation, goal=goal, description=description, mode=mode)
     if as_json:
@@ -295,105 +342,10 @@ def verify_cmd(observation, history, goal, description, model, engine, quantizat
     sys.exit(0 if verdict.ok else 3)  # 3, not 2: click uses 2 for usage errors
 
 
-def _engine_fix(engine: str) -> str:
-    """"no: <how to install it>" for an engine of ``tpru env`` whose modules are not all importable."""
-    missing = next(m for m in ENGINE_MODULES[engine] if importlib.util.find_spec(m) is None)
-    extra = EXTRA_OF.get(missing)
-    return f"no: {install_hint(extra)}" if extra else f"no: {missing!r} is missing; reinstall tpru-agent"
-
-
-ENGINE_MODULES = {
-    "hf": ["torch", "transformers", "qwen_vl_utils"],
-    "quant (4bit/8bit)": ["bitsandbytes"],
-    "onnx": ["onnxruntime", "tokenizers"],
-    "onnx export": ["onnx", "torch", "transformers"],
-    "openai / serve": ["openai", "fastapi", "uvicorn"],
-    "finetune": ["trl", "peft", "datasets"],
-    "classic": ["cv2", "numpy"],
-}
-VERSIONED = ["tpru-agent", "torch", "torchvision", "transformers", "qwen-vl-utils", "accelerate", "bitsandbytes",
-             "onnxruntime", "onnxruntime-gpu", "tokenizers", "onnx", "trl", "peft", "datasets", "openai", "fastapi",
-             "uvicorn", "opencv-python-headless", "numpy", "pillow"]
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "-"
-
-
-@cli.command("env")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def env_cmd(as_json):
-    """Versions, devices, and which engines and extras can import here."""
-    from tpru_agent.engines.ort_setup import runtime_facts
-
-    engines = {name: all(importlib.util.find_spec(m) is not None for m in mods)
-               for name, mods in ENGINE_MODULES.items()}
-    devices = {"cpu": True}
-    if engines["hf"]:
-        import torch
-
-        devices["cuda"] = torch.cuda.is_available()
-        if devices["cuda"]:
-            devices["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        devices["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    facts = {"python": platform.python_version(), "platform": platform.platform(),
-             "versions": {d: _version(d) for d in VERSIONED}, "engines": engines, "devices": devices,
-             "onnxruntime": runtime_facts()}
-    if as_json:
-        render.emit_json(facts)
-        return
-    render.show_table("Versions", ["package", "version"], [[k, v] for k, v in facts["versions"].items()])
-    render.show_table("Engines and extras", ["engine", "importable"],
-                      [[k, "yes" if v else _engine_fix(k)] for k, v in engines.items()])
-    render.show_table("Devices", ["device", "available"], [[k, v] for k, v in devices.items()])
-    ort = facts["onnxruntime"]
-    render.show_table("ONNX Runtime", ["distribution", "version"],
-                      [[k, v or "-"] for k, v in ort["distributions"].items()]
-                      + [["providers", ", ".join(ort["providers"]) or "-"]])
-    if ort["problem"]:
-        render.warn(ort["problem"])
-
-
-@cli.command("models")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def models_cmd(as_json):
-    """Known model names, what they point to, and whether their weights are in the local cache."""
-    from tpru_agent.hub import (
-        ALIASES,
-        PACKAGED,
-        SIZES,
-        cache_dir,
-        cache_state,
-        download_command,
-        is_shipped,
-        packaged_folder,
-    )
-
-    rows = []
-    for name, hub_id in ALIASES.items():
-        state = cache_state(name)
-        rows.append({"name": name, "hub_id": hub_id, "state": state, "size": SIZES.get(hub_id),
-                     "download": None if state in ("cached", "local") else f"hf download {hub_id}"})
-    for name in PACKAGED:
-        shipped = is_shipped(packaged_folder(name))
-        rows.append({"name": name, "hub_id": "(shipped with the package)", "state": "packaged" if shipped
-                     else "not shipped in this install", "size": None, "download": None})
-    rows.append({"name": "classic", "hub_id": "(no weights)", "state": "built in", "size": None, "download": None})
-    if as_json:
-        render.emit_json({"cache_dir": str(cache_dir()), "models": rows})
-        return
-    render.show_table(f"Models (cache: {cache_dir()})", ["name", "hub id", "state", "get it with"],
-                      [[r["name"], r["hub_id"], r["state"],
-                        download_command(r["hub_id"]) if r["download"] else "-"] for r in rows])
-    render.note("`hf download` comes with the [hf] extra (huggingface_hub); it fills the cache above, which "
-                "HF_HOME / HF_HUB_CACHE move. Any folder holding config.json and *.safetensors works as --model DIR.")
-
-
 #: Sub-commands other modules contribute, imported only when present (each keeps its heavy imports inside verbs).
 SUBCOMMANDS = {
+    "env": "tpru_agent.cli.info_cmd:env_cmd",
+    "models": "tpru_agent.cli.info_cmd:models_cmd",
     "data": "tpru_agent.cli.data:data",
     "finetune": "tpru_agent.cli.finetune_cmd:finetune",
     "eval": "tpru_agent.cli.eval_cmd:eval_group",

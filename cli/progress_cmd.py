@@ -43,13 +43,14 @@ from tpru_agent.cli import render
 def progress(frames, description, reference, method, video_frames, plot, model, engine, quantization, device, mode,
              template, base_url, strict, as_json):
     """Task progress (0 = start, 1 = done) of each of FRAMES (files, globs, a folder or a video; any order)."""
-    from tpru_agent.cli.main import open_model, split_inputs
+    from tpru_agent.cli.main import effective_mode, open_model, split_inputs
     from tpru_agent.frames import expand_sources, load_frames
 
     inputs = list(frames)
     source = inputs if len(inputs) > 1 else inputs[0]
     ref = split_inputs(reference) or None
     tpru = open_model(model, engine, quantization, device, template, base_url, strict)
+    mode = effective_mode(mode, tpru.engine_name == "classic")
     result = tpru.progress(source, description=description, reference=ref, mode=mode, method=method,
                            video_frames=video_frames)
     names = [str(x) for x in expand_sources(inputs, video_frames=video_frames)]

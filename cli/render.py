@@ -91,12 +91,14 @@ def show_choice(result, names: list[str], title: str) -> None:
 
 
 def show_verdict(verdict, observation: str) -> None:
-    """Whether the observation is a valid next step."""
-    word = "[bold green]valid next step[/]" if verdict.ok else "[bold red]not a valid next step[/]"
+    """Whether the observation is a valid next step; a repeated frame's verdict overrides the model's P(ok)."""
     if verdict.duplicate:
-        word = "[bold red]no progress[/] (the same frame as the last history frame)"
-    console.print(f"{observation}: {word}  P(ok) = [bold]{verdict.confidence:.3f}[/]  "
-                  f"(engine {verdict.engine}, mode {verdict.mode})", highlight=False)
+        word = (f"[bold red]no progress[/]  (the observation repeats the last history frame; model P(ok) "
+                f"{verdict.confidence:.3f}, overridden)")
+    else:
+        word = "[bold green]valid next step[/]" if verdict.ok else "[bold red]not a valid next step[/]"
+        word += f"  P(ok) = [bold]{verdict.confidence:.3f}[/]"
+    console.print(f"{escape(observation)}: {word}  (engine {verdict.engine}, mode {verdict.mode})", highlight=False)
     console.print(f"[dim]{_timing_text(verdict.timings)}[/]", highlight=False)
 
 

@@ -38,8 +38,10 @@ def voc(model, sources, out, engine, mode, method, reference, frames, seed, quan
         base_url, overwrite, no_plots, as_json):
     """VOC of MODEL's per-frame progress on the episodes of --source (shuffled frames, Spearman vs time);
     rerun the same command to resume."""
+    from tpru_agent.cli.main import effective_mode, is_classic
     from tpru_agent.finetune.eval.voc import VocConfig, run_voc
 
+    mode = effective_mode(mode, is_classic(model, engine))
     config = VocConfig(model=model, sources=tuple(sources), out=out, engine=engine, mode=mode, method=method,
                        reference=reference, seed=seed, frames=frames, quantization=quantization, device=device,
                        dtype=dtype, template=template, base_url=base_url, plots=not no_plots)

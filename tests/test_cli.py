@@ -125,6 +125,53 @@ def test_verify_reports_a_repeated_frame_as_no_progress(tmp_path):
     result = run("verify", "-H", f"{paths[0]},{paths[1]}", paths[1], "--model", "classic")
     assert result.exit_code == 3
     assert "no progress" in result.output and "valid next step" not in result.output
+    # the model's P(ok) is shown only as what the repeat overrode, never as the verdict's own probability
+    data = json.loads(run("verify", "-H", f"{paths[0]},{paths[1]}", paths[1], "--model", "classic", "--json").stdout)
+    assert data["duplicate"] is True and data["ok"] is False
+    line = result.stdout.splitlines()[0]
+    assert "P(ok) =" not in line and f"model P(ok) {data['confidence']:.3f}, overridden" in line
+    fresh = run("verify", "-H", paths[0], paths[1], "--model", "classic")
+    assert "P(ok) = " in fresh.stdout and "overridden" not in fresh.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["order", "--mode", "bogus", "x.png"],   # bad option value
+    ["order"],                               # missing argument
+    ["order", "--bogus", "x.png"],           # unknown option of a verb
+    ["verify", "x.png"],                     # missing required option
+    ["bogus"],                               # unknown verb
+    ["--bogus"],                             # unknown option of tpru itself
+    ["eval", "run", "--bogus"],              # unknown option two groups down
+])
+def test_usage_errors_are_one_red_line_with_the_help_hint(args):
+    result = CliRunner().invoke(cli, args, prog_name="tpru")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Usage:" not in result.output
+    verb = " ".join(["tpru", *[a for a in args[:2] if a in ("order", "verify", "eval", "run")]])
+    assert lines[0].endswith(f"Run `{verb} --help`.")
+
+
+def test_verbose_usage_error_keeps_clicks_full_text():
+    result = CliRunner().invoke(cli, ["-v", "order", "--mode", "bogus", "x.png"], prog_name="tpru")
+    assert result.exit_code == 2
+    assert "Usage: tpru order" in result.output and "Error: Invalid value for '--mode'" in result.output
+    bare = CliRunner().invoke(cli, [])  # a bare group still prints its help, not an error line
+    assert "Commands:" in bare.output and "error:" not in bare.output
+
+
+def test_classic_reason_mode_says_it_ran_fast(frame_dir):
+    f = {n: str(frame_dir / f"{n}.png") for n in "abcd"}
+    verbs = {"order": ["order", f["a"], f["b"], f["c"]], "next": ["next", "-H", f["a"], "-c", f"{f['b']},{f['c']}"],
+             "prev": ["prev", "-L", f["c"], "-c", f"{f['a']},{f['b']}"], "verify": ["verify", f["c"], "-H", f["b"]]}
+    for verb, args in verbs.items():
+        asked = run(*args, "--model", "classic", "--mode", "reason", "--json")
+        assert asked.exit_code in (0, 3), asked.output
+        assert json.loads(asked.stdout)["mode"] == "fast", verb
+        warnings = [line for line in asked.stderr.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and "no reasoning mode" in warnings[0], (verb, asked.stderr)
+        default = run(*args, "--model", "classic", "--json")  # reason only by default: nothing to warn about
+        assert json.loads(default.stdout)["mode"] == "fast" and "warning" not in default.stderr, verb
 
 
 def test_finetune_without_its_extra_is_one_line_before_any_model_lookup(monkeypatch):

@@ -286,11 +286,17 @@ def test_resume_after_interrupt_gives_the_same_report(dataset, tmp_path):
     assert seen[0] is None and len([s for s in seen if s]) == 7  # only the 7 missing items ran
     assert _comparable(resumed) == _comparable(full)
     assert len(items.read_text().splitlines()) == 12
-    with pytest.raises(ConfigError, match="mode"):
-        run_eval(EvalConfig(model="classic", data=str(dataset), out=config.out, mode="reason", plots=False))
-    again = run_eval(EvalConfig(model="classic", data=str(dataset), out=config.out, mode="reason", plots=False),
-                     overwrite=True)
-    assert again["mode"] == "reason" and again["accuracy"]["n"] == 12
+    # the classic engine has no reasoning mode: mode="reason" is the fast run already there, nothing re-runs
+    seen.clear()
+    as_reason = run_eval(EvalConfig(model="classic", data=str(dataset), out=config.out, mode="reason", plots=False),
+                         progress=lambda d, t, r: seen.append(r and r["id"]))
+    assert as_reason["mode"] == "fast" and not any(seen) and _comparable(as_reason) == _comparable(full)
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["mode"] == "fast"
+    with pytest.raises(ConfigError, match="debias"):
+        run_eval(EvalConfig(model="classic", data=str(dataset), out=config.out, mode="fast", debias=2, plots=False))
+    again = run_eval(EvalConfig(model="classic", data=str(dataset), out=config.out, mode="fast", debias=2,
+                                plots=False), overwrite=True)
+    assert again["debias"] == 2 and again["accuracy"]["n"] == 12
 
 
 def test_debias_maps_shifted_answers_back(dataset, tmp_path):
@@ -361,8 +367,14 @@ def test_cli_eval_run(dataset, tmp_path):
     table = CliRunner().invoke(cli, args)
     assert table.exit_code == 0 and "overall" in table.output and "95% interval" in table.output
     bad = CliRunner().invoke(cli, ["eval", "run", "-m", "classic", "-d", str(dataset), "-o", str(tmp_path / "c"),
-                                   "--mode", "reason", "--limit", "3"])
-    assert bad.exit_code == 1 and "other settings" in bad.output
+                                   "--mode", "fast", "--debias", "2", "--limit", "3"])
+    assert bad.exit_code == 1 and "other settings" in bad.output and "debias" in bad.output
+    # classic has no reasoning mode: --mode reason runs (and is recorded as) fast, so it resumes the fast run above
+    reason = CliRunner().invoke(cli, [*args[:-4], "reason", "--limit", "3", "--no-plots", "--json"])
+    assert reason.exit_code == 0, reason.output
+    assert json.loads(reason.stdout)["mode"] == "fast"
+    warnings = [line for line in reason.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "no reasoning mode" in warnings[0] and "fast" in warnings[0]
     short = CliRunner().invoke(cli, ["eval", *args[2:], "--json"])  # `tpru eval --model ...` means `eval run`
     assert short.exit_code == 0, short.output
     assert json.loads(short.output)["accuracy"]["n"] == 3
@@ -385,6 +397,12 @@ def test_engine_classic_alone_runs_and_pixel_budget_is_an_option(dataset, tmp_pa
     assert json.loads(result.output)["accuracy"]["n"] == 2
     missing = CliRunner().invoke(cli, ["eval", "run", "-d", str(dataset)])
     assert missing.exit_code == 2 and "--engine classic" in missing.output
+    with CliRunner().isolated_filesystem(temp_dir=tmp_path) as cwd:  # the default folder names the mode that ran
+        default = CliRunner().invoke(cli, ["eval", "run", "--engine", "classic", "-d", str(dataset), "--limit", "1",
+                                           "--no-plots", "--json"])
+        assert default.exit_code == 0, default.output
+        assert json.loads(default.stdout)["mode"] == "fast" and "warning" not in default.stderr  # reason by default
+        assert (Path(cwd) / "runs" / "eval" / "classic-fast" / "report.json").is_file()
     from tpru_agent.finetune.eval.run import open_model
 
     tpru = open_model(EvalConfig(model="classic", data=str(dataset), engine="classic", max_pixels=12544))

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from tpru_agent.errors import ConfigError, FrameError, ParseError, require
-from tpru_agent.finetune.eval.run import ItemLog, check_resume
+from tpru_agent.finetune.eval.run import ItemLog, check_resume, with_effective_mode
 from tpru_agent.finetune.eval.voc import episodes
 from tpru_agent.finetune.sources.base import Episode
 from tpru_agent.finetune.sources.registry import parse_spec
@@ -173,6 +173,7 @@ def run_label(config: LabelConfig, *, model=None, progress: Progress | None = No
     pq = require("pyarrow.parquet", "finetune", what="writing progress labels")
     work = config.work_dir()
     tpru = model if model is not None else open_model(config)
+    config = with_effective_mode(config, tpru)
     settings = {**asdict(config), "engine": tpru.engine_name, "sources": list(config.sources)}
     settings.pop("api_key", None)
     check_resume(work, settings, overwrite, keys=RESUME_KEYS, journal="episodes.jsonl", outputs=("summary.json",),

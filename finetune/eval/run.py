@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -231,6 +231,22 @@ def open_model(config: EvalConfig):
                 dtype=config.dtype, template=config.template, max_new_tokens=config.max_new_tokens, **kwargs)
 
 
+def effective_mode(tpru, mode: str) -> str:
+    """The mode that actually runs on ``tpru``: the classic engine has no chain of thought (it only scores), so
+    ``"reason"`` runs, and is recorded, as ``"fast"``."""
+    return "fast" if mode == "reason" and tpru.engine_name == "classic" else mode
+
+
+def with_effective_mode(config, tpru):
+    """``config`` with its ``mode`` set to :func:`effective_mode` (a copy, logged, when that changes it)."""
+    mode = effective_mode(tpru, config.mode)
+    if mode == config.mode:
+        return config
+    log.warning("the %s engine has no reasoning mode; mode %r runs (and is recorded) as %r", tpru.engine_name,
+                config.mode, mode)
+    return replace(config, mode=mode)
+
+
 def run_eval(config: EvalConfig, *, model=None, progress: Progress | None = None, overwrite: bool = False) -> dict:
     """Evaluate, resuming from ``OUT/items.jsonl`` when it exists; returns the report (also in ``OUT``).
 
@@ -245,8 +261,9 @@ def run_eval(config: EvalConfig, *, model=None, progress: Progress | None = None
     """
     config.check()
     dataset = open_dataset(config.data, split=config.split)
-    out = config.out_dir()
     tpru = model if model is not None else open_model(config)
+    config = with_effective_mode(config, tpru)
+    out = config.out_dir()
     settings = {**asdict(config), "model": str(config.model), "engine": tpru.engine_name,
                 "data": dataset.describe()["path"], "split": dataset.split}
     check_resume(out, settings, overwrite, keys=RESUME_KEYS)
@@ -298,5 +315,5 @@ def _rows(dataset: EvalDataset, limit: int | None):
         yield row
 
 
-__all__ = ["EvalConfig", "ItemLog", "answer_item", "evaluate_row", "open_model", "prepare_row", "run_eval",
-           "write_json"]
+__all__ = ["EvalConfig", "ItemLog", "answer_item", "effective_mode", "evaluate_row", "open_model", "prepare_row",
+           "run_eval", "with_effective_mode", "write_json"]

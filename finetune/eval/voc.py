@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 
 from tpru_agent.errors import ConfigError, FrameError
 from tpru_agent.finetune.eval import report as eval_report
-from tpru_agent.finetune.eval.run import ITEMS_FILE, REPORT_FILE, ItemLog, check_resume
+from tpru_agent.finetune.eval.run import ITEMS_FILE, REPORT_FILE, ItemLog, check_resume, with_effective_mode
 from tpru_agent.finetune.eval.statistics import percentile
 from tpru_agent.finetune.sources.base import Episode
 from tpru_agent.finetune.sources.registry import parse_spec, plan_units, run_unit
@@ -243,6 +243,7 @@ def run_voc(config: VocConfig, *, model=None, progress: Progress | None = None, 
     config.check()
     out = config.out_dir()
     tpru = model if model is not None else open_model(config)
+    config = with_effective_mode(config, tpru)
     settings = {**asdict(config), "model": str(config.model), "engine": tpru.engine_name,
                 "sources": list(config.sources)}
     check_resume(out, settings, overwrite, keys=RESUME_KEYS, what="a VOC run")
