@@ -124,6 +124,11 @@ def finetune(config_file, sets, resume, dry_run, as_json, **flags):
     from tpru_agent.finetune.train.job import train
 
     result = train(cfg, resume=resume, console=render.err_console if cfg.progress else None)
+    _show_result(result, as_json)
+
+
+def _show_result(result, as_json: bool) -> None:
+    """The training outcome: JSON, or the weights and held-out accuracy; exit 143 after a SIGTERM."""
     payload = {"status": result.status, "output_dir": str(result.output_dir),
                "final": str(result.final) if result.final else None,
                "checkpoint": str(result.checkpoint) if result.checkpoint else None, "steps": result.steps,

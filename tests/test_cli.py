@@ -96,9 +96,10 @@ def test_env_and_models():
 
 
 def test_subprocess_help_imports_no_torch_and_verbose_traceback(tmp_path):
-    code = "import sys; from tpru_agent.cli.main import cli; print('torch' in sys.modules)"
+    code = ("import sys; from tpru_agent.cli.main import cli; import tpru_agent.finetune.eval.statistics; "
+            "print('torch' in sys.modules, 'scipy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     helped = subprocess.run(["tpru", "--help"], capture_output=True, text=True, env=env)
     assert helped.returncode == 0 and "order" in helped.stdout

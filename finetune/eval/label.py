@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait

@@ -207,7 +207,9 @@ def evaluate_row(tpru, row: EvalRow, question, images: list, *, mode: str, debia
         record.update(prediction=ans.answer, correct=ans.answer == question.answer, confidence=ans.confidence,
                       probabilities=dict(top[:KEEP_PROBABILITIES]), raw=ans.raw, timings=ans.timings)
     record["latency_s"] = time.perf_counter() - started
-    record["calls"] = min(debias, question.n_candidates) if mode == "fast" and question.n_candidates > 1 else 1
+    counted = (record.get("timings") or {}).get("calls")  # the SDK's own count of model passes, when it gives one
+    record["calls"] = int(counted) if counted else (
+        min(debias, question.n_candidates) if mode == "fast" and question.n_candidates > 1 else 1)
     return record
 
 
@@ -268,9 +270,31 @@ def run_eval(config: EvalConfig, *, model=None, progress: Progress | None = None
                 "data": dataset.describe()["path"], "split": dataset.split}
     check_resume(out, settings, overwrite, keys=RESUME_KEYS)
     items = ItemLog(out / ITEMS_FILE)
+    started = time.perf_counter()
+    selected, skipped = _evaluate_rows(tpru, dataset, config, items, progress)
+    wall_s = time.perf_counter() - started
+    records = [items.records[i] for i in selected]
+    report = eval_report.summarize(records, bins=config.bins)
+    report.update(eval_report.header(config, tpru, dataset.describe(), skipped, wall_s))
+    report["item_ids"] = selected  # what this report covers (items.jsonl may hold more from an earlier --limit)
+    if config.plots and records:
+        if importlib.util.find_spec("matplotlib") is None:
+            log.warning("matplotlib is not installed: no plots (pip install 'tpru-agent[finetune]')")
+        else:
+            report["plots"] = eval_report.write_plots(report, out)
+    write_json(out / REPORT_FILE, report, default=str)
+    return report
+
+
+def _evaluate_rows(tpru, dataset: EvalDataset, config: EvalConfig, items: ItemLog,
+                   progress: Progress | None) -> tuple[list[str], list[dict]]:
+    """Answer every selected row not yet in ``items`` (appending each record as it comes).
+
+    Returns:
+        The ids the report covers (resumed and new, in dataset order) and the rows skipped with the reason.
+    """
     total = len(dataset) if config.limit is None else min(config.limit, len(dataset))
     selected, skipped, done, announced = [], [], 0, False
-    started = time.perf_counter()
     for row in _rows(dataset, config.limit):
         if row.id in items.records:
             selected.append(row.id)
@@ -294,18 +318,7 @@ def run_eval(config: EvalConfig, *, model=None, progress: Progress | None = None
             progress(done, total, record)
     if progress and not announced:
         progress(done, total, None)
-    wall_s = time.perf_counter() - started
-    records = [items.records[i] for i in selected]
-    report = eval_report.summarize(records, bins=config.bins)
-    report.update(eval_report.header(config, tpru, dataset.describe(), skipped, wall_s))
-    report["item_ids"] = selected  # what this report covers (items.jsonl may hold more from an earlier --limit)
-    if config.plots and records:
-        if importlib.util.find_spec("matplotlib") is None:
-            log.warning("matplotlib is not installed: no plots (pip install 'tpru-agent[finetune]')")
-        else:
-            report["plots"] = eval_report.write_plots(report, out)
-    write_json(out / REPORT_FILE, report, default=str)
-    return report
+    return selected, skipped
 
 
 def _rows(dataset: EvalDataset, limit: int | None):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.util
-import json
 import logging
 import platform
 import random
