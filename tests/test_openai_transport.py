@@ -180,11 +180,17 @@ def test_vllm_fields_travel_in_the_body_and_extensions_come_back():
 
 def test_usage_is_added_to_the_engines_count():
     usage = {"prompt_tokens": 120, "completion_tokens": 7, "total_tokens": 127}
-    with Scripted([(200, completion(usage=usage), {}), (200, completion(usage=usage), {})]) as srv:
-        engine = OpenAIEngine("tiny-vl", base_url=srv.url)
+    plp = [None, {"9": {"logprob": -0.25, "rank": 1, "decoded_token": "A"}}]
+    scored = completion("", usage={"prompt_tokens": 50, "completion_tokens": 1, "total_tokens": 51},
+                        prompt_logprobs=plp, prompt_token_ids=[1, 9])
+    with Scripted([(200, completion(usage=usage), {})] * 2 + [(200, scored, {})] * 2) as srv:
+        engine = OpenAIEngine("tiny-vl", base_url=srv.url, score_method="prompt_logprobs")
         engine.take_usage()
         engine.generate([ask(), ask()], OPTS)  # two requests, answered on the engine's pool threads
         got = engine.take_usage()  # ...and counted on this one
         assert got.to_dict() == {"prompt_tokens": 240, "image_tokens": 0, "generated_tokens": 14}
         assert engine.take_usage().to_dict() == {"prompt_tokens": 0, "image_tokens": 0, "generated_tokens": 0}
+        assert engine.score(ask(), ["A", "B"]) == [-0.25, -0.25]
+        # Scoring generates nothing: the token vLLM decodes to answer is not counted.
+        assert engine.take_usage().to_dict() == {"prompt_tokens": 100, "image_tokens": 0, "generated_tokens": 0}
         engine.close()

@@ -101,8 +101,9 @@ class OpenAIEngine(Engine):
     """Engine over an OpenAI-compatible HTTP server, through the official ``openai`` client (its transport, retries
     and errors; the errors are raised again as this package's typed ones).
 
-    Token usage: each chat completion's ``usage`` (scoring requests included) is added to the engine's count
-    (``take_usage``). The OpenAI schema does not split out image tokens: ``prompt`` includes them, ``image`` stays 0.
+    Token usage: each chat completion's ``usage`` is added to the engine's count (``take_usage``), scoring requests
+    included (their prompt tokens only). The OpenAI schema does not split out image tokens: ``prompt_tokens``
+    includes them and ``image_tokens`` stays 0.
 
     Args:
         model: the served model name (``tpru serve --served-model-name`` / ``vllm serve --served-model-name``);
@@ -215,31 +216,29 @@ class OpenAIEngine(Engine):
             return ""
         return f" Served models: {served}." + close_matches(str(self.model), served) if served else ""
 
-    def _chat(self, payload: dict, *, count: bool = True) -> dict:
-        """One chat completion as a plain dict (server extensions included); its ``usage`` counted if ``count``."""
+    def _chat(self, payload: dict) -> dict:
+        """One chat completion as a plain dict (server extensions included)."""
         args = {k: v for k, v in payload.items() if k in _CHAT_ARGS}
         extra = {k: v for k, v in payload.items() if k not in _CHAT_ARGS}
-        body = self._call("POST /chat/completions", self._client.chat.completions.create, **args,
+        return self._call("POST /chat/completions", self._client.chat.completions.create, **args,
                           extra_body=extra or None).to_dict()
-        if count:
-            self._count(body)
-        return body
 
-    def _chats(self, items: Sequence, payload: Callable[[Any], dict]) -> list[dict]:
+    def _chats(self, items: Sequence, payload: Callable[[Any], dict], *, scoring: bool) -> list[dict]:
         """One chat completion per item, sent concurrently; usage counted here, on the calling thread (it is
         per thread, see :meth:`Engine.take_usage`)."""
-        def one(item: Any) -> dict:
-            return self._chat(payload(item), count=False)
-
-        bodies = [one(items[0])] if len(items) == 1 else list(self._pool.map(one, items))
+        bodies = [self._chat(payload(items[0]))] if len(items) == 1 else list(
+            self._pool.map(lambda item: self._chat(payload(item)), items))
         for body in bodies:
-            self._count(body)
+            self._count(body, scoring=scoring)
         return bodies
 
-    def _count(self, body: dict) -> None:
+    def _count(self, body: dict, *, scoring: bool) -> None:
+        """Add a reply's ``usage``: image tokens are inside ``prompt_tokens`` (the schema does not split them out);
+        the one token a server decodes to answer a scoring request is not counted (scoring generates nothing)."""
         usage = body.get("usage")
-        if isinstance(usage, dict):  # image tokens are inside prompt_tokens; the schema does not split them out
-            self._add_usage(prompt=usage.get("prompt_tokens") or 0, generated=usage.get("completion_tokens") or 0)
+        if isinstance(usage, dict):
+            self._add_usage(prompt=usage.get("prompt_tokens") or 0,
+                            generated=0 if scoring else usage.get("completion_tokens") or 0)
 
     # ------------------------------------------------------------------ server facts
     def _listing(self) -> list[dict]:
@@ -285,7 +284,7 @@ class OpenAIEngine(Engine):
         self._live()
         bodies = self._chats(requests, lambda request: self._payload(
             request, max_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
-            seed=options.seed))
+            seed=options.seed), scoring=False)
         return [message_text(body) for body in bodies]
 
     # ------------------------------------------------------------------ score
@@ -320,6 +319,7 @@ class OpenAIEngine(Engine):
     def _score_tpru(self, request: Request, conts: list[str], prefix: str) -> list[float]:
         body = self._chat(self._payload(
             request, max_tokens=1, tpru_score={"continuations": conts, "prefix": prefix}))
+        self._count(body, scoring=True)
         values = (body.get("tpru_score") or {}).get("logprobs")
         if not isinstance(values, list) or len(values) != len(conts):
             raise ServerError(f"{self.base_url} did not answer tpru_score (is it `tpru serve`?); use "
@@ -331,6 +331,7 @@ class OpenAIEngine(Engine):
         fill = (prefix + conts[0])[:split]
         body = self._chat(self._payload(
             request, assistant=fill, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=self.top_logprobs))
+        self._count(body, scoring=True)
         try:
             first = body["choices"][0]["logprobs"]["content"][0]
             top = [(str(t["token"]), float(t["logprob"])) for t in first["top_logprobs"]]
@@ -346,7 +347,7 @@ class OpenAIEngine(Engine):
     def _score_prompt(self, request: Request, conts: list[str], prefix: str) -> list[float]:
         bodies = self._chats(conts, lambda cont: self._payload(
             request, assistant=prefix + cont, max_tokens=1, temperature=0.0, prompt_logprobs=0,
-            return_token_ids=True))
+            return_token_ids=True), scoring=True)
         values = []
         for cont, body in zip(conts, bodies):
             plp = body.get("prompt_logprobs")
