@@ -145,19 +145,29 @@ def test_a_lenient_parse_is_flagged_on_the_event():
 
 
 def test_each_frame_is_loaded_once_per_observation(monkeypatch):
-    """The checker loads the observation; verify_step under it loads nothing again (it used to load it 3 times)."""
-    import tpru_agent.checker as checker_module
-    import tpru_agent.model as model_module
+    """The checker loads the observation; verify_step under it loads nothing again (it used to load it 3 times).
+
+    The tiny model's decode and resize counts are in tests/test_load_once.py."""
+    import tpru_agent.frames as frames_module
 
     calls = []
 
     def counting(real):
         return lambda *a, **k: calls.append(real.__name__) or real(*a, **k)
 
-    monkeypatch.setattr(checker_module, "load_frame", counting(checker_module.load_frame))
     for name in ("load_frame", "load_frames"):
-        monkeypatch.setattr(model_module, name, counting(getattr(model_module, name)))
+        monkeypatch.setattr(frames_module, name, counting(getattr(frames_module, name)))
     checker, engine = make(window=2)
     events = [checker.observe(frame(s)) for s in range(1, 4)]
     assert [e.status for e in events] == [Status.ACCEPTED] * 3 and engine.score_calls == 2
     assert calls == ["load_frame"] * 3  # one per observed frame, all in the checker
+
+
+def test_events_record_settings_and_usage():
+    checker, _ = make(window=2, threshold=0.6)
+    first, second = checker.observe(frame(1)), checker.observe(frame(2))
+    for event in (first, second):
+        assert event.settings["mode"] == "fast" and event.settings["threshold"] == 0.6
+        assert event.settings["engine"] == "oracle" and event.settings["window"] == 2
+        assert event.usage == {"prompt_tokens": 0, "image_tokens": 0, "generated_tokens": 0}  # a custom engine
+    assert {"settings", "usage"} <= set(second.to_dict())

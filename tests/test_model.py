@@ -87,9 +87,10 @@ def test_debias_averages_over_shifts_and_keeps_the_answer():
     result = model.predict_next([frame(1), frame(2)], [frame(9), frame(3), frame(7), frame(8)], mode="fast")
     assert result.index == 1
     assert engine.score_calls == 3 * 2  # 3 cyclic shifts, with the "None" option last and then first
-    assert result.timings["calls"] == 2
+    assert result.timings["calls"] == engine.score_calls == 6  # the record tells the passes made
     verdict = model.verify_step([frame(1), frame(2)], frame(3), mode="fast")
     assert verdict.ok and engine.score_calls == 6 + 2  # one candidate: only the "None" letter can move
+    assert verdict.timings["calls"] == 2
     with pytest.raises(ConfigError, match="debias"):
         TPRU(engine=engine, debias=0)
 
@@ -209,3 +210,29 @@ def test_a_direction_blind_engine_is_reported_as_a_guess():
     result = TPRU(engine=Tied()).order_frames([frame(s) for s in (2, 1, 3)], mode="fast")
     assert not result.direction_known
     assert TPRU(engine=PixelOracle()).order_frames([frame(s) for s in (2, 1, 3)], mode="fast").direction_known
+
+
+def test_debias_passes_are_one_rule_for_every_question():
+    from tpru_agent.asking import moved_none, passes
+    from tpru_agent.tasks import next_frame, ordering, previous
+
+    assert passes(next_frame.build(2, 4, with_goal=True), "fast", 3) == 6  # 3 shifts x None last and first
+    assert passes(next_frame.build(2, 4, none_position=None), "fast", 3) == 3  # no None option to move
+    assert passes(previous.build(3, 2), "fast", 8) == 4  # at most one shift per candidate
+    assert passes(next_frame.build(2, 4), "reason", 3) == passes(next_frame.build(2, 4), "fast", 1) == 1
+    assert passes(ordering.build(4), "fast", 4) == 1
+    mcq = ordering.build_mcq(4, ["ABCD", "DCBA"])  # options are permutations, not candidate images
+    assert moved_none(mcq) is None and passes(mcq, "fast", 2) == 1
+
+
+def test_ask_and_predict_next_agree_under_debias():
+    from tpru_agent.tasks import next_frame
+
+    engine = PixelOracle()
+    hist, cands = [frame(1), frame(2)], [frame(9), frame(3), frame(7)]
+    result = TPRU(engine=engine, debias=3).predict_next(hist, cands, mode="fast")
+    ans = TPRU(engine=engine).ask(next_frame.build(2, 3), hist + cands, mode="fast", debias=3)
+    assert result.probabilities == pytest.approx(ans.probabilities) and result.letter == ans.answer
+    assert result.timings["calls"] == ans.timings["calls"] == 6 and engine.score_calls == 12
+    assert result.settings["debias"] == 3 and result.usage == {"prompt_tokens": 0, "image_tokens": 0,
+                                                               "generated_tokens": 0}

@@ -82,3 +82,41 @@ def test_offline_hub_name_gives_the_fix(monkeypatch, tmp_path):
         TPRU("tpru-3b")
     text = str(info.value)
     assert "Stephengzk/TPRU-3B" in text and str(tmp_path) in text and "classic" in text
+
+
+def test_debias_means_and_costs_the_same_through_ask_and_predict_next(model, frames4):
+    """``tpru eval run --debias 2`` (TPRU.ask) and ``tpru next --debias 2`` (predict_next) make the same passes."""
+    from tpru_agent.tasks import next_frame
+
+    hist, goal, cands = frames4[:2], frames4[3], [frames4[2], frames4[0], frames4[1].rotate(90), frames4[3]]
+    debiased = TPRU(engine=model.engine, debias=2)
+    via_next = debiased.predict_next(hist, cands, goal=goal, mode="fast")
+    question = next_frame.build(2, 4, with_goal=True)
+    via_ask = TPRU(engine=model.engine).ask(question, [*hist, goal, *cands], mode="fast", debias=2)
+    assert via_next.probabilities == pytest.approx(via_ask.probabilities, abs=1e-6)
+    assert via_next.letter == via_ask.answer
+    # 2 cyclic shifts of the 4 candidates, each with the None option last and first: 4 scoring passes either way
+    assert via_next.timings["calls"] == via_ask.timings["calls"] == 4
+    plain = TPRU(engine=model.engine).ask(question, [*hist, goal, *cands], mode="fast")
+    assert plain.timings["calls"] == 1 and plain.probabilities != pytest.approx(via_ask.probabilities, abs=1e-6)
+
+
+def test_results_record_their_settings_and_token_usage(model, frames4):
+    fresh = [f.rotate(90, expand=True) for f in frames4]  # frames this engine's prefix cache has not seen
+    first = model.order_frames(fresh, mode="fast")
+    assert first.settings["mode"] == "fast" and first.settings["engine"] == "hf"
+    assert first.settings["max_new_tokens"] == 24 and first.settings["debias"] == 1
+    assert first.settings["budget"] == {"min_pixels": model.budget.min_pixels, "max_pixels": model.budget.max_pixels,
+                                        "factor": model.budget.factor}
+    assert first.usage["image_tokens"] > 0 and first.usage["prompt_tokens"] > first.usage["image_tokens"]
+    assert first.usage["generated_tokens"] == 0  # fast mode only scores
+    again = model.order_frames(fresh, mode="fast")  # the prefix cache holds the prompt: only the answers run
+    assert again.usage["image_tokens"] == 0 and 0 < again.usage["prompt_tokens"] < first.usage["prompt_tokens"]
+    assert again.probabilities == pytest.approx(first.probabilities, abs=1e-5)
+    step = model.verify_step(fresh[:2], fresh[2], mode="fast")
+    assert step.usage == step.choice.usage and step.usage["prompt_tokens"] > 0
+    assert {"settings", "usage"} <= set(step.to_dict())
+    # reason mode over windows (an unparsable window is scored instead): each window generated its tokens
+    reasoned = model.order_frames([*fresh, fresh[0].rotate(180)], mode="reason")
+    assert reasoned.settings["mode"] == "reason"
+    assert len(reasoned.windows) <= reasoned.usage["generated_tokens"] <= 24 * len(reasoned.windows)

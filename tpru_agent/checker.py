@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from tpru_agent.errors import ConfigError, ParseError
-from tpru_agent.frames import load_frame, load_frames
+from tpru_agent import calls, served
 from tpru_agent.results import CheckEvent, Status
 
 #: Mean absolute difference (0..255, on a 32x32 grey thumbnail) under which two frames count as the same. Real
@@ -29,6 +29,7 @@ from tpru_agent.results import CheckEvent, Status
 DUPLICATE_THRESHOLD = 0.2
 #: The longest history one verify question takes (the facade's history limit).
 MAX_WINDOW = 12
+_NO_USAGE = {"prompt_tokens": 0, "image_tokens": 0, "generated_tokens": 0}
 
 
 def thumbnail(image) -> np.ndarray:
@@ -104,8 +105,8 @@ class ProcedureChecker:
         self.duplicate_threshold = duplicate_threshold
         self.bgr = bgr
         budget = getattr(model, "budget", None)
-        self.reference = [] if reference is None else load_frames(reference, budget=budget, bgr=bgr, min_frames=2,
-                                                                  video_frames=reference_frames, what="reference")
+        self.reference = [] if reference is None else served.load(reference, budget, bgr=bgr, min_frames=2,
+                                                                   video_frames=reference_frames, what="reference")
         self._ref_thumbs = [thumbnail(f) for f in self.reference]
         self.log_path = Path(log_path) if log_path is not None else None
         self.reset()
@@ -130,8 +131,9 @@ class ProcedureChecker:
         """Check one new frame; returns a :class:`CheckEvent` (``status``, ``confidence``, ``progress``...)."""
         started = time.perf_counter()
         s = self._s
-        image = load_frame(frame, budget=getattr(self.model, "budget", None), bgr=self.bgr, index=s.step,
-                           what="observation")
+        # loaded once, at the model's budget and marked so: nothing under verify_step loads or resizes it again
+        image = served.load(frame, getattr(self.model, "budget", None), bgr=self.bgr, single=True, index=s.step,
+                            what="observation")
         thumb = thumbnail(image)
         if not s.accepted:
             event = self._first(image, thumb, started)
@@ -169,12 +171,14 @@ class ProcedureChecker:
         except ParseError as exc:  # e.g. reasoning cut off at max_new_tokens: a doubt, not a crash of the loop
             s.low_streak += 1
             status = Status.REJECTED if s.low_streak >= self.confirm else Status.UNCERTAIN
-            return self._event(status, 0.0, started, raw=exc.raw, details={"error": str(exc).split("; raw")[0]})
+            return self._event(status, 0.0, started, raw=exc.raw, details={"error": str(exc).split("; raw")[0]},
+                               usage=self.model.engine.take_usage().to_dict())  # the failed call's tokens
         details = {"p_ok": verdict.confidence, "probabilities": verdict.choice.probabilities,
                    "letter": verdict.choice.letter}
         if verdict.duplicate:  # no change at the model's (default) threshold, though above this checker's one
             return self._event(Status.ACCEPTED, 1.0, started, raw=verdict.raw, engine=verdict.engine, duplicate=True,
-                               details={**details, "reason": "no visual change since the last accepted frame"})
+                               details={**details, "reason": "no visual change since the last accepted frame"},
+                               made=verdict)
         if verdict.confidence >= self.threshold:
             s.low_streak = 0
             self._accept(image, thumb)
@@ -183,7 +187,7 @@ class ProcedureChecker:
             s.low_streak += 1
             status = Status.REJECTED if s.low_streak >= self.confirm else Status.UNCERTAIN
         return self._event(status, verdict.confidence, started, raw=verdict.raw, engine=verdict.engine,
-                           details=details, lenient=verdict.lenient)
+                           details=details, lenient=verdict.lenient, made=verdict)
 
     def _accept(self, image, thumb) -> None:
         s = self._s
@@ -201,14 +205,28 @@ class ProcedureChecker:
             s.matched = lo + int(np.argmin(dists))
 
     def _event(self, status: Status, confidence: float, started: float, *, raw: str, engine: str | None = None,
-               duplicate: bool = False, details: dict | None = None, lenient: bool = False) -> CheckEvent:
+               duplicate: bool = False, details: dict | None = None, lenient: bool = False,
+               made=None, usage: dict | None = None) -> CheckEvent:
+        """The event; ``made``: the verdict of the model call behind it (its settings and usage), if any."""
         s = self._s
         s.last_status = status
         progress = None if s.matched is None else (s.matched + 1) / len(self.reference)
         return CheckEvent(step=s.step, status=status, confidence=float(confidence), matched_step=s.matched,
                           progress=progress, latency_s=time.perf_counter() - started, raw=raw,
                           engine=engine or getattr(self.model, "engine_name", "?"), duplicate=duplicate,
-                          details=details or {}, lenient=lenient)
+                          details=details or {}, lenient=lenient, settings=self._settings(made),
+                          usage=dict(made.usage if made is not None else usage or _NO_USAGE))
+
+    def _settings(self, verdict) -> dict[str, Any]:
+        """The model call's settings (or, with no call, the model's in this checker's mode) and the checker's own."""
+        own = {"threshold": self.threshold, "confirm": self.confirm, "window": self.window,
+               "duplicate_threshold": self.duplicate_threshold}
+        if verdict is not None:
+            return {**verdict.settings, **own}
+        try:
+            return {**calls.settings(self.model, self.mode), **own}
+        except AttributeError:  # a model object without the facade's options
+            return own
 
     def _log(self, event: CheckEvent) -> None:
         if self.log_path is None:

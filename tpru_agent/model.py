@@ -1,7 +1,8 @@
 """The facade: ``TPRU(model).order_frames / predict_next / review_previous / verify_step``.
 
-Every call runs one pipeline: validate and load frames -> build the task question -> engine (generate and/or
-score) -> parse -> a typed result carrying the raw text, confidence, engine, mode and timings.
+Every call runs one pipeline: validate and load frames (once per call, :mod:`tpru_agent.served`) -> build the task
+question -> engine (generate and/or score, :mod:`tpru_agent.asking`) -> parse -> a typed result carrying the raw
+text, confidence, engine, mode, timings and how it was made (``settings``, token ``usage``: :mod:`tpru_agent.calls`).
 """
 
 from __future__ import annotations
@@ -10,17 +11,17 @@ import logging
 import math
 import os
 import time
-from functools import partial
 from typing import Any, Sequence
 
+from tpru_agent import asking, calls, served
 from tpru_agent import ordering as aggregate
-from tpru_agent.engines.base import Engine, GenerationOptions, Request, as_engine
+from tpru_agent.engines.base import Engine, GenerationOptions, as_engine
 from tpru_agent.errors import ConfigError, ParseError
-from tpru_agent.frames import TPRU_BUDGET, PixelBudget, load_frame, load_frames
+from tpru_agent.frames import TPRU_BUDGET, PixelBudget
 from tpru_agent.hub import DEFAULT_MODEL, resolve
 from tpru_agent.progress import estimate as estimate_progress
 from tpru_agent.results import ChoiceResult, OrderResult, ProgressResult, StepVerdict
-from tpru_agent.tasks import continuation, next_frame, ordering, parse_response, previous, render_prompt
+from tpru_agent.tasks import next_frame, ordering, previous, render_prompt
 from tpru_agent.tasks.answer import Answer, softmax
 from tpru_agent.tasks.question import MAX_CANDIDATES, MAX_ORDER_LABELS, Question
 
@@ -74,9 +75,11 @@ class TPRU:
             (``tpru_budget.json``, hf and onnx engines), else TPRU's training range (16,384..36,864 pixels per
             frame) for model engines, original size for the classic engine (which downsamples on its own).
         max_new_tokens: reasoning budget of ``mode="reason"``.
-        debias: in fast mode, average each multiple-choice answer over this many cyclic shifts of the candidate
-            order, each with the "None" option last and first (counters letter position bias; costs
-            ``2 * debias`` scoring passes, 2 for ``verify_step``'s single candidate).
+        debias: in fast mode, average each candidates answer over ``min(debias, n)`` cyclic shifts of the ``n``
+            candidates, each with the "None" option where the question puts it and at the other end (counters
+            letter position bias; costs ``2 * min(debias, n)`` scoring passes when ``debias > 1``, so 2 for
+            ``verify_step``'s single candidate; see :mod:`tpru_agent.asking`). The same for every call: ``ask``
+            (``tpru eval run``), ``predict_next`` / ``review_previous`` (``tpru next``) and ``verify_step``.
         bgr: numpy frames come in OpenCV's BGR order (``cv2.imread`` / ``VideoCapture``); converted to RGB.
         **engine_kwargs: passed to the engine (e.g. ``base_url=`` for openai, ``attn_implementation=`` for hf).
 
@@ -151,54 +154,20 @@ class TPRU:
 
         ``mode="fast"`` scores every valid answer in one pass; ``mode="reason"`` generates, parses, then scores
         every valid answer after the generated reasoning so the result still has a probability. ``debias``
-        (default: the constructor's) averages a fast-mode candidates question over that many cyclic shifts of the
-        candidate images (each letter's probability mapped back to its candidate), countering letter position
-        bias at ``debias`` times the cost.
+        (default: the constructor's) applies to fast-mode candidates questions: ``min(debias, n)`` cyclic shifts of
+        the ``n`` candidate images, each asked with the "None" option where the question puts it and at the other
+        end, every letter's probability mapped back to its candidate and averaged: ``2 * min(debias, n)`` scoring
+        passes (``min(debias, n)`` without a None option), the same as ``predict_next`` / ``review_previous`` /
+        ``verify_step`` make. ``timings["calls"]`` counts the passes (see :mod:`tpru_agent.asking`).
 
         Raises:
+            ConfigError: the image count differs from the question's, or ``debias < 1``.
             ParseError: the generated text has no valid answer (the raw text is kept on the error).
         """
-        mode = self._mode(mode)
-        if len(images) != question.n_images:
-            raise ConfigError(f"the question shows {question.n_images} images but {len(images)} were given")
-        n = question.n_candidates
-        shifts = min(self.debias if debias is None else debias, n) if mode == "fast" else 1
-        if shifts < 2:
-            return self._ask_once(question, images, mode)
-        n_context = question.n_images - n
-        letter_of = {o.value: o.letter for o in question.options}
-        merged = {letter: 0.0 for letter in letter_of.values()}
-        timings: dict[str, float] = {}
-        for s in range(shifts):
-            rotated = [(k + s) % n for k in range(n)]  # shown candidate k is original candidate rotated[k]
-            ans = self._ask_once(question, list(images[:n_context]) + [images[n_context + i] for i in rotated], mode)
-            for letter, p in ans.probabilities.items():
-                shown = question.option(letter).value
-                merged[letter_of[None if shown is None else rotated[shown]]] += p / shifts
-            for key, value in ans.timings.items():
-                timings[key] = timings.get(key, 0.0) + value
-        best = max(merged, key=merged.get)
-        return Answer(best, merged, continuation(best), timings)
-
-    def _ask_once(self, question: Question, images: Sequence, mode: str) -> Answer:
-        request = Request(question, render_prompt(question.problem, self.template), tuple(images))
-        answers = question.answers()
-        timings: dict[str, float] = {}
-        raw, prefix, chosen, lenient = "", "", None, False
-        if mode == "reason":
-            t0 = time.perf_counter()
-            raw = self.engine.generate([request], self.options)[0]
-            timings["generate_s"] = time.perf_counter() - t0
-            parsed = parse_response(raw, question.validate)
-            chosen, prefix, lenient = parsed.answer, parsed.prefix, not parsed.well_formed
-        t0 = time.perf_counter()
-        scores = self.engine.score(request, [continuation(a) for a in answers], prefix=prefix)
-        timings["score_s"] = time.perf_counter() - t0
-        probs = softmax(dict(zip(answers, scores)))
-        if chosen is None:
-            chosen = max(probs, key=probs.get)
-            raw = continuation(chosen)
-        return Answer(chosen, probs, raw, timings, lenient)
+        debias = self.debias if debias is None else debias
+        if debias < 1:
+            raise ConfigError(f"debias must be >= 1 (number of option shifts to average), got {debias}")
+        return asking.ask(self, question, images, mode=self._mode(mode), debias=debias)
 
     # ---------------------------------------------------------------- ordering
     def order_frames(self, frames, *, description: str | None = None, mode: str = "reason") -> OrderResult:
@@ -221,10 +190,8 @@ class TPRU:
         Example:
             >>> TPRU("classic").order_frames("examples/frames").order   # doctest: +SKIP
         """
-        started = time.perf_counter()
-        mode = self._mode(mode)
-        images = load_frames(frames, budget=self.budget, bgr=self.bgr,
-                             min_frames=2, max_frames=MAX_ORDER_FRAMES, what="frames")
+        started, mode = calls.begin(self), self._mode(mode)
+        images = self._load(frames, min_frames=2, max_frames=MAX_ORDER_FRAMES, what="frames")
         prepare_s = time.perf_counter() - started
         if len(images) <= MAX_ORDER_LABELS:
             ans = self.ask(ordering.build(len(images), description=description), images, mode=mode)
@@ -233,8 +200,8 @@ class TPRU:
             probs = dict(sorted(ans.probabilities.items(), key=lambda kv: -kv[1])[:24])
             tied = math.isclose(ans.probabilities.get(ans.answer[::-1], -1.0), ans.confidence, rel_tol=1e-9)
             return OrderResult(order, ans.answer, ans.confidence, probs, ans.raw, self.engine_name, mode,
-                               self._timings(started, prepare_s, [ans]), direction_known=not tied,
-                               lenient=ans.lenient)
+                               calls.timings(started, prepare_s, [ans]), direction_known=not tied,
+                               lenient=ans.lenient, **calls.made(self, mode))
         if self._classic() is not None:
             return self._order_classic(images, started, prepare_s)
         return self._order_windows(images, description, mode, started, prepare_s)
@@ -246,7 +213,7 @@ class TPRU:
         timings = {"prepare_s": prepare_s, "path_s": time.perf_counter() - t0}
         timings["total_s"] = time.perf_counter() - started
         return OrderResult(path.order, _labels(path.order), path.confidence, {}, path.explanation, self.engine_name,
-                           "fast", timings, direction_known=False)
+                           "fast", timings, direction_known=False, **calls.made(self, "fast"))
 
     def _order_windows(self, images: list, description: str | None, mode: str, started: float,
                        prepare_s: float) -> OrderResult:
@@ -283,8 +250,9 @@ class TPRU:
                                     rel_tol=1e-9)
         return OrderResult(order, _labels(order), math.exp(log_conf / len(answered)), {},
                            "\n".join(d["raw"] for d in details), self.engine_name, mode,
-                           self._timings(started, prepare_s, [a for _, _, a in answered]), windows=tuple(details),
-                           direction_known=not reverse_tied, lenient=any(a.lenient for _, _, a in answered))
+                           calls.timings(started, prepare_s, [a for _, _, a in answered]), windows=tuple(details),
+                           direction_known=not reverse_tied, lenient=any(a.lenient for _, _, a in answered),
+                           **calls.made(self, mode))
 
     # ---------------------------------------------------------------- progress
     def progress(self, frames, *, description: str | None = None, reference=None, mode: str = "fast",
@@ -304,11 +272,11 @@ class TPRU:
         Example:
             >>> TPRU("classic").progress("episode.mp4").values   # doctest: +SKIP
         """
-        started = time.perf_counter()
-        images = load_frames(frames, budget=self.budget, bgr=self.bgr, video_frames=video_frames,
-                             min_frames=2, max_frames=MAX_ORDER_FRAMES, what="frames")
-        ref = None if reference is None else load_frames(reference, budget=self.budget, bgr=self.bgr,
-                                                         video_frames=video_frames, min_frames=2, what="reference")
+        started = calls.begin(self)
+        images = self._load(frames, video_frames=video_frames, min_frames=2, max_frames=MAX_ORDER_FRAMES,
+                            what="frames")
+        ref = None if reference is None else self._load(reference, video_frames=video_frames, min_frames=2,
+                                                        what="reference")
         return estimate_progress(self, images, description=description, reference=ref, mode=_check_mode(mode),
                                  method=method, started=started, prepare_s=time.perf_counter() - started)
 
@@ -318,37 +286,37 @@ class TPRU:
         """Which candidate frame comes right after ``history`` (optionally knowing the final ``goal`` frame)?
 
         TPRU's form is 2 history frames + the goal + 4 candidates; other counts work but leave the trained range.
+        Costs one pass, or in fast mode with ``debias > 1`` the scoring passes :meth:`ask` describes.
 
         Returns:
             ChoiceResult whose ``index`` points into ``candidates``, or is ``None`` when the model answered
             "None of the choices provided".
         """
-        started, mode = time.perf_counter(), self._mode(mode)
-        hist = load_frames(history, budget=self.budget, bgr=self.bgr, min_frames=1, max_frames=12, what="history")
-        cands = load_frames(candidates, budget=self.budget, bgr=self.bgr,
-                            min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
-        goal = None if goal is None else load_frame(goal, budget=self.budget, bgr=self.bgr, what="goal")
+        started, mode = calls.begin(self), self._mode(mode)
+        hist = self._load(history, min_frames=1, max_frames=12, what="history")
+        cands = self._load(candidates, min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
+        goal = None if goal is None else self._load(goal, single=True, what="goal")
         return self._next(hist, cands, goal, description, mode, none_position, started)
 
     def _next(self, hist: list, cands: list, goal, description: str | None, mode: str, none_position: int | None,
               started: float) -> ChoiceResult:
         """``predict_next`` on frames already loaded at this model's budget."""
-        build = partial(next_frame.build, len(hist), with_goal=goal is not None, none_position=none_position,
-                        description=description)
+        question = next_frame.build(len(hist), len(cands), with_goal=goal is not None, none_position=none_position,
+                                    description=description)
         context = hist + ([goal] if goal is not None else [])
-        return self._choose(build, context, cands, mode, started, time.perf_counter() - started)
+        return self._choose(question, context, cands, mode, started, time.perf_counter() - started)
 
     def review_previous(self, later_frames, candidates, *, description: str | None = None, mode: str = "reason",
                         none_position: int | None = -1) -> ChoiceResult:
-        """Which candidate frame comes right before ``later_frames`` (TPRU: steps 2-4 given, pick step 1)?"""
-        started = time.perf_counter()
-        mode = self._mode(mode)
-        later = load_frames(later_frames, budget=self.budget, bgr=self.bgr,
-                            min_frames=1, max_frames=12, what="later_frames")
-        cands = load_frames(candidates, budget=self.budget, bgr=self.bgr,
-                            min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
-        build = partial(previous.build, len(later), none_position=none_position, description=description)
-        return self._choose(build, later, cands, mode, started, time.perf_counter() - started)
+        """Which candidate frame comes right before ``later_frames`` (TPRU: steps 2-4 given, pick step 1)?
+
+        Costs one pass, or in fast mode with ``debias > 1`` the scoring passes :meth:`ask` describes.
+        """
+        started, mode = calls.begin(self), self._mode(mode)
+        later = self._load(later_frames, min_frames=1, max_frames=12, what="later_frames")
+        cands = self._load(candidates, min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
+        question = previous.build(len(later), len(cands), none_position=none_position, description=description)
+        return self._choose(question, later, cands, mode, started, time.perf_counter() - started)
 
     def verify_step(self, history, observation, *, description: str | None = None, goal=None, distractors=None,
                     mode: str = "reason") -> StepVerdict:
@@ -361,23 +329,24 @@ class TPRU:
         observation with no visual change from the last history frame is no progress: ``ok`` is False and
         ``duplicate`` True whatever the model says (the checker treats it the same way; issue 14). With a
         ``description``, a frame that contradicts the text should be answered "None" (TPRU's negative samples
-        train exactly this cross-check).
+        train exactly this cross-check). Each frame is loaded once. Costs one pass, or in fast mode with
+        ``debias > 1`` the scoring passes :meth:`ask` describes (2 without distractors).
         """
-        started, mode = time.perf_counter(), self._mode(mode)
-        hist = load_frames(history, budget=self.budget, bgr=self.bgr, min_frames=1, max_frames=12, what="history")
-        extra = [] if distractors is None else load_frames(distractors, budget=self.budget, bgr=self.bgr, min_frames=0,
-                                                           max_frames=MAX_CANDIDATES - 1, what="distractors")
-        obs = load_frame(observation, budget=self.budget, bgr=self.bgr, what="observation")
-        goal = None if goal is None else load_frame(goal, budget=self.budget, bgr=self.bgr, what="goal")
+        started, mode = calls.begin(self), self._mode(mode)
+        hist = self._load(history, min_frames=1, max_frames=12, what="history")
+        extra = [] if distractors is None else self._load(distractors, min_frames=0, max_frames=MAX_CANDIDATES - 1,
+                                                          what="distractors")
+        obs = self._load(observation, single=True, what="observation")
+        goal = None if goal is None else self._load(goal, single=True, what="goal")
         return self._verify(hist, obs, extra, goal, description, mode, started)
 
     def _verify(self, hist: list, obs, extra: list, goal, description: str | None, mode: str,
                 started: float | None = None) -> StepVerdict:
         """``verify_step`` on frames already loaded at this model's budget (the checker's path: each frame is
-        loaded once per call)."""
+        loaded once per call, by :meth:`_load` or :func:`tpru_agent.served.load`)."""
         from tpru_agent.checker import same_frame
 
-        started = time.perf_counter() if started is None else started
+        started = calls.begin(self) if started is None else started
         mode = self._mode(mode)
         choice = self._next(hist, [obs, *extra], goal, description, mode, -1, started)
         letter = next(k for k, v in choice.options.items() if v == 0)
@@ -386,34 +355,21 @@ class TPRU:
         duplicate = same_frame(obs, hist[-1])
         ok = choice.index == 0 and p_ok > rival and not math.isclose(p_ok, rival, rel_tol=1e-9) and not duplicate
         return StepVerdict(ok, p_ok, choice, choice.raw, choice.engine, mode, choice.timings, lenient=choice.lenient,
-                           duplicate=duplicate)
+                           duplicate=duplicate, settings=choice.settings, usage=choice.usage)
 
-    def _choose(self, build, context: list, cands: list, mode: str, started: float, prepare_s: float) -> ChoiceResult:
-        """Ask a candidates question. In fast mode with ``debias > 1`` the candidates are also shown with the
-        "None" option at the other end of the list, so its letter moves too (one candidate alone, as in
-        ``verify_step``, has nothing else to shift), and the per-candidate probabilities are averaged."""
-        question = build(len(cands))
-        answers = [self.ask(question, context + cands, mode=mode)]
+    def _choose(self, question: Question, context: list, cands: list, mode: str, started: float,
+                prepare_s: float) -> ChoiceResult:
+        """Ask a candidates question through :meth:`ask` (debiased as it says in fast mode)."""
+        ans = self.ask(question, context + cands, mode=mode)
         options = {o.letter: o.value for o in question.options}
-        probs = answers[0].probabilities
-        if mode == "fast" and self.debias > 1 and question.none_letter is not None:
-            first = next(i for i, o in enumerate(question.options) if o.value is None)
-            moved = build(len(cands), none_position=0 if first else -1)
-            answers.append(self.ask(moved, context + cands, mode=mode))
-            by_value = {o.value: answers[1].probabilities[o.letter] for o in moved.options}
-            probs = {letter: (p + by_value[options[letter]]) / 2 for letter, p in probs.items()}
-        letter = answers[0].answer if mode == "reason" else max(probs, key=probs.get)
-        raw = answers[0].raw if mode == "reason" else continuation(letter)
-        return ChoiceResult(options[letter], letter, probs[letter], probs, options, raw, self.engine_name, mode,
-                            self._timings(started, prepare_s, answers), lenient=mode == "reason" and answers[0].lenient)
+        probs = ans.probabilities
+        return ChoiceResult(options[ans.answer], ans.answer, probs[ans.answer], probs, options, ans.raw,
+                            self.engine_name, mode, calls.timings(started, prepare_s, [ans]), lenient=ans.lenient,
+                            **calls.made(self, mode))
 
-    def _timings(self, started: float, prepare_s: float, answers: Sequence[Answer]) -> dict[str, float]:
-        timings = {"prepare_s": prepare_s, "calls": float(len(answers))}
-        for ans in answers:
-            for key, value in ans.timings.items():
-                timings[key] = timings.get(key, 0.0) + value
-        timings["total_s"] = time.perf_counter() - started
-        return timings
+    def _load(self, frames, *, single: bool = False, **kwargs: Any):
+        """Frames at this model's budget, each loaded once (:func:`tpru_agent.served.load`)."""
+        return served.load(frames, self.budget, bgr=self.bgr, single=single, **kwargs)
 
     # ---------------------------------------------------------------- lifecycle
     def export(self, out: str | os.PathLike, *, format: str = "onnx", int8: bool = False,

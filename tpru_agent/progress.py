@@ -41,11 +41,11 @@ import itertools
 import logging
 import math
 import random
-import time
 from typing import Sequence
 
 import numpy as np
 
+from tpru_agent import calls
 from tpru_agent import ordering as aggregate
 from tpru_agent.errors import ConfigError, ParseError
 from tpru_agent.results import ProgressResult
@@ -287,10 +287,13 @@ def estimate(tpru, images: Sequence, *, description: str | None = None, referenc
              prepare_s: float = 0.0) -> ProgressResult:
     """Progress of already-loaded frames (``TPRU.progress`` loads them and calls this).
 
+    The result's ``settings`` and ``usage`` are ``tpru``'s (see :mod:`tpru_agent.calls`; usage counts the engine's
+    tokens on this thread since the last public call began).
+
     Raises:
         ConfigError: an unknown ``method``, ``"reference"`` without a reference, or fewer than 2 frames.
     """
-    started = time.perf_counter() if started is None else started
+    started = calls.begin(tpru) if started is None else started
     if method not in METHODS:
         raise ConfigError(f"progress method must be one of {METHODS}, got {method!r}")
     if len(images) < 2:
@@ -316,15 +319,11 @@ def estimate(tpru, images: Sequence, *, description: str | None = None, referenc
             alternatives[chosen] = tuple(candidates[chosen])
             chosen, known, answers = "anchored", True, answers + extra
         confidence, frame_conf = window_confidence(implied_order(values), votes)
-    timings: dict[str, float] = {"prepare_s": prepare_s, "calls": float(len(answers))}
-    for ans in answers:
-        for key, value in ans.timings.items():
-            timings[key] = timings.get(key, 0.0) + value
-    timings["total_s"] = time.perf_counter() - started
+    timings = calls.timings(started, prepare_s, answers)
     return ProgressResult(values=tuple(values), order=implied_order(values), confidence=confidence,
                           frame_confidence=tuple(frame_conf), direction_known=known, method=chosen,
                           passes=len(answers), alternatives=alternatives, raw="\n".join(a.raw for a in answers),
-                          engine=tpru.engine_name, mode=mode, timings=timings)
+                          engine=tpru.engine_name, mode=mode, timings=timings, **calls.made(tpru, mode, method=chosen))
 
 
 __all__ = ["METHODS", "anchor_indices", "direction_free", "estimate", "expected_rank", "expected_separation",

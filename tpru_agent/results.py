@@ -1,4 +1,13 @@
-"""Frozen result types. Each keeps the raw model text, the engine, the mode and timings, and has ``to_dict()``."""
+"""Frozen result types. Each keeps the raw model text, the engine, the mode and timings, and has ``to_dict()``.
+
+Every result also records how it was made, as ultralytics' ``Results.speed`` or faster-whisper's
+``TranscriptionInfo`` do: ``settings`` (the options the call ran with: ``mode``, ``max_new_tokens``,
+``temperature``, ``seed``, ``debias``, ``template``, ``budget`` (``min_pixels`` / ``max_pixels`` / ``factor``, or
+``None`` for original sizes), ``engine`` and ``model``) and ``usage`` (the tokens the engine processed for the call:
+``prompt_tokens``, ``image_tokens``, ``generated_tokens``; zeros for the classic engine and custom engines). Both
+are plain dicts, so ``to_dict()`` (and ``--json`` on the command line) shows them. ``ChoiceResult.options`` was
+taken already (option letter -> candidate index), hence the name ``settings``.
+"""
 
 from __future__ import annotations
 
@@ -41,6 +50,8 @@ class OrderResult(_ToDict):
             engine): the direction is then a guess (the end shown earlier among the inputs comes first).
         lenient: the model's generated answer was read by a lenient parse, not the strict trained format
             (missing tags, quotes, ``C-A-B-D``, ``(B)``, an answer inside the reasoning...): read ``raw``.
+        settings: the options the call ran with (see the module docstring).
+        usage: tokens the engine processed for the call (see the module docstring).
     """
 
     order: tuple[int, ...]
@@ -54,6 +65,8 @@ class OrderResult(_ToDict):
     windows: tuple[dict, ...] = ()
     direction_known: bool = True
     lenient: bool = False
+    settings: dict = field(default_factory=dict)
+    usage: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,8 @@ class ChoiceResult(_ToDict):
         options: option letter -> candidate index (``None`` for the "None" option).
         lenient: the model's generated answer was read by a lenient parse, not the strict trained format
             (missing tags, quotes, ``C-A-B-D``, ``(B)``, an answer inside the reasoning...): read ``raw``.
+        settings: the options the call ran with (see the module docstring).
+        usage: tokens the engine processed for the call (see the module docstring).
     """
 
     index: int | None
@@ -80,6 +95,8 @@ class ChoiceResult(_ToDict):
     mode: str
     timings: dict[str, float]
     lenient: bool = False
+    settings: dict = field(default_factory=dict)
+    usage: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,7 @@ class StepVerdict(_ToDict):
             is False whatever the model said.
         lenient: the model's generated answer was read by a lenient parse, not the strict trained format
             (missing tags, quotes, ``C-A-B-D``, ``(B)``, an answer inside the reasoning...): read ``raw``.
+        settings, usage: as :class:`ChoiceResult`'s (the same call).
     """
 
     ok: bool
@@ -106,6 +124,8 @@ class StepVerdict(_ToDict):
     timings: dict[str, float]
     lenient: bool = False
     duplicate: bool = False
+    settings: dict = field(default_factory=dict)
+    usage: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -124,6 +144,8 @@ class ProgressResult(_ToDict):
         method: ``"rank"``, ``"seriation"`` or ``"reference"`` (see :mod:`tpru_agent.progress`).
         passes: questions asked (one scoring pass each in fast mode).
         alternatives: the other methods' values from the same passes, by method name.
+        settings: the options the call ran with (see the module docstring).
+        usage: tokens the engine processed for the call (see the module docstring).
     """
 
     values: tuple[float, ...]
@@ -138,6 +160,8 @@ class ProgressResult(_ToDict):
     engine: str
     mode: str
     timings: dict[str, float]
+    settings: dict = field(default_factory=dict)
+    usage: dict = field(default_factory=dict)
 
 
 class Status(str, enum.Enum):
@@ -150,7 +174,11 @@ class Status(str, enum.Enum):
 
 @dataclass(frozen=True)
 class CheckEvent(_ToDict):
-    """One ``ProcedureChecker.observe`` outcome (``lenient``: as :class:`StepVerdict`'s, for the judged frame)."""
+    """One ``ProcedureChecker.observe`` outcome (``lenient``: as :class:`StepVerdict`'s, for the judged frame).
+
+    ``settings`` are the options of the model call (the checker's own ``threshold``, ``confirm``, ``window`` and
+    ``duplicate_threshold`` added); ``usage`` the tokens it processed (zeros when the frame needed no model call).
+    """
 
     step: int
     status: Status
@@ -163,3 +191,5 @@ class CheckEvent(_ToDict):
     duplicate: bool = False
     details: dict = field(default_factory=dict)
     lenient: bool = False
+    settings: dict = field(default_factory=dict)
+    usage: dict = field(default_factory=dict)

@@ -46,7 +46,8 @@ from tpru_agent.engines.hf_options import (
 from tpru_agent.engines.hf_tokens import HFTokens
 from tpru_agent.engines.prefix_cache import PrefixCache, Span, fork, image_key, kv_nbytes, tensors_nbytes
 from tpru_agent.errors import ConfigError, EngineClosedError, require
-from tpru_agent.frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, resize_to_budget, serving_budget
+from tpru_agent.frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, serving_budget
+from tpru_agent.served import serve
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class HFEngine(HFTokens, Engine):
 
     def _sized(self, request: Request) -> Request:
         """``request`` with every frame at the serving budget (frames the SDK already sized pass unchanged)."""
-        images = tuple(resize_to_budget(im, self.budget) for im in request.images)
+        images = tuple(serve(im, self.budget) for im in request.images)
         if all(a is b for a, b in zip(images, request.images)):
             return request
         return dataclasses.replace(request, images=images)
