@@ -3,6 +3,7 @@
 Every call runs one pipeline: validate and load frames (once per call, :mod:`tpru_agent.served`) -> build the task
 question -> engine (generate and/or score, :mod:`tpru_agent.asking`) -> parse -> a typed result carrying the raw
 text, confidence, engine, mode, timings and how it was made (``settings``, token ``usage``: :mod:`tpru_agent.calls`).
+Ordering more than 4 frames lives in :mod:`tpru_agent.windowed`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import os
 import time
 from typing import Any, Sequence
 
-from tpru_agent import asking, calls, served
-from tpru_agent import ordering as aggregate
+from tpru_agent import asking, calls, served, windowed
 from tpru_agent.engines.base import Engine, GenerationOptions, as_engine
-from tpru_agent.errors import ConfigError, ParseError
+from tpru_agent.errors import ConfigError
 from tpru_agent.frames import TPRU_BUDGET, PixelBudget
 from tpru_agent.hub import DEFAULT_MODEL, resolve
 from tpru_agent.progress import estimate as estimate_progress
@@ -30,11 +30,6 @@ log = logging.getLogger(__name__)
 MODES = ("reason", "fast")
 #: The most frames ``order_frames`` accepts (more than 4 are ordered through covering windows).
 MAX_ORDER_FRAMES = 64
-
-
-def _labels(order: Sequence[int]) -> str:
-    """Labels of an order of input indices: A = input 0, B = input 1, ... (``[26]`` beyond Z)."""
-    return "".join(chr(ord("A") + i) if i < 26 else f"[{i}]" for i in order)
 
 
 def _is_classic(model, engine) -> bool:
@@ -203,56 +198,8 @@ class TPRU:
                                calls.timings(started, prepare_s, [ans]), direction_known=not tied,
                                lenient=ans.lenient, **calls.made(self, mode))
         if self._classic() is not None:
-            return self._order_classic(images, started, prepare_s)
-        return self._order_windows(images, description, mode, started, prepare_s)
-
-    def _order_classic(self, images: list, started: float, prepare_s: float) -> OrderResult:
-        """The classic engine's shortest path over all the frames (its windows would all answer 0.5: issue 14)."""
-        t0 = time.perf_counter()
-        path = self._classic().order(images)
-        timings = {"prepare_s": prepare_s, "path_s": time.perf_counter() - t0}
-        timings["total_s"] = time.perf_counter() - started
-        return OrderResult(path.order, _labels(path.order), path.confidence, {}, path.explanation, self.engine_name,
-                           "fast", timings, direction_known=False, **calls.made(self, "fast"))
-
-    def _order_windows(self, images: list, description: str | None, mode: str, started: float,
-                       prepare_s: float) -> OrderResult:
-        n = len(images)
-        windows = aggregate.covering_windows(n, MAX_ORDER_LABELS)
-        if mode == "reason":
-            log.warning("ordering %d frames asks %d 4-frame questions, each with a chain of thought; mode='fast' "
-                        "scores them instead (one pass each)", n, len(windows))
-        question = ordering.build(MAX_ORDER_LABELS, description=description)
-        answered: list[tuple[tuple[int, ...], dict[tuple[int, ...], float], Answer]] = []
-        fell_back: set[tuple[int, ...]] = set()
-        for window in windows:
-            shown = [images[i] for i in window]
-            try:
-                ans = self.ask(question, shown, mode=mode)
-            except ParseError as exc:  # one unparsable window must not discard all the others: score it instead
-                fell_back.add(window)
-                log.warning("window %s: %s; using its fast-mode scores", window, str(exc).split("; raw")[0])
-                ans = self.ask(question, shown, mode="fast")
-            dist = {tuple(window[question.labels.index(c)] for c in perm): p for perm, p in ans.probabilities.items()}
-            answered.append((window, dist, ans))
-        pref = aggregate.pairwise_preferences(n, [(w, d) for w, d, _ in answered])
-        order = aggregate.best_order(pref)
-        rank = {frame: pos for pos, frame in enumerate(order)}
-        details, log_conf = [], 0.0
-        for window, dist, ans in answered:
-            restricted = tuple(sorted(window, key=rank.get))
-            p = max(dist.get(restricted, 0.0), 1e-12)
-            log_conf += math.log(p)
-            details.append({"indices": list(window), "answer": ans.answer, "confidence": ans.confidence,
-                            "agrees": dist.get(restricted, 0.0) == max(dist.values()), "raw": ans.raw,
-                            "scored_after_parse_error": window in fell_back})
-        reverse_tied = math.isclose(aggregate.agreement(order, pref), aggregate.agreement(order[::-1], pref),
-                                    rel_tol=1e-9)
-        return OrderResult(order, _labels(order), math.exp(log_conf / len(answered)), {},
-                           "\n".join(d["raw"] for d in details), self.engine_name, mode,
-                           calls.timings(started, prepare_s, [a for _, _, a in answered]), windows=tuple(details),
-                           direction_known=not reverse_tied, lenient=any(a.lenient for _, _, a in answered),
-                           **calls.made(self, mode))
+            return windowed.order_classic(self, self._classic(), images, started, prepare_s)
+        return windowed.order_windows(self, images, description, mode, started, prepare_s)
 
     # ---------------------------------------------------------------- progress
     def progress(self, frames, *, description: str | None = None, reference=None, mode: str = "fast",
