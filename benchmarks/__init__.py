@@ -87,7 +87,7 @@ def model_folder(size: str, args=None, *, device: str = "cpu") -> Path:
         from tpru_agent.testing import build_tiny_checkpoint
 
         return build_tiny_checkpoint(workdir(args) / size, size=size, seed=0)
-    from .gpu_realsize import build_realsize_checkpoint
+    from benchmarks.gpu_realsize import build_realsize_checkpoint
 
     return build_realsize_checkpoint(workdir(args) / size, size=size.split("-")[0], device=device)
 

@@ -51,7 +51,7 @@ def measure(model_dir: Path, work: Path, *, episodes: int, frames: int, levels: 
     from tpru_agent import TPRU
     from tpru_agent.finetune.eval.label import LabelConfig, run_label
 
-    from .server_load import free_port, start_server, stop_server
+    from benchmarks.server_load import free_port, start_server, stop_server
 
     source = write_episodes(work / "episodes", episodes, frames)
     port = free_port()
@@ -79,7 +79,7 @@ def measure(model_dir: Path, work: Path, *, episodes: int, frames: int, levels: 
 def run(args) -> dict:
     """Benchmark-runner entry (``python -m benchmarks label_throughput``): 24 episodes x 8 frames (``--quick``: 8),
     concurrency 1 and 8, on the tiny checkpoint (``--size`` for another)."""
-    from . import model_folder, workdir
+    from benchmarks import model_folder, workdir
 
     size = getattr(args, "size", None) or "tiny"
     work = workdir(args) / "label_throughput"

@@ -98,3 +98,17 @@ def reference_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"reference data not found at {path} (it lives next to the repository in ../shared/reference)")
     return path
+
+
+#: ``max_new_tokens`` of :func:`tiny_tpru` (tests/test_server.py serves the same limit, so their answers compare).
+TINY_MAX_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def tiny_tpru(tiny_checkpoint):
+    """``TPRU`` on the tiny checkpoint (hf engine, at most :data:`TINY_MAX_NEW` new tokens), one per test module."""
+    from tpru_agent import TPRU
+
+    model = TPRU(tiny_checkpoint, max_new_tokens=TINY_MAX_NEW)
+    yield model
+    model.close()

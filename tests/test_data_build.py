@@ -19,6 +19,7 @@ from tpru_agent.errors import ConfigError
 from tpru_agent.finetune.data.build import BuildConfig, build
 from tpru_agent.finetune.data.features import frame_features, thumbs_array
 from tpru_agent.finetune.data.tpru_format import read_parquet
+from tpru_agent.sizing import TRAINED_FACTOR, TRAINED_MAX, TRAINED_MIN
 
 TOY_TASKS = ["stack the red block", "slide the blue block", "push the green block"]
 COLORS = palette(24, seed=1)
@@ -69,7 +70,8 @@ def _check_row(row, truth) -> None:
     ep = truth[row.episode_id]
     total, color = ep["frames"], ep["color"]
     images = row.decoded()
-    assert all(16384 <= im.size[0] * im.size[1] <= 36864 and im.size[0] % 28 == 0 for im in images)
+    assert all(TRAINED_MIN <= im.size[0] * im.size[1] <= TRAINED_MAX and im.size[0] % TRAINED_FACTOR == 0
+               for im in images)
     decoded = [decode(im, total) for im in images]
     own = [same_color(c, color) for c, _ in decoded]
     options = _options(row.problem)

@@ -12,13 +12,14 @@ from tpru_agent.finetune.sources.folders import folder_episodes, list_episodes
 from tpru_agent.finetune.sources.lerobot import lerobot_episodes
 from tpru_agent.finetune.sources.registry import parse_spec, plan_units, run_unit
 from tpru_agent.finetune.sources.video import video_episodes
+from tpru_agent.sizing import TRAINED_FACTOR, TRAINED_MAX, TRAINED_MIN
 
 COLORS = palette(8)
 
 
 def _in_budget(img) -> bool:
     w, h = img.size
-    return 16384 <= w * h <= 36864 and w % 28 == 0 and h % 28 == 0
+    return TRAINED_MIN <= w * h <= TRAINED_MAX and w % TRAINED_FACTOR == 0 and h % TRAINED_FACTOR == 0
 
 
 # ----------------------------------------------------------------------------------------------- spec parsing

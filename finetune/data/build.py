@@ -102,7 +102,7 @@ class BuildConfig:
     overwrite: bool = False
     #: Digest of the local source files (names, sizes, modification times), filled in by :func:`build`.
     source_state: str = ""
-    #: Fields that do not change the dataset (left out of the fingerprint).
+    #: Fields that do not change the dataset (left out of :meth:`settings_digest`).
     RUNTIME = ("out", "workers", "keep_work", "overwrite")
 
     def __post_init__(self):
@@ -144,8 +144,12 @@ class BuildConfig:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
                 for f in dataclasses.fields(self) if f.name not in self.RUNTIME}
 
-    def fingerprint(self) -> str:
-        """Hash of the settings, the source files' state (names, sizes, times) and the builder's version."""
+    def settings_digest(self) -> str:
+        """Hash of the settings, the source files' state (names, sizes, times) and the builder's version.
+
+        Stored under the ``"fingerprint"`` key of the build stamp and the manifest (the key older builds have); not
+        to be confused with :func:`tpru_agent.images.fingerprint`, the content hash of one image.
+        """
         from tpru_agent import __version__
 
         text = json.dumps({"settings": self.settings(), "builder": BUILDER_VERSION, "tpru_agent": __version__},
@@ -181,7 +185,7 @@ def _wrote_nothing(out: Path) -> bool:
     return not (_has_samples(out) or any((out / ".work" / "units").glob("*.parquet")))
 
 
-def _fingerprint_in(file: Path) -> str | None:
+def _settings_digest_in(file: Path) -> str | None:
     try:
         return json.loads(file.read_text(encoding="utf-8")).get("fingerprint")
     except (OSError, ValueError, AttributeError):
@@ -203,10 +207,10 @@ def _prepare(cfg: BuildConfig, out: Path) -> None:
     stamp = work / "config.json"
     previous = None
     if manifest.is_file():
-        previous = _fingerprint_in(manifest)
+        previous = _settings_digest_in(manifest)
     elif stamp.is_file():
-        previous = _fingerprint_in(stamp)
-    other = previous not in (None, cfg.fingerprint()) or (previous is None and _has_samples(out))
+        previous = _settings_digest_in(stamp)
+    other = previous not in (None, cfg.settings_digest()) or (previous is None and _has_samples(out))
     if cfg.overwrite or (other and not _has_samples(out)):
         _clear(out)   # --overwrite starts afresh; a build that never wrote a sample blocks nothing
     elif other:
@@ -215,7 +219,7 @@ def _prepare(cfg: BuildConfig, out: Path) -> None:
     (work / "units").mkdir(parents=True, exist_ok=True)
     for tmp in out.rglob(".*.tmp"):
         tmp.unlink(missing_ok=True)             # leftovers of a killed run (never renamed into place)
-    write_json(stamp, {"fingerprint": cfg.fingerprint(), "settings": cfg.settings()}, sort_keys=True)
+    write_json(stamp, {"fingerprint": cfg.settings_digest(), "settings": cfg.settings()}, sort_keys=True)
 
 
 def _pool(workers: int):
@@ -392,7 +396,7 @@ def _typed(key: str, value, default):
 def sources_state(sources) -> str:
     """Digest of every local source file's relative name, size and modification time (simulators: their spec).
 
-    Part of the build fingerprint, so adding, removing or editing source files makes a rerun refuse to resume the
+    Part of the build's settings digest, so adding, removing or editing source files makes a rerun refuse to resume the
     old build (``--overwrite`` replaces it) instead of returning a stale dataset.
     """
     digest = hashlib.sha256()

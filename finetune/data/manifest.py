@@ -68,7 +68,7 @@ def build_manifest(cfg, specs, prefixes, units, planner, samples: dict, source_s
         "code_version": {"tpru_agent": __version__, "builder": builder_version},
         "seed": cfg.seed,
         "settings": cfg.settings(),
-        "fingerprint": cfg.fingerprint(),
+        "fingerprint": cfg.settings_digest(),
         "sources": per_source,
         "episodes": {"train": len(episodes["train"]), "test": len(episodes["test"]),
                      "near_duplicate_groups": planner.stats.get("near_duplicate_groups", 0), "list": episodes},
