@@ -48,10 +48,9 @@ def write_episodes(root: Path, episodes: int, frames: int, size: tuple[int, int]
 
 def measure(model_dir: Path, work: Path, *, episodes: int, frames: int, levels: list[int]) -> dict:
     """Episodes per minute for each concurrency level against one server."""
+    from benchmarks.server_load import free_port, start_server, stop_server
     from tpru_agent import TPRU
     from tpru_agent.finetune.eval.label import LabelConfig, run_label
-
-    from benchmarks.server_load import free_port, start_server, stop_server
 
     source = write_episodes(work / "episodes", episodes, frames)
     port = free_port()

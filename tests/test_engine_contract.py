@@ -44,7 +44,7 @@ def make(kind: str, request) -> Engine:
         return create_engine("hf", request.getfixturevalue("tiny_checkpoint"), device="cpu")
     if kind == "onnx":
         return create_engine("onnx", request.getfixturevalue("onnx_dir"), device="cpu", threads=1)
-    pytest.importorskip("httpx")
+    pytest.importorskip("openai")
     return create_engine("openai", None, base_url=request.getfixturevalue("served_tiny") + "/v1", api_key=KEY,
                          max_retries=0)
 

@@ -20,8 +20,15 @@ from tpru_agent import sizing as S
 from tpru_agent.errors import ConfigError, FrameError
 from tpru_agent.frames import is_video, load_frame, load_frames
 from tpru_agent.images import fingerprint
-from tpru_agent.sizing import (PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, TRAINED_FACTOR, TRAINED_MAX, TRAINED_MIN,
-                               PixelBudget, resize_to_budget)
+from tpru_agent.sizing import (
+    PROCESSOR_MAX_PIXELS,
+    PROCESSOR_MIN_PIXELS,
+    TRAINED_FACTOR,
+    TRAINED_MAX,
+    TRAINED_MIN,
+    PixelBudget,
+    resize_to_budget,
+)
 
 RED, GREEN, BLUE = (220, 30, 30), (30, 200, 30), (30, 30, 220)
 VIDEO_FPS, VIDEO_LEN = 10, 20  # brightness of frame i is 12 * i

@@ -13,8 +13,8 @@ from PIL import Image
 
 import tpru_agent.frames as frames_module
 from tpru_agent import TPRU, ProcedureChecker
-from tpru_agent.frames import TPRU_BUDGET, budget_size
-from tpru_agent.served import is_served, load, serve
+from tpru_agent.frames import load_frames
+from tpru_agent.sizing import TPRU_BUDGET, budget_size, is_served, resize_to_budget
 
 ODD = (253, 163)
 SERVED = budget_size(*ODD)
@@ -99,11 +99,13 @@ def test_checker_observe_loads_each_frame_once_and_reuses_the_history(tiny, tmp_
 
 def test_served_frames_pass_through_and_others_are_sized():
     frame = synthetic_frames(1, size=ODD)[0]
-    served = serve(frame, TPRU_BUDGET)
+    served = resize_to_budget(frame, TPRU_BUDGET)
     assert served is not frame and served.size == SERVED and is_served(served, TPRU_BUDGET)
-    assert serve(served, TPRU_BUDGET) is served  # not resized to budget_size(*SERVED), a different size
+    assert resize_to_budget(served, TPRU_BUDGET) is served  # not resized to budget_size(*SERVED), a different size
     assert budget_size(*SERVED) != SERVED
-    assert load([served, frame], TPRU_BUDGET)[0] is served
+    assert load_frames([served, frame], budget=TPRU_BUDGET)[0] is served
+    again = load_frames([frame], budget=TPRU_BUDGET)[0]  # the loader's own output, handed back in
+    assert again.size == SERVED and load_frames([again], budget=TPRU_BUDGET)[0] is again
     copy = served.copy()  # a copy is a new frame: sized like any other
-    assert not is_served(copy, TPRU_BUDGET) and serve(copy, TPRU_BUDGET).size == budget_size(*SERVED)
-    assert not is_served(served, None) and serve(frame, None) is frame
+    assert not is_served(copy, TPRU_BUDGET) and resize_to_budget(copy, TPRU_BUDGET).size == budget_size(*SERVED)
+    assert not is_served(served, None)

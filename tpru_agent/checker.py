@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from tpru_agent import calls
+from tpru_agent import frames as _frames
 from tpru_agent.errors import ConfigError, ParseError
-from tpru_agent import calls, served
 from tpru_agent.results import CheckEvent, Status
 
 #: Mean absolute difference (0..255, on a 32x32 grey thumbnail) under which two frames count as the same. Real
@@ -105,8 +106,8 @@ class ProcedureChecker:
         self.duplicate_threshold = duplicate_threshold
         self.bgr = bgr
         budget = getattr(model, "budget", None)
-        self.reference = [] if reference is None else served.load(reference, budget, bgr=bgr, min_frames=2,
-                                                                   video_frames=reference_frames, what="reference")
+        self.reference = [] if reference is None else _frames.load_frames(reference, budget=budget, bgr=bgr, min_frames=2,
+                                                                 video_frames=reference_frames, what="reference")
         self._ref_thumbs = [thumbnail(f) for f in self.reference]
         self.log_path = Path(log_path) if log_path is not None else None
         self.reset()
@@ -132,8 +133,8 @@ class ProcedureChecker:
         started = time.perf_counter()
         s = self._s
         # loaded once, at the model's budget and marked so: nothing under verify_step loads or resizes it again
-        image = served.load(frame, getattr(self.model, "budget", None), bgr=self.bgr, single=True, index=s.step,
-                            what="observation")
+        image = _frames.load_frame(frame, budget=getattr(self.model, "budget", None), bgr=self.bgr, index=s.step,
+                           what="observation")
         thumb = thumbnail(image)
         if not s.accepted:
             event = self._first(image, thumb, started)

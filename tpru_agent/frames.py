@@ -26,9 +26,23 @@ from PIL import Image
 
 from tpru_agent.errors import FrameError
 from tpru_agent.images import decode, decode_bytes, describe, fingerprint, frame_error, is_inline
-from tpru_agent.sizing import (BUDGET_FILE, MAX_RATIO, PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, TPRU_BUDGET,
-                               TRAINED_FACTOR, TRAINED_MAX, TRAINED_MIN, PixelBudget, budget_size, folder_budget,
-                               pil_step_size, resize_to_budget, serving_budget, smart_resize)
+from tpru_agent.sizing import (
+    BUDGET_FILE,
+    MAX_RATIO,
+    PROCESSOR_MAX_PIXELS,
+    PROCESSOR_MIN_PIXELS,
+    TPRU_BUDGET,
+    TRAINED_FACTOR,
+    TRAINED_MAX,
+    TRAINED_MIN,
+    PixelBudget,
+    budget_size,
+    folder_budget,
+    pil_step_size,
+    resize_to_budget,
+    serving_budget,
+    smart_resize,
+)
 from tpru_agent.video import read_labelled, video_labels
 
 #: The loading API, plus the sizing names (and ``fingerprint``) callers imported from here before

@@ -1,6 +1,7 @@
 """The facade: ``TPRU(model).order_frames / predict_next / review_previous / verify_step``.
 
-Every call runs one pipeline: validate and load frames (once per call, :mod:`tpru_agent.served`) -> build the task
+Every call runs one pipeline: validate and load frames (once per call; a frame already sized is never resized
+again, :func:`tpru_agent.sizing.is_served`) -> build the task
 question -> engine (generate and/or score, :mod:`tpru_agent.asking`) -> parse -> a typed result carrying the raw
 text, confidence, engine, mode, timings and how it was made (``settings``, token ``usage``: :mod:`tpru_agent.calls`).
 Ordering more than 4 frames lives in :mod:`tpru_agent.windowed`.
@@ -14,13 +15,14 @@ import os
 import time
 from typing import Any, Sequence
 
-from tpru_agent import asking, calls, served, windowed
+from tpru_agent import asking, calls, windowed
+from tpru_agent import frames as _frames
 from tpru_agent.engines.base import Engine, GenerationOptions, as_engine
 from tpru_agent.errors import ConfigError
-from tpru_agent.frames import TPRU_BUDGET, PixelBudget
 from tpru_agent.hub import DEFAULT_MODEL, resolve
 from tpru_agent.progress import estimate as estimate_progress
 from tpru_agent.results import ChoiceResult, OrderResult, ProgressResult, StepVerdict
+from tpru_agent.sizing import TPRU_BUDGET, PixelBudget
 from tpru_agent.tasks import next_frame, ordering, previous, render_prompt
 from tpru_agent.tasks.answer import Answer, softmax
 from tpru_agent.tasks.question import MAX_CANDIDATES, MAX_ORDER_LABELS, Question
@@ -290,7 +292,7 @@ class TPRU:
     def _verify(self, hist: list, obs, extra: list, goal, description: str | None, mode: str,
                 started: float | None = None) -> StepVerdict:
         """``verify_step`` on frames already loaded at this model's budget (the checker's path: each frame is
-        loaded once per call, by :meth:`_load` or :func:`tpru_agent.served.load`)."""
+        loaded once per call, by :meth:`_load` or the checker)."""
         from tpru_agent.checker import same_frame
 
         started = calls.begin(self) if started is None else started
@@ -315,8 +317,9 @@ class TPRU:
                             **calls.made(self, mode))
 
     def _load(self, frames, *, single: bool = False, **kwargs: Any):
-        """Frames at this model's budget, each loaded once (:func:`tpru_agent.served.load`)."""
-        return served.load(frames, self.budget, bgr=self.bgr, single=single, **kwargs)
+        """Frames at this model's budget, each loaded once (frames already sized at it pass through untouched)."""
+        loader = _frames.load_frame if single else _frames.load_frames
+        return loader(frames, budget=self.budget, bgr=self.bgr, **kwargs)
 
     # ---------------------------------------------------------------- lifecycle
     def export(self, out: str | os.PathLike, *, format: str = "onnx", int8: bool = False,

@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import os
+import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,15 +211,56 @@ def resize_to_budget(image: Image.Image, budget: PixelBudget = TPRU_BUDGET) -> I
             "pixel budget %s is far from TPRU's training range (%d-%d px, factor %d): expect a distribution "
             "shift and lower accuracy", budget, TRAINED_MIN, TRAINED_MAX, TRAINED_FACTOR,
         )
+    if is_served(image, budget):
+        return image
     image = to_rgb(image)
     width, height = image.size
     final = budget_size(width, height, budget)
     if final == (width, height):
         # Already at its served size (the SDK sized it, or it was made that size): resizing again would blur it.
-        return image
+        return _mark(image, budget)
     mid = pil_step_size(width, height, budget)
     if mid != (width, height):
         image = image.resize(mid, Image.Resampling.BICUBIC)   # Image.resize's default filter, as in EasyR1
     if final != image.size:
         image = image.resize(final, Image.Resampling.BICUBIC)  # the Qwen2-VL processor resamples bicubically
+    return _mark(image, budget)
+
+
+# A served size is not always a fixed point of the two steps: a 253x163 frame is served at 252x168 (42,336 px, over
+# the budget once rounded up to 28), and a fresh 252x168 frame would be served at 224x168. So every image this module
+# sizes is marked as served at its budget, and a marked image passed in again (the checker's history, frames from
+# ``load_frames`` handed to a TPRU call, an engine sizing the facade's frames) comes back untouched. The mark lives
+# beside the image (keyed by identity, dropped when the image is freed), not in it: a copy, a crop or a resize is a
+# new object, unmarked, and is sized like any other frame.
+_MARKS: dict[int, tuple[weakref.ref, PixelBudget, tuple[int, int]]] = {}
+_MARKS_GUARD = threading.Lock()
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    with _MARKS_GUARD:
+        if key in _MARKS and _MARKS[key][0] is ref:
+            del _MARKS[key]
+
+
+def _mark(image: Image.Image, budget: PixelBudget) -> Image.Image:
+    key = id(image)
+    ref = weakref.ref(image, lambda r, key=key: _forget(key, r))
+    with _MARKS_GUARD:
+        _MARKS[key] = (ref, budget, tuple(image.size))
     return image
+
+
+def is_served(image, budget: PixelBudget) -> bool:
+    """True when :func:`resize_to_budget` sized (or passed) this very image at ``budget`` and it kept that size.
+
+    Example:
+        >>> frame = resize_to_budget(Image.new("RGB", (253, 163)))
+        >>> frame.size, is_served(frame, TPRU_BUDGET), resize_to_budget(frame) is frame
+        ((252, 168), True, True)
+        >>> is_served(frame.copy(), TPRU_BUDGET)
+        False
+    """
+    entry = _MARKS.get(id(image))
+    return (entry is not None and entry[0]() is image and entry[1] == budget
+            and tuple(getattr(image, "size", ())) == entry[2])

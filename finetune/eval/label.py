@@ -16,7 +16,7 @@ episode's frames go through ``TPRU.progress`` in time order; one row per frame i
 
 plus ``task``, ``domain`` and ``source``. Durable and resumable: each finished episode's rows are appended to
 ``<out>.work/episodes.jsonl`` (flush + fsync; a torn last line from a kill is dropped on restart), a rerun skips the
-episodes already there, and the parquet is written at the end through a temporary file and ``os.replace``.
+episodes already there, and the parquet is written at the end through :func:`tpru_agent.fsutil.atomic_path`.
 With ``concurrency > 1`` (openai engine) episodes are labelled in parallel threads against the server: the
 distributed engine is the server (vLLM or ``tpru serve``), not this process.
 

@@ -223,7 +223,7 @@ def open_model(config: EvalConfig):
 
     kwargs = {"base_url": config.base_url} if config.base_url else {}
     if config.min_pixels is not None or config.max_pixels is not None:
-        from tpru_agent.frames import PixelBudget
+        from tpru_agent.sizing import PixelBudget
 
         default = PixelBudget()
         high = config.max_pixels or default.max_pixels

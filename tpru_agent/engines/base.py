@@ -83,7 +83,7 @@ _USAGE_GUARD = threading.Lock()
 class Engine(abc.ABC):
     """What every back-end implements. ``name`` is what results report (``"hf"``, ``"onnx"``, ``"classic"``...).
 
-    ``budget`` is the :class:`~tpru_agent.frames.PixelBudget` the engine serves frames at when it knows one (a
+    ``budget`` is the :class:`~tpru_agent.sizing.PixelBudget` the engine serves frames at when it knows one (a
     model folder's own training budget); ``None`` leaves it to the facade.
 
     Token usage: an engine calls :meth:`_add_usage` from ``generate`` / ``score`` for the tokens it processed;

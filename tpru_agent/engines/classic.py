@@ -146,7 +146,7 @@ class ClassicEngine(Engine):
             raise ConfigError(f"device {device!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' "
                               "(the classic engine runs on the CPU whichever is named)")
         if min_pixels is not None or max_pixels is not None:
-            from tpru_agent.frames import serving_budget
+            from tpru_agent.sizing import serving_budget
 
             self.budget = serving_budget(None, min_pixels, max_pixels)
         self._cv2 = cv2

@@ -46,8 +46,7 @@ from tpru_agent.engines.hf_options import (
 from tpru_agent.engines.hf_tokens import HFTokens
 from tpru_agent.engines.prefix_cache import PrefixCache, Span, fork, image_key, kv_nbytes, tensors_nbytes
 from tpru_agent.errors import ConfigError, EngineClosedError, require
-from tpru_agent.frames import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, serving_budget
-from tpru_agent.served import serve
+from tpru_agent.sizing import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, resize_to_budget, serving_budget
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +71,8 @@ class HFEngine(HFTokens, Engine):
         revision, cache_dir, local_files_only: where Hub weights come from.
         trust_remote_code: off unless asked; Qwen2.5-VL needs no remote code.
         min_pixels, max_pixels: the pixel budget frames are served at (default: the model folder's own budget,
-            see :func:`tpru_agent.frames.folder_budget`, else TPRU's 16,384..36,864). The engine resizes every frame
-            as TPRU's training did (:func:`tpru_agent.frames.resize_to_budget`; a no-op for frames the SDK already
+            see :func:`tpru_agent.sizing.folder_budget`, else TPRU's 16,384..36,864). The engine resizes every frame
+            as TPRU's training did (:func:`tpru_agent.sizing.resize_to_budget`; a no-op for frames the SDK already
             sized) and loads the processor at the checkpoint's wide budget, so a ``preprocessor_config.json`` with
             its own ``min_pixels`` / ``max_pixels`` keys only rounds sides to 28, as in training.
         score_batch_size: candidates run together in one ``score`` forward; ``None`` sizes it from memory.
@@ -161,7 +160,8 @@ class HFEngine(HFTokens, Engine):
 
     def _sized(self, request: Request) -> Request:
         """``request`` with every frame at the serving budget (frames the SDK already sized pass unchanged)."""
-        images = tuple(serve(im, self.budget) for im in request.images)
+        images = request.images if self.budget is None else tuple(
+            resize_to_budget(im, self.budget) for im in request.images)
         if all(a is b for a, b in zip(images, request.images)):
             return request
         return dataclasses.replace(request, images=images)

@@ -46,10 +46,10 @@ from tpru_agent.engines.chat import (
 )
 from tpru_agent.engines.ort_setup import GPU_FIX, installed_distributions, runtime_problem
 from tpru_agent.errors import ConfigError, EngineClosedError, ModelNotFoundError, require
-from tpru_agent.frames import serving_budget
 from tpru_agent.hub import ONNX_MANIFEST, resolve
 from tpru_agent.images import fingerprint
 from tpru_agent.onnx.manifest import read_manifest
+from tpru_agent.sizing import serving_budget
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ Serving TPRU-3B with vLLM for this engine (images at the TPRU pixel budget, up t
 
 Current vLLM reads ``--limit-mm-per-prompt`` as JSON (or dotted: ``--limit-mm-per-prompt.image 7``); the old
 ``image=7`` form was deprecated in 2025 and is now rejected. The SDK sends frames already sized as TPRU's training
-sized them (``tpru_agent.frames.budget_size``: 224x224 -> 196x196, ~49 visual tokens), so vLLM's processor must only
+sized them (``tpru_agent.sizing.budget_size``: 224x224 -> 196x196, ~49 visual tokens), so vLLM's processor must only
 round them: ``min_pixels`` 3136 and ``max_pixels`` 65536 lie outside every SDK-sized frame (TPRU's own 16384..36864
 there would shrink a 196x196 frame to 168x168 a second time), and still let vLLM's memory profiling reserve space for
 7 small images instead of a few huge ones
@@ -140,7 +140,7 @@ class OpenAIEngine(Engine):
         for option, value in (("device", device), ("dtype", dtype)):
             only_auto(option, value, "openai", "the server chooses it (tpru serve --device; vLLM --dtype)")
         if min_pixels is not None or max_pixels is not None:
-            from tpru_agent.frames import serving_budget
+            from tpru_agent.sizing import serving_budget
 
             self.budget = serving_budget(None, min_pixels, max_pixels)
         openai = require("openai", "serve", what="the openai engine")

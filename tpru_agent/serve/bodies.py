@@ -16,8 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tpru_agent.frames import PixelBudget, load_frame
+from tpru_agent.frames import load_frame
 from tpru_agent.serve.errors import ClientError
+from tpru_agent.sizing import PixelBudget
 
 Mode = Literal["reason", "fast"]
 _DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),", re.IGNORECASE)
