@@ -15,6 +15,7 @@ from tpru_agent.finetune.train.config import (
     MODEL_SHAPES,
     PRESET_BUDGET_GIB,
     PRESETS,
+    TRL_DEFAULTS,
     FinetuneConfig,
     estimate_for,
     estimate_memory_gib,
@@ -27,12 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_defaults_follow_the_paper_recipe():
     cfg = FinetuneConfig(data="d")
-    paper = {"method": "grpo", "num_generations": 5, "temperature": 1.0, "top_p": 0.99, "beta": 0.01,
-             "learning_rate": 1e-6, "lr_scheduler_type": "constant", "weight_decay": 0.01, "max_grad_norm": 1.0,
-             "num_train_epochs": 2.0, "max_completion_length": 1024, "prompts_per_rollout": 256,
-             "prompts_per_update": 128, "min_pixels": TRAINED_MIN, "max_pixels": TRAINED_MAX, "freeze_vision": False,
-             "rewards": ["tpru"], "peft": "none"}
+    paper = {"method": "grpo", "num_generations": 5, "beta": 0.01, "learning_rate": 1e-6,
+             "max_completion_length": 1024, "prompts_per_rollout": 256, "prompts_per_update": 128,
+             "min_pixels": TRAINED_MIN, "max_pixels": TRAINED_MAX, "freeze_vision": False, "rewards": ["tpru"],
+             "peft": "none"}
     assert {k: getattr(cfg, k) for k in paper} == paper
+    passed = {"temperature": 1.0, "top_p": 0.99, "lr_scheduler_type": "constant", "warmup_steps": 0,
+              "weight_decay": 0.01, "max_grad_norm": 1.0, "num_train_epochs": 2.0, "epsilon": 0.2, "epsilon_high": 0.3,
+              "delta": 3.0}
+    assert {k: cfg.trainer_value(k) for k in passed} == passed  # GRPOConfig fields, passed through
     assert cfg.bf16 is None  # auto: bf16 on a GPU that has it
     assert cfg.generation_batch_size == 1280  # 256 prompts x 5 rollouts
     assert cfg.gradient_accumulation_steps == 128  # 640 completions per update / 5 per micro-batch
@@ -120,8 +124,10 @@ def test_saved_config_round_trips(tmp_path):
 def test_examples_reproduce_the_paper_recipe(name, base, deepspeed):
     cfg = resolve_config(REPO / "examples" / f"{name}.yaml", {"data": "d"})
     assert (cfg.base, cfg.deepspeed, cfg.num_gpus, cfg.method, cfg.peft) == (base, deepspeed, 8, "grpo", "none")
-    assert (cfg.num_generations, cfg.temperature, cfg.top_p, cfg.beta) == (5, 1.0, 0.99, 0.01)
-    assert (cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm, cfg.num_train_epochs) == (1e-6, 0.01, 1.0, 2.0)
+    value = cfg.trainer_value
+    assert (cfg.num_generations, value("temperature"), value("top_p"), cfg.beta) == (5, 1.0, 0.99, 0.01)
+    assert (cfg.learning_rate, value("weight_decay"), value("max_grad_norm"), value("num_train_epochs")) == \
+        (1e-6, 0.01, 1.0, 2.0)
     assert cfg.bf16 is True and cfg.freeze_vision is False and cfg.max_completion_length == 1024
     # 256 prompts per rollout and 128 per update over 8 GPUs: 640 completions per update
     assert cfg.per_device_train_batch_size * cfg.world_size * cfg.gradient_accumulation_steps == 640
@@ -271,7 +277,7 @@ def test_paper_preset_clips_as_the_authors_and_passes_grpo_fields_through(tmp_pa
     assert (args.epsilon, args.epsilon_high, args.delta) == (0.2, 0.3, 3.0)  # clip_ratio_low / high / dual
     assert cfg.max_prompt_length == 7000
     tuned = resolve_config(overrides={"data": "d", "device": "cpu", "epsilon_high": "0.28", "top_entropy_quantile": "0.2"})
-    assert tuned.trl == {"epsilon": 0.2, "epsilon_high": 0.28, "delta": 3.0, "top_entropy_quantile": 0.2}
+    assert tuned.trl == {**TRL_DEFAULTS, "epsilon_high": 0.28, "top_entropy_quantile": 0.2}
     args = grpo_args(tuned, tmp_path)
     assert args.epsilon_high == 0.28 and args.top_entropy_quantile == 0.2
     saved = tuned.save(tmp_path / "config.yaml")
@@ -280,6 +286,11 @@ def test_paper_preset_clips_as_the_authors_and_passes_grpo_fields_through(tmp_pa
 
 @pytest.mark.parametrize("overrides, message", [
     ({"epsilon_hihg": "0.3"}, "Did you mean 'epsilon_high'"),
+    ({"temperatur": "0.7"}, "Did you mean 'temperature'"),
+    ({"top_p": "1.5"}, "top_p must be in"),
+    ({"temperature": "0"}, "temperature > 0"),
+    ({"num_train_epochs": "two"}, "num_train_epochs must be float"),
+    ({"trl": {"num_generations": 4}}, "set it at the top level \\(num_generations: ...\\)"),
     ({"generation_batch_size": "8"}, "computed from 'prompts_per_rollout'"),
     ({"delta": "three"}, "delta must be float"),
     ({"trl": "x"}, "trl must be a mapping"),
@@ -300,3 +311,69 @@ def test_every_difference_from_the_authors_is_recorded_in_the_example_and_the_ca
     for topic, theirs, ours, why in DIFFERENCES:
         assert f"# - {topic}:" in example, topic
         assert f"**{topic}**: authors: {theirs}; here: {ours}. Why: {why}." in card
+
+
+# ----------------------------------------------------------------------------------------------- pass-through
+#: What an earlier ``config.yaml`` held at the top level for fields that are now passed through (non-defaults).
+OLD_TOP_LEVEL = {"temperature": 0.7, "top_p": 0.95, "loss_type": "grpo", "scale_rewards": "batch",
+                 "lr_scheduler_type": "cosine", "warmup_steps": 5, "weight_decay": 0.0, "max_grad_norm": 0.5,
+                 "num_train_epochs": 1.0, "save_total_limit": 2, "logging_steps": 4, "vllm_gpu_memory_utilization": 0.5}
+
+
+def test_forwarded_fields_are_not_redeclared_and_reach_grpo_config_from_old_yaml_and_set(tmp_path):
+    from tpru_agent.finetune.train.grpo import grpo_args
+
+    cfg = FinetuneConfig(data="d")
+    assert not any(hasattr(cfg, key) for key in OLD_TOP_LEVEL)  # one home: the pass-through
+    old = {**{k: v for k, v in cfg.to_dict().items() if k != "trl"}, **OLD_TOP_LEVEL, "device": "cpu",
+           "trl": {"epsilon": 0.2, "epsilon_high": 0.3, "delta": 3.0}}
+    path = tmp_path / "old-config.yaml"
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    resolved = resolve_config(path)
+    assert resolved.trl == {**TRL_DEFAULTS, **OLD_TOP_LEVEL}
+    args = grpo_args(resolved, tmp_path / "o")
+    assert {k: getattr(args, k) for k in OLD_TOP_LEVEL if k != "lr_scheduler_type"} == \
+        {k: v for k, v in OLD_TOP_LEVEL.items() if k != "lr_scheduler_type"}
+    assert args.lr_scheduler_type == "cosine" and (args.epsilon, args.epsilon_high, args.delta) == (0.2, 0.3, 3.0)
+    assert resolve_config(resolved.save(tmp_path / "new.yaml")) == resolved  # and the new layout round-trips
+    flagged = resolve_config(path, {"temperature": "0.9"})  # --set temperature=0.9 beats the file
+    assert flagged.trainer_value("temperature") == 0.9 == grpo_args(flagged, tmp_path / "o").temperature
+
+
+def test_paper_values_reach_grpo_config_through_the_pass_through(tmp_path):
+    from tpru_agent.finetune.train.grpo import grpo_args
+
+    args = grpo_args(resolve_config(overrides={"data": "d", "device": "cpu"}), tmp_path / "o")
+    expected = {k: v for k, v in TRL_DEFAULTS.items() if k != "lr_scheduler_type"}
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert args.lr_scheduler_type == "constant" and args.logging_steps == 1  # TRL's own: linear, 10
+
+
+def test_trainer_value_falls_back_to_trl_and_names_the_fix():
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    cfg = FinetuneConfig(data="d", trl={"temperature": 0.5})
+    assert cfg.trl == {**TRL_DEFAULTS, "temperature": 0.5}  # a partial mapping keeps the recipe's other values
+    trl_default = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}["num_iterations"]
+    assert "num_iterations" not in cfg.trl and cfg.trainer_value("num_iterations") == trl_default
+    with pytest.raises(ConfigError, match="read cfg.beta"):
+        cfg.trainer_value("beta")
+    with pytest.raises(ConfigError, match="Did you mean 'num_iterations'"):
+        cfg.trainer_value("num_iteration")
+    with pytest.raises(ConfigError, match="set it at the top level"):
+        FinetuneConfig(data="d", trl={"learning_rate": 1e-5}).validate()
+
+
+def test_sft_stage_gets_the_shared_pass_through_fields_only(tmp_path):
+    from tpru_agent.finetune.train.sft import sft_args
+
+    cfg = resolve_config(overrides={"data": "d", "device": "cpu", "method": "sft", "warmup_steps": "20",
+                                    "save_total_limit": "2", "weight_decay": "0.1", "sft_epochs": "3",
+                                    "loss_type": "grpo", "epsilon": "0.1"})
+    args = sft_args(cfg, tmp_path / "o")
+    assert (args.warmup_steps, args.save_total_limit, args.weight_decay, args.max_grad_norm) == (20, 2, 0.1, 1.0)
+    assert args.lr_scheduler_type == "constant" and args.logging_steps == 1   # the paper's, as GRPO sees them
+    assert args.num_train_epochs == 3.0            # sft_epochs, not the GRPO stage's num_train_epochs
+    assert args.loss_type == "nll"                 # GRPO's loss_type means something else to SFTConfig

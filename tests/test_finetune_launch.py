@@ -88,10 +88,13 @@ def _cli(args, **env):
 def test_cli_dry_run_shows_resolved_config_memory_and_launch(tmp_path):
     out = tmp_path / "run"
     result = _cli(["finetune", "--config", str(REPO / "examples" / "tpru-7b.yaml"), "--data", "d", "-o", str(out),
-                   "--set", "top_p=0.95", "--lr", "2e-6", "--dry-run", "--json"])
+                   "--set", "top_p=0.95", "--set", "temperature=0.7", "--lr", "2e-6", "--dry-run", "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
-    assert payload["config"]["top_p"] == 0.95 and payload["config"]["learning_rate"] == 2e-6
+    assert payload["config"]["learning_rate"] == 2e-6 and "top_p" not in payload["config"]
+    passed = payload["config"]["trl"]  # the effective GRPOConfig values passed through: flags, file, paper preset
+    assert (passed["top_p"], passed["temperature"], passed["weight_decay"], passed["epsilon_high"]) == \
+        (0.95, 0.7, 0.01, 0.3)
     assert payload["memory_model"].startswith("Qwen2.5-VL-7B") and 0 < payload["memory_gib_per_gpu"]["total"] < 80
     assert payload["launch"][payload["launch"].index("--num_processes") + 1] == "8"
     assert payload["launch"][-2:] == ["--config", str(out / "config.yaml")]
@@ -143,7 +146,8 @@ def test_model_card_and_curves(tmp_path):
                                                      "format": 0.9, "by_task": {"ordering": 0.4}},
                       weights="full")
     for needle in ("qwen2.5-vl-3b", "grpo 3", "splits {'train': 10}", "**0.400**", "TPRU(", "beta=0.01",
-                   "data manifest"):
+                   "data manifest", "temperature=1.0, top_p=0.99", "lr_scheduler_type=constant, weight_decay=0.01",
+                   "'epsilon_high': 0.3"):
         assert needle in card
 
 

@@ -242,6 +242,26 @@ def plot_curves(metrics_path: Path, png: Path) -> Path | None:
     return png
 
 
+#: What the model card's recipe line names first; the config's own keys or TRL fields it passed through.
+RECIPE_KEYS = ("num_generations", "temperature", "top_p", "beta", "learning_rate", "lr_scheduler_type", "weight_decay",
+               "max_grad_norm", "num_train_epochs", "max_completion_length", "prompts_per_rollout",
+               "prompts_per_update", "rewards", "min_pixels", "max_pixels", "max_prompt_length", "freeze_vision", "seed")
+
+
+def recipe_items(cfg_dict: dict[str, Any]) -> list[str]:
+    """``key=value`` for :data:`RECIPE_KEYS`, read from the config or its pass-through (``trl``), then ``trl=`` with
+    the other pass-through values (clipping, loss...): every value the trainers got from the config.
+
+    Example:
+        >>> recipe_items({"beta": 0.01, "trl": {"temperature": 1.0, "delta": 3.0}})
+        ['temperature=1.0', 'beta=0.01', "trl={'delta': 3.0}"]
+    """
+    passed = dict(cfg_dict.get("trl") or {})
+    items = [f"{k}={cfg_dict[k] if k in cfg_dict else passed.pop(k)}" for k in RECIPE_KEYS
+             if k in cfg_dict or k in passed]
+    return items + ([f"trl={passed}"] if passed else [])
+
+
 def model_card(cfg_dict: dict[str, Any], *, base: str, base_path: str, data: dict[str, Any], steps: dict[str, int],
                evaluation: dict[str, Any] | None, weights: str, data_report: dict | None = None) -> str:
     """The README.md written next to the final weights (``data_report``: per stage, prompts left out and rollout
@@ -262,10 +282,7 @@ def model_card(cfg_dict: dict[str, Any], *, base: str, base_path: str, data: dic
               f"- data: `{data.get('path')}`" + (f", splits {data['splits']}" if data.get("splits") else "")]
     if data.get("manifest"):
         lines.append(f"- data manifest: `{json.dumps(data['manifest'], default=str)[:800]}`")
-    keys = ("num_generations", "temperature", "top_p", "beta", "learning_rate", "lr_scheduler_type", "weight_decay",
-            "max_grad_norm", "num_train_epochs", "max_completion_length", "prompts_per_rollout", "prompts_per_update",
-            "rewards", "min_pixels", "max_pixels", "max_prompt_length", "freeze_vision", "seed", "trl")
-    lines.append("- recipe: " + ", ".join(f"{k}={cfg_dict[k]}" for k in keys if k in cfg_dict))
+    lines.append("- recipe: " + ", ".join(recipe_items(cfg_dict)))
     for stage, report in (data_report or {}).items():
         overlong = report.get("overlong") or {}
         if overlong.get("dropped"):

@@ -1,15 +1,17 @@
 """The fine-tuning configuration: one dataclass, paper defaults, YAML file < CLI flags, memory presets.
 
 Defaults reproduce the TPRU recipe (paper, section "Reward and training"): GRPO without an SFT stage, vision tower
-trainable, 5 rollouts per prompt at temperature 1.0 / top-p 0.99, KL (k3) coefficient 0.01, lr 1e-6 constant,
-AdamW with weight decay 0.01, grad clip 1.0, bf16 on GPU, 2 epochs, responses up to 1,024 tokens, prompts over
-7,000 tokens left out, 256 prompts per rollout and 128 per update, clipping 0.2 / 0.3 with dual clip 3.0 (the
-authors' EasyR1 ``clip_ratio_low / high / dual``; TRL's ``epsilon / epsilon_high / delta``), frames at
-16,384..36,864 pixels. Everything is overridable.
+trainable, 5 rollouts per prompt, KL (k3) coefficient 0.01, lr 1e-6, bf16 on GPU, responses up to 1,024 tokens,
+prompts over 7,000 tokens left out, 256 prompts per rollout and 128 per update, frames at 16,384..36,864 pixels
+(declared fields, below); sampling at temperature 1.0 / top-p 0.99, a constant lr without warm-up, AdamW weight
+decay 0.01, grad clip 1.0, 2 epochs, clipping 0.2 / 0.3 with dual clip 3.0 (TRL fields passed through, from
+:data:`TRL_DEFAULTS`). Everything is overridable.
 
-Any field of TRL's ``GRPOConfig`` that this dataclass does not declare is passed through as is: a YAML key or
-``--set epsilon_high=0.28`` lands in :attr:`FinetuneConfig.trl` (typed against ``GRPOConfig``'s own field types),
-which starts from :data:`PAPER_TRL`.
+The dataclass declares only what this project computes with or decides: batch arithmetic, the memory estimate, the
+run folder, auto device choices (``None``), the DeepSpeed preset name, the held-out cadence, the CLI flags. Any other
+field of TRL's ``GRPOConfig`` is passed through as is: a YAML key or ``--set temperature=0.7`` lands in
+:attr:`FinetuneConfig.trl` (typed against ``GRPOConfig``'s own field types), which starts from :data:`TRL_DEFAULTS`;
+read one with :meth:`FinetuneConfig.trainer_value`. The SFT warm-up receives the ``TrainingArguments`` ones too.
 
 Resolution order: dataclass defaults < preset (``--preset``) < YAML file (``--config``) < CLI flags. Unknown keys
 fail with a close-match suggestion; the resolved config is written to the run folder as ``config.yaml`` and is
@@ -19,19 +21,29 @@ Example:
     >>> cfg = resolve_config(overrides={"data": "data/tpru", "max_steps": 10})
     >>> cfg.num_generations, cfg.beta, cfg.learning_rate
     (5, 0.01, 1e-06)
+    >>> cfg.trainer_value("temperature"), cfg.trainer_value("lr_scheduler_type"), cfg.trl["epsilon_high"]
+    (1.0, 'constant', 0.3)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tpru_agent.errors import ConfigError, close_matches
+from tpru_agent.errors import ConfigError, close_matches, require
+from tpru_agent.finetune.train.memory import (  # noqa: F401  (estimate_*, model_shape: their old home)
+    MODEL_SHAPES,
+    PRESET_BUDGET_GIB,
+    PRESETS,
+    estimate_for,
+    estimate_memory_gib,
+    model_shape,
+)
+from tpru_agent.finetune.train.values import coerce_as
 from tpru_agent.fsutil import write_text
 from tpru_agent.sizing import TRAINED_MAX, TRAINED_MIN
 
@@ -42,9 +54,23 @@ DEEPSPEED = ("zero2", "zero3")
 SFT_TARGETS = ("reasoning", "answer")
 #: Language-model projections only: the vision MLP has gate_proj / up_proj / down_proj too, so names alone would
 #: also wrap the vision tower. Matched with ``re.fullmatch`` against module names (transformers 5 layout).
-#: GRPOConfig fields the paper preset sets (EasyR1 ``clip_ratio_low 0.2``, ``clip_ratio_high 0.3``,
-#: ``clip_ratio_dual 3.0``): TRL's ``delta`` caps the ratio of negative-advantage tokens at 3, as dual-clip PPO does.
-PAPER_TRL: dict[str, Any] = {"epsilon": 0.2, "epsilon_high": 0.3, "delta": 3.0}
+#: TRL ``GRPOConfig`` fields this project only forwards, and the values the pass-through starts from (a YAML key
+#: or ``--set key=value`` replaces one). Paper: TPRU, section "Reward and training"; authors: their EasyR1 configs.
+TRL_DEFAULTS: dict[str, Any] = {
+    "temperature": 1.0, "top_p": 0.99,                   # paper: 5 rollouts at temperature 1.0 / top-p 0.99
+    "loss_type": "dapo",                                 # token mean over the update (authors_diff: loss aggregation)
+    "scale_rewards": "group",                            # advantage (reward - group mean) / group std, as the authors
+    # authors: clip_ratio_low 0.2 / clip_ratio_high 0.3 / clip_ratio_dual 3.0; TRL's delta caps the ratio of
+    # negative-advantage tokens at 3, as dual-clip PPO does
+    "epsilon": 0.2, "epsilon_high": 0.3, "delta": 3.0,
+    "lr_scheduler_type": "constant", "warmup_steps": 0,  # paper: lr 1e-6 constant, no warm-up
+    "weight_decay": 0.01, "max_grad_norm": 1.0,          # paper: AdamW with weight decay 0.01, grad clip 1.0
+    "num_train_epochs": 2.0,                             # paper: 2 epochs (the SFT warm-up counts sft_epochs)
+    "save_total_limit": 3,                               # authors: the last 3 checkpoints kept
+    "logging_steps": 1,                                  # ours: a metrics.jsonl record every step (TRL: 10)
+    "vllm_gpu_memory_utilization": 0.3,                  # ours: vLLM colocated at 30% (authors: 60%, TP 2)
+}
+PAPER_TRL = TRL_DEFAULTS  # the earlier name
 #: GRPOConfig fields ``grpo_args`` computes from this config: set the named key instead.
 DERIVED_TRL = {"gradient_accumulation_steps": "prompts_per_update", "generation_batch_size": "prompts_per_rollout",
                "steps_per_generation": "prompts_per_rollout", "use_cpu": "device", "output_dir": "output_dir",
@@ -77,26 +103,17 @@ class FinetuneConfig:
     max_prompt_length: int | None = 7000
     # GRPO (TPRU recipe)
     num_generations: int = 5
-    temperature: float = 1.0
-    top_p: float = 0.99
     beta: float = 0.01
-    loss_type: str = "dapo"
-    scale_rewards: str = "group"
     max_completion_length: int = 1024
     prompts_per_rollout: int = 256
     prompts_per_update: int = 128
     rewards: list[str] = field(default_factory=lambda: ["tpru"])
     reward_weights: list[float] | None = None
     generation_chunk_size: int | None = None
-    trl: dict[str, Any] = field(default_factory=lambda: dict(PAPER_TRL))
+    trl: dict[str, Any] = field(default_factory=lambda: dict(TRL_DEFAULTS))  # GRPOConfig fields passed through
     # optimisation
     learning_rate: float = 1e-6
     optim: str = "adamw_torch"
-    lr_scheduler_type: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    num_train_epochs: float = 2.0
     max_steps: int = -1
     per_device_train_batch_size: int = 5
     freeze_vision: bool = False
@@ -107,8 +124,6 @@ class FinetuneConfig:
     seed: int = 0
     # runs and faults
     save_steps: int = 50
-    save_total_limit: int = 3
-    logging_steps: int = 1
     progress: bool = True
     # peft
     lora_r: int = 64
@@ -131,7 +146,21 @@ class FinetuneConfig:
     main_process_port: int = 29500
     deepspeed: str | None = None
     use_vllm: bool | None = None
-    vllm_gpu_memory_utilization: float = 0.3
+
+    def __post_init__(self):
+        self.trl = {**TRL_DEFAULTS, **(self.trl or {})}  # a partial mapping keeps the recipe's other values
+
+    def trainer_value(self, key: str) -> Any:
+        """What TRL's trainer gets for pass-through field ``key``: this config's value, else ``GRPOConfig``'s default.
+
+        Raises:
+            ConfigError: ``key`` is declared here (read the attribute), or is no ``GRPOConfig`` field.
+        """
+        if key in _FIELDS:
+            raise ConfigError(f"{key} is a FinetuneConfig field, not a pass-through one: read cfg.{key}")
+        if key in self.trl:
+            return self.trl[key]
+        return _trl_default(key)
 
     @property
     def world_size(self) -> int:
@@ -166,7 +195,7 @@ class FinetuneConfig:
             raise ConfigError("data is not set: pass --data DIR (a folder in the TPRU layout: train/*.parquet, "
                               "test/*.parquet), e.g. one built by `tpru data build`")
         for key in ("num_generations", "prompts_per_rollout", "prompts_per_update", "per_device_train_batch_size",
-                    "max_completion_length", "save_steps", "logging_steps", "num_gpus", "num_nodes", "sft_batch_size",
+                    "max_completion_length", "save_steps", "num_gpus", "num_nodes", "sft_batch_size",
                     "lora_r", "min_pixels", "max_pixels", "sft_gradient_accumulation_steps", "max_prompt_length",
                     "generation_chunk_size"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
@@ -178,11 +207,7 @@ class FinetuneConfig:
                               f"got {self.num_generations}")
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"min_pixels ({self.min_pixels}) is above max_pixels ({self.max_pixels})")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.beta < 0 or self.temperature <= 0:
-            raise ConfigError(f"beta must be >= 0 and temperature > 0, got beta={self.beta}, "
-                              f"temperature={self.temperature}")
+        self._validate_passed()
         completions = self.prompts_per_update * self.num_generations
         per_step = self.per_device_train_batch_size * self.world_size
         if completions % per_step:
@@ -209,6 +234,24 @@ class FinetuneConfig:
             raise ConfigError(f"node_rank must be in 0..{self.num_nodes - 1}, got {self.node_rank}")
         return self
 
+    def _validate_passed(self) -> None:
+        """Checks on the pass-through that TRL itself makes late (at training) or not at all."""
+        taken = sorted(k for k in self.trl if k in _FIELDS or k in DERIVED_TRL)
+        if taken:
+            key = taken[0]
+            raise ConfigError(f"trl: {key} is not passed through: " + (
+                f"it is computed from {DERIVED_TRL[key]!r}; set that instead" if key in DERIVED_TRL else
+                f"set it at the top level ({key}: ...), where this config computes with it"))
+        top_p, temperature = self.trainer_value("top_p"), self.trainer_value("temperature")
+        if not 0 < top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+        if self.beta < 0 or temperature <= 0:
+            raise ConfigError(f"beta must be >= 0 and temperature > 0, got beta={self.beta}, "
+                              f"temperature={temperature}")
+        if self.trainer_value("logging_steps") <= 0:
+            raise ConfigError(f"logging_steps must be > 0 (steps, or below 1 a fraction of the run), got "
+                              f"{self.trainer_value('logging_steps')}")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values, in field order (what ``config.yaml`` holds)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -222,34 +265,6 @@ class FinetuneConfig:
         return path
 
 
-# ----------------------------------------------------------------------------------------------- memory presets
-#: Per-GPU memory presets. Each sets peft, gradient checkpointing, the micro-batch and (80gb) the optimizer; the
-#: estimate behind each is :func:`estimate_memory_gib` (see its docstring) for Qwen2.5-VL-3B / -7B with 5 rollouts
-#: of <= 1,024 tokens after a ~2,500-token prompt (7 frames at the TPRU budget + text), one GPU, GiB:
-#:
-#: ========  ====================================  ===========  ===========  ==============================
-#: preset    settings                              3B estimate  7B estimate  cards
-#: ========  ====================================  ===========  ===========  ==============================
-#: ``24gb``  qlora, checkpointing, batch 5         14.8         21.5         RTX 3090/4090, A10, L4
-#: ``48gb``  lora, checkpointing, batch 5          20.2         33.4         A6000, L40S
-#: ``80gb``  full, checkpointing, batch 5, 8-bit   60.6         127.6        A100/H100 80GB (3B)
-#:           AdamW
-#: ========  ====================================  ===========  ===========  ==============================
-#:
-#: Full fine-tuning keeps fp32 master weights (bf16 compute): at the paper's lr of 1e-6 an update is far below
-#: bf16's resolution (~4e-3 relative), so pure-bf16 weights would not move. That costs 16 bytes per parameter with
-#: AdamW (60 GiB for the 3B before activations), hence 8-bit AdamW moments in the one-GPU ``80gb`` preset. The 7B
-#: trains fully only sharded: ``--num-gpus 4 --deepspeed zero3`` (~49 GiB per GPU with AdamW; examples/tpru-7b.yaml
-#: uses 8 GPUs); or use ``48gb`` (LoRA) on one card. Regenerate the table with :func:`estimate_memory_gib`.
-PRESETS: dict[str, dict[str, Any]] = {
-    "24gb": {"peft": "qlora", "gradient_checkpointing": True, "per_device_train_batch_size": 5},
-    "48gb": {"peft": "lora", "gradient_checkpointing": True, "per_device_train_batch_size": 5},
-    "80gb": {"peft": "none", "gradient_checkpointing": True, "per_device_train_batch_size": 5,
-             "optim": "adamw_bnb_8bit"},
-}
-PRESET_BUDGET_GIB = {"24gb": 24, "48gb": 48, "80gb": 80}
-
-
 # ----------------------------------------------------------------------------------------------- resolution
 def _choice(key: str, value, choices) -> None:
     if value not in choices:
@@ -258,16 +273,6 @@ def _choice(key: str, value, choices) -> None:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
-
-
-def _hint_types(tp) -> tuple:
-    """The concrete types a field accepts (``bool | None`` -> ``(bool, NoneType)``)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return tuple(arg for a in typing.get_args(tp) for arg in _hint_types(a))
-    return (origin or tp,)
-
-
 _HINTS = typing.get_type_hints(FinetuneConfig)
 _LIST_ITEM = {"rewards": str, "reward_weights": float}
 
@@ -279,6 +284,19 @@ def _trl_hints() -> dict[str, Any]:
     except ImportError:
         return {}
     return typing.get_type_hints(GRPOConfig)
+
+
+def _trl_default(key: str) -> Any:
+    """``GRPOConfig``'s own default for ``key``.
+
+    Raises:
+        ConfigError: no such ``GRPOConfig`` field (with a close match).
+    """
+    fields = {f.name: f for f in dataclasses.fields(require("trl", "finetune", what="TRL's defaults").GRPOConfig)}
+    if key not in fields:
+        raise ConfigError(f"{key!r} is not a field of TRL's GRPOConfig.{close_matches(key, fields)}")
+    f = fields[key]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def _split_trl(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -293,17 +311,21 @@ def _split_trl(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(nested, dict):
         raise ConfigError(f"trl must be a mapping of TRL GRPOConfig fields, got {nested!r}")
     hints = None
-    for key, value in [*((k, v) for k, v in values.items() if k != "trl"), *nested.items()]:
-        if key in _FIELDS and key not in nested:
+    for key, value, top in [*((k, v, True) for k, v in values.items() if k != "trl"),
+                            *((k, v, False) for k, v in nested.items())]:
+        if key in _FIELDS and top:
             ours[key] = value
             continue
+        if key in _FIELDS:
+            raise ConfigError(f"trl: {key} is not passed through: set it at the top level ({key}: ...), where this "
+                              "config computes with it")
         hints = _trl_hints() if hints is None else hints
         if key in DERIVED_TRL:
             raise ConfigError(f"{key} is computed from {DERIVED_TRL[key]!r}; set that instead")
         if key not in hints:
             raise ConfigError(f"unknown config key {key!r}.{close_matches(key, [*_FIELDS, *hints])} Valid keys: "
                               f"{', '.join(_FIELDS)}, or any field of TRL's GRPOConfig")
-        passed[key] = _coerce_as(key, value, hints[key])
+        passed[key] = coerce_as(key, value, hints[key])
     return ours, passed
 
 
@@ -316,44 +338,8 @@ def coerce(key: str, value: Any) -> Any:
     if key not in _FIELDS:
         raise ConfigError(f"unknown config key {key!r}.{close_matches(key, _FIELDS)} Valid keys: "
                           f"{', '.join(_FIELDS)}")
-    return _coerce_as(key, value, _HINTS[key])
+    return coerce_as(key, value, _HINTS[key], item=_LIST_ITEM.get(key, str))
 
-
-def _coerce_as(key: str, value: Any, hint) -> Any:
-    allowed = _hint_types(hint)
-    nullable = type(None) in allowed
-    if value is None or (nullable and isinstance(value, str) and value.strip().lower() in {"none", "null", "~", ""}):
-        if nullable:
-            return None
-        raise ConfigError(f"{key} cannot be empty (null)")
-    for tp in allowed:
-        if tp is type(None):
-            continue
-        try:
-            if tp is bool:
-                if isinstance(value, bool):
-                    return value
-                if isinstance(value, str) and value.strip().lower() in {"true", "yes", "1", "on", "false", "no", "0",
-                                                                         "off"}:
-                    return value.strip().lower() in {"true", "yes", "1", "on"}
-                continue
-            if tp is int and not isinstance(value, bool):
-                if isinstance(value, float) and not value.is_integer():
-                    continue
-                return int(value)
-            if tp is float and not isinstance(value, bool):
-                return float(value)
-            if tp is str:
-                return str(value)
-            if tp is list:
-                items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
-                return [_LIST_ITEM.get(key, str)(v) for v in items]
-            if tp is dict and isinstance(value, dict):
-                return dict(value)
-        except (TypeError, ValueError):
-            continue
-    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
-    raise ConfigError(f"{key} must be {names}, got {value!r}")
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -392,7 +378,7 @@ def resolve_config(path: str | os.PathLike | None = None, overrides: dict[str, A
     from_file = {k: coerce(k, v) for k, v in file_values.items()}
     from_flags = {k: coerce(k, v) for k, v in flag_values.items()}
     explicit = {**from_file, **from_flags}
-    explicit["trl"] = {**PAPER_TRL, **file_trl, **flag_trl}
+    explicit["trl"] = {**TRL_DEFAULTS, **file_trl, **flag_trl}
     values: dict[str, Any] = {}
     preset = explicit.get("preset")
     if preset is not None:
@@ -401,5 +387,3 @@ def resolve_config(path: str | os.PathLike | None = None, overrides: dict[str, A
     values.update(explicit)
     return FinetuneConfig(**values).validate(need_data=need_data)
 
-
-from tpru_agent.finetune.train.memory import MODEL_SHAPES, estimate_for, estimate_memory_gib, model_shape  # noqa: E402,F401  (old home)

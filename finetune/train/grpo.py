@@ -260,8 +260,9 @@ def grpo_args(cfg: FinetuneConfig, output_dir: str | Path, *, max_steps: int | N
     TRL counts completions: a rollout generates ``prompts_per_rollout x num_generations`` completions
     (``generation_batch_size``), an optimizer update consumes ``prompts_per_update x num_generations`` of them
     (``per_device_train_batch_size x GPUs x gradient_accumulation_steps``). The paper's 256 / 128 prompts thus
-    give two optimizer updates per rollout; TRL's ``global_step`` counts updates. ``cfg.trl`` (GRPOConfig fields
-    passed through, e.g. the paper's clipping ``epsilon 0.2 / epsilon_high 0.3 / delta 3.0``) is applied last.
+    give two optimizer updates per rollout; TRL's ``global_step`` counts updates. Only what the config computes
+    with or decides is set here; ``cfg.trl`` (GRPOConfig fields passed through: the paper's sampling, schedule,
+    weight decay, clipping... from :data:`~tpru_agent.finetune.train.config.TRL_DEFAULTS`) is applied last.
     """
     cuda = use_cuda(cfg)
     vllm = cfg.use_vllm if cfg.use_vllm is not None else (cuda and _vllm_installed())
@@ -270,26 +271,20 @@ def grpo_args(cfg: FinetuneConfig, output_dir: str | Path, *, max_steps: int | N
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         generation_batch_size=cfg.generation_batch_size,
-        num_generations=cfg.num_generations,
-        temperature=cfg.temperature, top_p=cfg.top_p,
-        beta=cfg.beta, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
-        max_completion_length=cfg.max_completion_length,
-        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=cfg.optim,
-        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps if max_steps is None else max_steps,
+        num_generations=cfg.num_generations, beta=cfg.beta, max_completion_length=cfg.max_completion_length,
+        learning_rate=cfg.learning_rate, optim=cfg.optim,
+        max_steps=cfg.max_steps if max_steps is None else max_steps,
         bf16=use_bf16(cfg), use_cpu=not cuda, gradient_checkpointing=gradient_checkpointing(cfg),
-        seed=cfg.seed, data_seed=cfg.seed,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps, report_to=[], disable_tqdm=True,
+        seed=cfg.seed, data_seed=cfg.seed, save_strategy="steps", save_steps=cfg.save_steps,
+        report_to=[], disable_tqdm=True,
         reward_weights=cfg.reward_weights, remove_unused_columns=False, dataloader_num_workers=0,
-        use_vllm=vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        log_completions=False,
+        use_vllm=vllm, vllm_mode="colocate", log_completions=False,
         # The policy keeps fp32 master weights (see modeling.train_dtype); the frozen reference needs only bf16.
         # The reference model is loaded from the base folder: safetensors only, as the policy (no pickles).
         model_init_kwargs={"use_safetensors": True, **({"dtype": "bfloat16"} if use_bf16(cfg) and cfg.peft == "none"
                                                        and cfg.beta > 0 else {})},
     )
-    # GRPOConfig fields passed through from the config (paper clipping by default: epsilon / epsilon_high / delta)
+    # GRPOConfig fields passed through from the config (TRL_DEFAULTS unless set)
     return GRPOConfig(**{**kwargs, **cfg.trl})
 
 

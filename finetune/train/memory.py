@@ -1,4 +1,5 @@
-"""Planning estimates of GPU memory per GRPO micro-step, for the presets and ``tpru finetune --dry-run``.
+"""Planning estimates of GPU memory per GRPO micro-step, for ``tpru finetune --dry-run``, and the per-GPU memory
+presets (``--preset``, :data:`PRESETS`) they size.
 
 The estimate follows the model being trained: :func:`model_shape` reads the shape from the model folder's
 ``config.json`` and counts the parameters from the safetensors headers (no weights are loaded); a Hub name that is
@@ -141,3 +142,29 @@ MODEL_SHAPES = {
 }
 
 
+# ----------------------------------------------------------------------------------------------- memory presets
+#: Per-GPU memory presets. Each sets peft, gradient checkpointing, the micro-batch and (80gb) the optimizer; the
+#: estimate behind each is :func:`estimate_memory_gib` (see its docstring) for Qwen2.5-VL-3B / -7B with 5 rollouts
+#: of <= 1,024 tokens after a ~2,500-token prompt (7 frames at the TPRU budget + text), one GPU, GiB:
+#:
+#: ========  ====================================  ===========  ===========  ==============================
+#: preset    settings                              3B estimate  7B estimate  cards
+#: ========  ====================================  ===========  ===========  ==============================
+#: ``24gb``  qlora, checkpointing, batch 5         14.8         21.5         RTX 3090/4090, A10, L4
+#: ``48gb``  lora, checkpointing, batch 5          20.2         33.4         A6000, L40S
+#: ``80gb``  full, checkpointing, batch 5, 8-bit   60.6         127.6        A100/H100 80GB (3B)
+#:           AdamW
+#: ========  ====================================  ===========  ===========  ==============================
+#:
+#: Full fine-tuning keeps fp32 master weights (bf16 compute): at the paper's lr of 1e-6 an update is far below
+#: bf16's resolution (~4e-3 relative), so pure-bf16 weights would not move. That costs 16 bytes per parameter with
+#: AdamW (60 GiB for the 3B before activations), hence 8-bit AdamW moments in the one-GPU ``80gb`` preset. The 7B
+#: trains fully only sharded: ``--num-gpus 4 --deepspeed zero3`` (~49 GiB per GPU with AdamW; examples/tpru-7b.yaml
+#: uses 8 GPUs); or use ``48gb`` (LoRA) on one card. Regenerate the table with :func:`estimate_memory_gib`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "24gb": {"peft": "qlora", "gradient_checkpointing": True, "per_device_train_batch_size": 5},
+    "48gb": {"peft": "lora", "gradient_checkpointing": True, "per_device_train_batch_size": 5},
+    "80gb": {"peft": "none", "gradient_checkpointing": True, "per_device_train_batch_size": 5,
+             "optim": "adamw_bnb_8bit"},
+}
+PRESET_BUDGET_GIB = {"24gb": 24, "48gb": 48, "80gb": 80}

@@ -62,21 +62,43 @@ def sft_steps(cfg: FinetuneConfig) -> int:
     return min(limits) if limits else -1
 
 
+#: Pass-through fields the warm-up sets from its own ``sft_*`` keys instead.
+SFT_OWN = frozenset({"num_train_epochs"})
+
+
+def shared_trainer_args(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The pass-through fields (``cfg.trl``) the warm-up uses too: those ``SFTConfig`` declares and that mean the same
+    in both stages, i.e. ``TrainingArguments``' own (schedule, warm-up, weight decay, grad clip, checkpoints kept,
+    logging...). GRPO-only fields are left out: sampling, clipping, and ``loss_type`` (SFT's is ``nll`` / ``dft``).
+
+    Example:
+        >>> sorted(shared_trainer_args(FinetuneConfig(data="d", trl={"warmup_steps": 20, "epsilon": 0.1})))[:3]
+        ['logging_steps', 'lr_scheduler_type', 'max_grad_norm']
+    """
+    import typing
+
+    from transformers import TrainingArguments
+
+    trl = require("trl", "finetune", what="SFT training")
+    sft, common = typing.get_type_hints(trl.SFTConfig), typing.get_type_hints(TrainingArguments)
+    return {k: v for k, v in cfg.trl.items() if k in sft and k in common and k not in SFT_OWN}
+
+
 def sft_args(cfg: FinetuneConfig, output_dir: str | Path, *, max_steps: int | None = None):
-    """TRL's ``SFTConfig`` for the warm-up (no truncation: a cut prompt would drop image tokens)."""
+    """TRL's ``SFTConfig`` for the warm-up (no truncation: a cut prompt would drop image tokens); the shared
+    pass-through fields (:func:`shared_trainer_args`) are applied last, as ``grpo_args`` applies ``cfg.trl``."""
     trl = require("trl", "finetune", what="SFT training")
     steps = sft_steps(cfg) if max_steps is None else max_steps
-    return trl.SFTConfig(
+    kwargs = dict(
         output_dir=str(output_dir), per_device_train_batch_size=cfg.sft_batch_size,
         gradient_accumulation_steps=cfg.sft_gradient_accumulation_steps,
-        learning_rate=cfg.sft_learning_rate, lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=cfg.optim,
+        learning_rate=cfg.sft_learning_rate, optim=cfg.optim,
         num_train_epochs=cfg.sft_epochs, max_steps=steps, max_length=None, completion_only_loss=True,
         bf16=use_bf16(cfg), use_cpu=not use_cuda(cfg), gradient_checkpointing=gradient_checkpointing(cfg),
         seed=cfg.seed, data_seed=cfg.seed, save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, logging_steps=cfg.logging_steps, report_to=[], disable_tqdm=True,
-        remove_unused_columns=False, dataloader_num_workers=0,
+        report_to=[], disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
     )
+    return trl.SFTConfig(**{**kwargs, **shared_trainer_args(cfg)})
 
 
 def build_sft_trainer(cfg: FinetuneConfig, model, processor, dataset, *, output_dir: str | Path,
