@@ -11,12 +11,11 @@ import asyncio
 import base64
 import io
 import struct
-import threading
-import time
 import zlib
 
 import httpx
 import pytest
+from conftest import serve_in_thread
 from oracle import frame
 
 from tpru_agent import TPRU
@@ -189,21 +188,9 @@ def test_served_name_hides_local_paths(tmp_path):
 
 @pytest.fixture(scope="module")
 def classic_server():
-    import uvicorn
-
-    from benchmarks.server_load import free_port
-
-    app = create_app(TPRU("classic"), ServerConfig())
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    pytest.importorskip("uvicorn")
+    with serve_in_thread(create_app(TPRU("classic"), ServerConfig())) as url:
+        yield url
 
 
 def test_bomb_keeps_the_keep_alive_connection_healthy(classic_server):

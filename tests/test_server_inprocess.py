@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import synthetic_frames
+from conftest import serve_in_thread, synthetic_frames
 from oracle import PixelOracle, frame
 
 from tpru_agent import TPRU, ConfigError, EngineUnavailableError
@@ -177,22 +177,12 @@ def test_worker_queue_limit_and_close(tiny_tpru):
 @pytest.fixture(scope="module")
 def oracle_server():
     """An in-process server around the pixel-reading engine (answers correctly, well formed)."""
-    import uvicorn
-
+    pytest.importorskip("uvicorn")
     from tpru_agent.serve import ServerConfig, create_app
 
     engine = PixelOracle()
-    app = create_app(TPRU(engine=engine), ServerConfig(served_name="oracle"))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}/v1", engine
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(create_app(TPRU(engine=engine), ServerConfig(served_name="oracle"))) as url:
+        yield f"{url}/v1", engine
 
 
 @pytest.mark.parametrize("mode", ["reason", "fast"])
