@@ -52,8 +52,6 @@ PEFTS = ("none", "lora", "qlora")
 DEEPSPEED = ("zero2", "zero3")
 #: What SFT trains the assistant to write: a one-sentence reasoning + the answer block, or the answer block alone.
 SFT_TARGETS = ("reasoning", "answer")
-#: Language-model projections only: the vision MLP has gate_proj / up_proj / down_proj too, so names alone would
-#: also wrap the vision tower. Matched with ``re.fullmatch`` against module names (transformers 5 layout).
 #: TRL ``GRPOConfig`` fields this project only forwards, and the values the pass-through starts from (a YAML key
 #: or ``--set key=value`` replaces one). Paper: TPRU, section "Reward and training"; authors: their EasyR1 configs.
 TRL_DEFAULTS: dict[str, Any] = {
@@ -75,6 +73,8 @@ PAPER_TRL = TRL_DEFAULTS  # the earlier name
 DERIVED_TRL = {"gradient_accumulation_steps": "prompts_per_update", "generation_batch_size": "prompts_per_rollout",
                "steps_per_generation": "prompts_per_rollout", "use_cpu": "device", "output_dir": "output_dir",
                "data_seed": "seed"}
+#: Language-model projections only: the vision MLP has gate_proj / up_proj / down_proj too, so names alone would
+#: also wrap the vision tower. Matched with ``re.fullmatch`` against module names (transformers 5 layout).
 LORA_TARGET = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
