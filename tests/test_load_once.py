@@ -109,3 +109,29 @@ def test_served_frames_pass_through_and_others_are_sized():
     copy = served.copy()  # a copy is a new frame: sized like any other
     assert not is_served(copy, TPRU_BUDGET) and resize_to_budget(copy, TPRU_BUDGET).size == budget_size(*SERVED)
     assert not is_served(served, None)
+
+
+def test_marks_survive_garbage_collection_inside_marking():
+    """Marked images freed by a collection that runs while another image is being marked: the mark of a freed
+    image goes (no leak) and marking completes (a lock shared with the weakref callback deadlocks on 3.12+)."""
+    import gc
+    import threading
+
+    from tpru_agent import sizing
+
+    def churn():
+        for _ in range(300):
+            image = resize_to_budget(Image.new("RGB", ODD), TPRU_BUDGET)
+            holder = {"image": image}
+            holder["self"] = holder  # a cycle: only the collector frees it, at any allocation
+    before, threshold = len(sizing._MARKS), gc.get_threshold()
+    gc.set_threshold(1)
+    try:
+        worker = threading.Thread(target=churn, daemon=True)
+        worker.start()
+        worker.join(60)
+    finally:
+        gc.set_threshold(*threshold)
+    assert not worker.is_alive(), "marking deadlocked under garbage collection"
+    gc.collect()
+    assert len(sizing._MARKS) <= before + 1

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,21 +232,21 @@ def resize_to_budget(image: Image.Image, budget: PixelBudget = TPRU_BUDGET) -> I
 # ``load_frames`` handed to a TPRU call, an engine sizing the facade's frames) comes back untouched. The mark lives
 # beside the image (keyed by identity, dropped when the image is freed), not in it: a copy, a crop or a resize is a
 # new object, unmarked, and is sized like any other frame.
+# No lock: single dict operations are atomic, and a lock taken here would deadlock when a garbage collection
+# inside _mark frees a marked image whose callback (_forget) runs on the same thread. An address is not reused while
+# its object's callback runs, so _forget cannot drop a newer mark made at the same address.
 _MARKS: dict[int, tuple[weakref.ref, PixelBudget, tuple[int, int]]] = {}
-_MARKS_GUARD = threading.Lock()
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
-    with _MARKS_GUARD:
-        if key in _MARKS and _MARKS[key][0] is ref:
-            del _MARKS[key]
+    entry = _MARKS.get(key)
+    if entry is not None and entry[0] is ref:
+        _MARKS.pop(key, None)
 
 
 def _mark(image: Image.Image, budget: PixelBudget) -> Image.Image:
     key = id(image)
-    ref = weakref.ref(image, lambda r, key=key: _forget(key, r))
-    with _MARKS_GUARD:
-        _MARKS[key] = (ref, budget, tuple(image.size))
+    _MARKS[key] = (weakref.ref(image, lambda r, key=key: _forget(key, r)), budget, tuple(image.size))
     return image
 
 

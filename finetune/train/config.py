@@ -68,7 +68,6 @@ TRL_DEFAULTS: dict[str, Any] = {
     "logging_steps": 1,                                  # ours: a metrics.jsonl record every step (TRL: 10)
     "vllm_gpu_memory_utilization": 0.3,                  # ours: vLLM colocated at 30% (authors: 60%, TP 2)
 }
-PAPER_TRL = TRL_DEFAULTS  # the earlier name
 #: GRPOConfig fields ``grpo_args`` computes from this config: set the named key instead.
 DERIVED_TRL = {"gradient_accumulation_steps": "prompts_per_update", "generation_batch_size": "prompts_per_rollout",
                "steps_per_generation": "prompts_per_rollout", "use_cpu": "device", "output_dir": "output_dir",
