@@ -107,6 +107,19 @@ def test_a_timeout_is_engine_unavailable_and_says_raise_timeout():
         engine.close()
 
 
+def test_a_timed_out_generation_is_not_sent_again_but_a_refused_one_is():
+    with Scripted([], delay=1.0) as srv:
+        engine = OpenAIEngine("tiny-vl", base_url=srv.url, timeout=0.3, max_retries=2)
+        with pytest.raises(EngineUnavailableError, match="timed out"):
+            engine.generate([ask()], OPTS)
+        assert len(srv.posts) == 1  # the server may still be decoding it: never twice
+        engine.close()
+    with Scripted([(503, error("queue full"), {}), (200, completion("<answer>2 1</answer>"), {})]) as srv:
+        engine = OpenAIEngine("tiny-vl", base_url=srv.url, max_retries=2)
+        assert engine.generate([ask()], OPTS) == ["<answer>2 1</answer>"] and len(srv.posts) == 2
+        engine.close()
+
+
 def test_401_is_a_config_error_about_the_api_key():
     with Scripted([(401, error("bad key"), {})]) as srv:
         engine = OpenAIEngine("tiny-vl", base_url=srv.url, api_key="wrong", max_retries=3)
@@ -153,10 +166,13 @@ def test_unknown_model_lists_the_served_ones_with_a_close_match():
 def test_no_key_sends_no_authorization_and_openai_api_key_is_not_read(monkeypatch):
     monkeypatch.delenv("TPRU_API_KEY", raising=False)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-real-openai-key")
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-secret")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-secret")
     with Scripted([]) as srv:
         engine = OpenAIEngine("tiny-vl", base_url=srv.url)
         engine.generate([ask()], OPTS)
-        assert "authorization" not in srv.posts[0][1]
+        sent = srv.posts[0][1]
+        assert "authorization" not in sent and "openai-organization" not in sent and "openai-project" not in sent
         engine.close()
         monkeypatch.setenv("TPRU_API_KEY", "from-env")
         engine = OpenAIEngine("tiny-vl", base_url=srv.url, headers={"X-Team": "robots"})

@@ -3,7 +3,7 @@
 ``generate`` sends one chat completion per request (images as PNG data URLs, one ``image_url`` part per
 ``<image>`` placeholder, in order). ``score`` needs log-probabilities; three methods, picked per server:
 
-- ``"tpru"`` (``tpru serve``): the ``tpru_score`` request field (see :mod:`tpru_agent.server`) returns each
+- ``"tpru"`` (``tpru serve``): the ``tpru_score`` request field (see :mod:`tpru_agent.serve`) returns each
   continuation's exact log-probability from the served engine's own ``score``: identical numbers to running the
   engine locally. Detected from ``GET /v1/models`` (``owned_by: "tpru-agent"``).
 - ``"top_logprobs"`` (vLLM; single-letter answers): one request whose assistant turn is prefilled up to the
@@ -56,6 +56,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
@@ -118,7 +119,9 @@ class OpenAIEngine(Engine):
         image_format: ``"png"`` (lossless, default) or ``"jpeg"`` (smaller uploads, slightly different pixels).
         concurrency: requests in flight at once for batched ``generate`` and ``prompt_logprobs`` scoring.
         max_retries: retries of one request on connection errors, timeouts and HTTP 408 / 409 / 429 / 5xx
-            (the ``openai`` client's: exponential back-off, honouring ``Retry-After``).
+            (the ``openai`` client's: exponential back-off, honouring ``Retry-After``). A generation that timed
+            out is not sent again (the server may still be decoding it, so a resend could cost ``timeout`` per
+            try); its other failures are retried alike.
         headers: extra HTTP headers sent with every request.
         device, dtype: ``"auto"`` only; the server chooses them (``tpru serve --device``, vLLM's ``--dtype``).
         quantization: ``None`` only; quantise on the server side.
@@ -160,11 +163,14 @@ class OpenAIEngine(Engine):
         key = api_key if api_key is not None else os.environ.get("TPRU_API_KEY")
         headers = dict(headers or {})
         # No key: the client still wants one, so give it a placeholder and leave the header out of every request.
+        # The client would also send OPENAI_ORG_ID / OPENAI_PROJECT_ID from the environment to any server: never.
         keyless = not key and not any(h.lower() == "authorization" for h in headers)
-        self._extra_headers = {"Authorization": openai.Omit()} if keyless else None
+        self._extra_headers = {"OpenAI-Organization": openai.Omit(), "OpenAI-Project": openai.Omit(),
+                               **({"Authorization": openai.Omit()} if keyless else {})}
         self._openai = openai
         self._client = openai.OpenAI(base_url=self.base_url, api_key=key or "unused", timeout=timeout,
                                      max_retries=max_retries, default_headers=headers or None)
+        self._once = self._client.with_options(max_retries=0)  # generations: retried below, timeouts excepted
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tpru-openai")
         self._lock = threading.Lock()
         self._models: list[dict] | None = None
@@ -188,8 +194,9 @@ class OpenAIEngine(Engine):
         start = _START.format(port=urlsplit(self.base_url).port or 8000)
         if isinstance(exc, openai.APITimeoutError):
             return EngineUnavailableError(
-                f"{what} on {self.base_url} timed out after {self.timeout:g} s (tried {self.max_retries + 1} "
-                f"times); raise timeout= for long generations, or check the server is up: {start}")
+                f"{what} on {self.base_url} timed out after {self.timeout:g} s per try (a generation is tried "
+                f"once, anything else up to {self.max_retries + 1} times); raise timeout= for long generations, "
+                f"or check the server is up: {start}")
         if isinstance(exc, openai.APIConnectionError):
             cause = exc.__cause__ or exc
             return EngineUnavailableError(
@@ -216,18 +223,33 @@ class OpenAIEngine(Engine):
             return ""
         return f" Served models: {served}." + close_matches(str(self.model), served) if served else ""
 
-    def _chat(self, payload: dict) -> dict:
-        """One chat completion as a plain dict (server extensions included)."""
+    def _chat(self, payload: dict, *, scoring: bool = True) -> dict:
+        """One chat completion as a plain dict (server extensions included). Scoring requests use the client's
+        retries; a generation is retried here on the same failures except a timeout (see ``max_retries``)."""
         args = {k: v for k, v in payload.items() if k in _CHAT_ARGS}
         extra = {k: v for k, v in payload.items() if k not in _CHAT_ARGS}
-        return self._call("POST /chat/completions", self._client.chat.completions.create, **args,
-                          extra_body=extra or None).to_dict()
+        if scoring:
+            return self._call("POST /chat/completions", self._client.chat.completions.create, **args,
+                              extra_body=extra or None).to_dict()
+        openai, attempt = self._openai, 0
+        while True:
+            try:
+                return self._call("POST /chat/completions", self._once.chat.completions.create, **args,
+                                  extra_body=extra or None).to_dict()
+            except TPRUError as exc:
+                cause = exc.__cause__
+                retry = isinstance(cause, (openai.APIConnectionError, openai.RateLimitError,
+                                           openai.InternalServerError, openai.ConflictError))
+                if isinstance(cause, openai.APITimeoutError) or not retry or attempt >= self.max_retries:
+                    raise
+                attempt += 1
+                time.sleep(min(8.0, 0.5 * 2 ** attempt))
 
     def _chats(self, items: Sequence, payload: Callable[[Any], dict], *, scoring: bool) -> list[dict]:
         """One chat completion per item, sent concurrently; usage counted here, on the calling thread (it is
         per thread, see :meth:`Engine.take_usage`)."""
-        bodies = [self._chat(payload(items[0]))] if len(items) == 1 else list(
-            self._pool.map(lambda item: self._chat(payload(item)), items))
+        bodies = [self._chat(payload(items[0]), scoring=scoring)] if len(items) == 1 else list(
+            self._pool.map(lambda item: self._chat(payload(item), scoring=scoring), items))
         for body in bodies:
             self._count(body, scoring=scoring)
         return bodies
