@@ -6,6 +6,7 @@ whose ``answer`` labels the final order (A = input 0, B = input 1, ...).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -54,12 +55,19 @@ def order_windows(tpru, images: list, description: str | None, mode: str, starte
     fell_back: set[tuple[int, ...]] = set()
     for window in windows:
         shown = [images[i] for i in window]
+        tried = time.perf_counter()
         try:
             ans = tpru.ask(question, shown, mode=mode)
         except ParseError as exc:  # one unparsable window must not discard all the others: score it instead
             fell_back.add(window)
             log.warning("window %s: %s; using its fast-mode scores", window, str(exc).split("; raw")[0])
+            failed_s = time.perf_counter() - tried
             ans = tpru.ask(question, shown, mode="fast")
+            # the failed reasoning pass counts too: in usage (the engine counted it) and so in calls and time
+            timings = dict(ans.timings)
+            timings["calls"] = timings.get("calls", 1.0) + 1.0
+            timings["generate_s"] = timings.get("generate_s", 0.0) + failed_s
+            ans = dataclasses.replace(ans, timings=timings)
         dist = {tuple(window[question.labels.index(c)] for c in perm): p for perm, p in ans.probabilities.items()}
         answered.append((window, dist, ans))
     pref = aggregate.pairwise_preferences(n, [(w, d) for w, d, _ in answered])

@@ -68,29 +68,9 @@ def thumbs_array(thumbs) -> np.ndarray:
     return np.frombuffer(b"".join(thumbs), dtype=np.uint8).reshape(-1, THUMB_LEN).astype(np.int16)
 
 
-def embeds_array(embeds) -> np.ndarray:
-    """Stack embedding bytes into an (n, 768) float32 array scaled to 0..1."""
-    raw = np.frombuffer(b"".join(embeds), dtype=np.uint8).reshape(-1, EMBED_SIDE * EMBED_SIDE * 3)
-    return raw.astype(np.float32) / 255.0
-
-
 def max_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Largest pixel difference between thumbnail rows: ``a`` (n, d) against ``b`` (d,) or (n, d)."""
     return np.abs(a - b).max(axis=-1)
-
-
-def near_duplicates(thumbs: np.ndarray, query: np.ndarray, threshold: int = NEAR_DUP_MAX_DIFF) -> np.ndarray:
-    """Boolean mask of the rows of ``thumbs`` that are near-duplicates of ``query``."""
-    if len(thumbs) == 0:
-        return np.zeros(0, dtype=bool)
-    return max_diff(thumbs, query) <= threshold
-
-
-def distances(embeds: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Euclidean distance of every row of ``embeds`` to ``query``."""
-    if len(embeds) == 0:
-        return np.zeros(0, dtype=np.float32)
-    return np.sqrt(((embeds - query) ** 2).sum(axis=-1))
 
 
 def dedup_consecutive(thumbs: np.ndarray, threshold: int = NEAR_DUP_MAX_DIFF) -> list[int]:

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from tpru_agent.asking import passes
 from tpru_agent.errors import ConfigError, FrameError, ParseError
 from tpru_agent.finetune.eval import report as eval_report
 from tpru_agent.finetune.eval.dataset import EvalDataset, EvalRow, open_dataset
@@ -208,8 +209,7 @@ def evaluate_row(tpru, row: EvalRow, question, images: list, *, mode: str, debia
                       probabilities=dict(top[:KEEP_PROBABILITIES]), raw=ans.raw, timings=ans.timings)
     record["latency_s"] = time.perf_counter() - started
     counted = (record.get("timings") or {}).get("calls")  # the SDK's own count of model passes, when it gives one
-    record["calls"] = int(counted) if counted else (
-        min(debias, question.n_candidates) if mode == "fast" and question.n_candidates > 1 else 1)
+    record["calls"] = int(counted) if counted else passes(question, effective_mode(tpru, mode), debias)
     return record
 
 
