@@ -124,6 +124,7 @@ class Recording:
 
     def __init__(self, engine):
         self.engine, self.batches = engine, []
+        self.take_usage = engine.take_usage  # the worker counts each lone generation's tokens
 
     def generate(self, requests, options=GenerationOptions()):
         self.batches.append(len(requests))
@@ -146,13 +147,22 @@ def test_worker_batches_generations_and_isolates_failures(tiny_tpru):
         bad = Request(good[0].question, good[0].text, good[0].images[:1])  # placeholder / image mismatch
         futures = [worker.submit_generate(r, opts) for r in [good[0], bad, good[1], good[2]]]
         gate.set()
-        texts = [f.result(timeout=60) if i != 1 else None for i, f in enumerate(futures)]
+        done = [f.result(timeout=60) if i != 1 else None for i, f in enumerate(futures)]
         with pytest.raises(ConfigError, match="placeholder"):
             futures[1].result(timeout=60)
         assert blocker.result() is True
         assert engine.batches[0] == 4  # all four queued generations went to the engine together...
         alone = [tiny_tpru.engine.generate([r], opts)[0] for r in good]
-        assert [texts[0], texts[2], texts[3]] == alone  # ...and the good ones still got their own answers
+        assert [done[0].text, done[2].text, done[3].text] == alone  # ...and the good ones still got their own answers
+        # After the failed batch each ran alone, so each has its own count; a batch's count is not split.
+        assert all(d.usage.prompt_tokens > 0 and d.usage.generated_tokens >= 1 for d in (done[0], done[2], done[3]))
+        gate.clear()
+        blocker = worker.submit(gate.wait)
+        batched = [worker.submit_generate(r, opts) for r in good[:2]]
+        gate.set()
+        assert [f.result(timeout=60).usage for f in batched] == [None, None] and engine.batches[-1] == 2
+        lone = worker.submit_generate(good[2], opts).result(timeout=60)
+        assert engine.batches[-1] == 1 and lone.usage.generated_tokens >= 1
     finally:
         gate.set()
         worker.close()

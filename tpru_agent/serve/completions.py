@@ -3,8 +3,17 @@
 With the hf engine every reply comes from :meth:`HFTokens.complete <tpru_agent.engines.hf_tokens.HFTokens.complete>`
 on the model thread: the prompt is counted against the context limit first, then decoded with stop sequences,
 the request's deadline and a cancel flag (a client that disconnects stops its generation), and the reply carries
-``usage`` and ``finish_reason``. Other engines answer a single user turn through ``engine.generate`` (micro-
-batched); their ``usage`` is ``null`` (they give no token counts) and stop sequences cut the finished text.
+``usage`` (the tokenizer's count of the whole prompt, images included, and the new tokens) and ``finish_reason``.
+Other engines answer a single user turn through ``engine.generate`` (micro-batched) and stop sequences cut the
+finished text; their ``usage`` is the engine's own count (:meth:`~tpru_agent.engines.base.Engine.take_usage`) of
+the tokens it ran for the request: onnx the prompt from where its cache left off and the new tokens, openai what
+its upstream server reported, classic zeros (it runs no language model: zero tokens, not an unknown count). It is
+``null`` when the request shared its ``generate`` call with others (a batch's count cannot be split among its
+requests) and for an engine object passed as ``TPRU(engine=obj)`` (it counts nothing).
+
+A ``tpru_score`` reply's ``usage`` has ``completion_tokens: 0`` (scoring decodes nothing); ``prompt_tokens`` is the
+hf tokenizer's count of the prompt (prefix included), or for other engines their own count of what ``score`` ran
+(the prompt from where a cache left off, plus each continuation's tokens; 0 for classic).
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, AsyncIterator, Callable
 
-from tpru_agent.engines.base import Request
+from tpru_agent.engines.base import CustomEngine, Request, Usage
 from tpru_agent.engines.hf_tokens import HFTokens
 from tpru_agent.serve.bodies import ChatBody, decode_image
 from tpru_agent.serve.chat import ChatCall, chunk, completion, new_id, parse_chat, usage
@@ -218,18 +227,19 @@ async def _generic(state, call: ChatCall, request: Request, body: ChatBody, requ
     limit = context_limit(state.tpru.engine, state.limits)
     size = count_prompt(state.tpru.engine, call.turns, request.images, reply="", limit=limit)
     fit_context(size, requested=requested, default_new=0, limit=limit)
-    text = await run_model(state, submit=partial(state.worker.submit_generate, request, call.options))
+    done = await run_model(state, submit=partial(state.worker.submit_generate, request, call.options))
+    text, tokens = done.text, _counted(state.tpru.engine, done.usage)
     cut = min((i for i in (text.find(s) for s in call.stop) if i >= 0), default=-1)
     text, finish = (text[:cut], "stop") if cut >= 0 else (text, "stop")
     if not body.stream:
-        return completion(state.served, text, finish=finish)
+        return completion(state.served, text, finish=finish, tokens=tokens)
     from starlette.responses import StreamingResponse
 
     cid = new_id()
     parts = [chunk(cid, state.served, delta={"role": "assistant", "content": ""}),
              chunk(cid, state.served, delta={"content": text}), chunk(cid, state.served, finish=finish)]
     if body.stream_options and body.stream_options.include_usage:
-        parts.append({**chunk(cid, state.served, tokens={}), "usage": None})  # this engine counts no tokens
+        parts.append({**chunk(cid, state.served, tokens={}), "usage": tokens})  # tokens None: not counted
 
     async def gen():
         for part in parts:
@@ -248,16 +258,25 @@ async def _score(state, call: ChatCall, request: Request, body: ChatBody) -> dic
         limit = context_limit(engine, limits)
         prompt = count_prompt(engine, call.turns, request.images, reply=prefix, limit=limit)
         check_score(engine, conts, prompt, limits, limit)
-        return prompt, engine.score(request, conts, prefix=prefix)
+        engine.take_usage()  # drop counts left on this thread by earlier jobs
+        values = engine.score(request, conts, prefix=prefix)
+        return prompt, values, engine.take_usage()
 
     if len(conts) > limits.max_score_continuations:  # refuse before queueing when no count is needed
         check_score(engine, conts, 0, limits, 1 << 30)
-    prompt, values = await run_model(state, job)
+    prompt, values, used = await run_model(state, job)
     values = finite(values)
     best = max(range(len(conts)), key=values.__getitem__)
-    tokens = usage(prompt, 0) if isinstance(engine, HFTokens) else None
+    tokens = usage(prompt, 0) if isinstance(engine, HFTokens) else _counted(engine, replace(used, generated_tokens=0))
     return completion(state.served, conts[best], tokens=tokens,
                       tpru_score={"continuations": conts, "logprobs": values})
+
+
+def _counted(engine, used: Usage | None) -> dict | None:
+    """OpenAI ``usage`` from an engine's count; ``None`` when uncounted (a shared batch, an engine object's)."""
+    if used is None or isinstance(engine, CustomEngine):
+        return None
+    return usage(used.prompt_tokens, used.generated_tokens)
 
 
 __all__ = ["chat_completions", "finite"]

@@ -1,8 +1,8 @@
 """What one request may cost: the context limit and the scoring limits, counted before the model runs.
 
 A prompt is counted in tokens (images included) by the hf engine's tokenizer on the model thread, right before
-the job would run; other engines give no token counts, so their text is counted in UTF-8 bytes, an upper bound
-of its tokens (a byte-level BPE token covers at least one byte). Refusals are 400s that state the count and the
+the job would run; other engines count tokens only while they run (too late for a limit), so their text is
+counted in UTF-8 bytes, an upper bound of its tokens (a byte-level BPE token covers at least one byte). Refusals are 400s that state the count and the
 limit, as vLLM's do.
 
 Example:

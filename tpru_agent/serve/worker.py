@@ -16,9 +16,9 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
-from tpru_agent.engines.base import GenerationOptions, Request
+from tpru_agent.engines.base import GenerationOptions, Request, Usage
 from tpru_agent.errors import ConfigError, EngineUnavailableError, FrameError, ParseError, TPRUError
 from tpru_agent.serve.errors import ClientError
 
@@ -31,6 +31,19 @@ class QueueFullError(TPRUError, RuntimeError):
 
 class WorkerClosedError(TPRUError, RuntimeError):
     """The worker was shut down before the job ran."""
+
+
+class Generated(NamedTuple):
+    """What a generation job returns.
+
+    Attributes:
+        text: the engine's reply.
+        usage: the tokens the engine counted for this request (``engine.take_usage()`` around its own
+            ``generate`` call); ``None`` when it shared the call with other requests, or the engine cannot count.
+    """
+
+    text: str
+    usage: Usage | None
 
 
 @dataclass
@@ -74,7 +87,10 @@ class ModelWorker:
         return self._put(_Job(Future(), call=call))
 
     def submit_generate(self, request: Request, options: GenerationOptions) -> Future:
-        """Queue one generation; it may share an ``engine.generate`` call with others of equal options."""
+        """Queue one generation; it may share an ``engine.generate`` call with others of equal options.
+
+        The future's result is a :class:`Generated`.
+        """
         return self._put(_Job(Future(), request=request, options=options))
 
     def _put(self, job: _Job) -> Future:
@@ -147,7 +163,7 @@ class ModelWorker:
             self.stats["batches"] += 1
             self.stats["batched_requests"] += len(jobs)
         try:
-            texts = self.engine.generate([job.request for job in jobs], jobs[0].options)
+            texts, used = self._counted(lambda: self.engine.generate([job.request for job in jobs], jobs[0].options))
             if len(texts) != len(jobs):
                 raise TPRUError(f"the engine returned {len(texts)} texts for {len(jobs)} requests")
         except BaseException as exc:  # noqa: BLE001
@@ -158,11 +174,24 @@ class ModelWorker:
             # One bad request must not fail its batch-mates: run each alone.
             log.info("batched generate failed (%s); retrying the %d requests one by one", exc, len(jobs))
             for job in jobs:
-                self._finish(job, lambda job=job: self.engine.generate([job.request], job.options)[0])
+                self._finish(job, lambda job=job: self._alone(job))
             return
         for job, text in zip(jobs, texts):
             self.stats["done"] += 1
-            job.future.set_result(text)
+            job.future.set_result(Generated(text, used if len(jobs) == 1 else None))
+
+    def _alone(self, job: _Job) -> Generated:
+        texts, used = self._counted(lambda: self.engine.generate([job.request], job.options))
+        return Generated(texts[0], used)
+
+    def _counted(self, call: Callable[[], Any]) -> tuple[Any, Usage | None]:
+        """``call()`` and the tokens the engine counted during it on this thread (``None``: it cannot count)."""
+        take = getattr(self.engine, "take_usage", None)
+        if not callable(take):
+            return call(), None
+        take()  # drop counts left on this thread by earlier jobs
+        result = call()
+        return result, take()
 
     # ------------------------------------------------------------------ lifecycle
     def close(self, timeout: float = 10.0) -> None:
@@ -227,4 +256,4 @@ def model_error(exc: Exception, scrub: Callable[[str], str] = str) -> Exception:
     return exc
 
 
-__all__ = ["ModelWorker", "QueueFullError", "WorkerClosedError", "model_error", "run_model"]
+__all__ = ["Generated", "ModelWorker", "QueueFullError", "WorkerClosedError", "model_error", "run_model"]
