@@ -54,7 +54,8 @@ def same_color(a, b, tol: int = 24) -> bool:
 
 
 def write_folders(root: Path, episodes: list[dict]) -> None:
-    """``episodes``: dicts with name, color, frames and optional description / domain / task (-> meta.json)."""
+    """``episodes``: dicts with name, color, frames and optional description / domain / task (-> meta.json),
+    ``ext`` and ``size``."""
     for ep in episodes:
         folder = root / ep["name"]
         folder.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,7 @@ def write_folders(root: Path, episodes: list[dict]) -> None:
         if meta:
             (folder / "meta.json").write_text(json.dumps(meta))
         for i in range(ep["frames"]):
-            frame(ep["color"], i, ep["frames"]).save(folder / f"frame_{i}.{ep.get('ext', 'png')}",
+            frame(ep["color"], i, ep["frames"], size=ep.get("size", SIZE)).save(folder / f"frame_{i}.{ep.get('ext', 'png')}",
                                                      **({"quality": 95} if ep.get("ext") == "jpg" else {}))
 
 

@@ -217,13 +217,13 @@ def resize_to_budget(image: Image.Image, budget: PixelBudget = TPRU_BUDGET) -> I
     final = budget_size(width, height, budget)
     if final == (width, height):
         # Already at its served size (the SDK sized it, or it was made that size): resizing again would blur it.
-        return _mark(image, budget)
+        return mark_served(image, budget)
     mid = pil_step_size(width, height, budget)
     if mid != (width, height):
         image = image.resize(mid, Image.Resampling.BICUBIC)   # Image.resize's default filter, as in EasyR1
     if final != image.size:
         image = image.resize(final, Image.Resampling.BICUBIC)  # the Qwen2-VL processor resamples bicubically
-    return _mark(image, budget)
+    return mark_served(image, budget)
 
 
 # A served size is not always a fixed point of the two steps: a 253x163 frame is served at 252x168 (42,336 px, over
@@ -244,7 +244,10 @@ def _forget(key: int, ref: weakref.ref) -> None:
         _MARKS.pop(key, None)
 
 
-def _mark(image: Image.Image, budget: PixelBudget) -> Image.Image:
+def mark_served(image: Image.Image, budget: PixelBudget) -> Image.Image:
+    """Declare ``image`` already at its served size for ``budget`` (returns it): :func:`resize_to_budget` passes
+    it through. For frames sized before they were stored, e.g. by ``tpru data build``, whose dataset records the
+    budget (:func:`tpru_agent.finetune.data.tpru_format.stored_budget`)."""
     key = id(image)
     _MARKS[key] = (weakref.ref(image, lambda r, key=key: _forget(key, r)), budget, tuple(image.size))
     return image

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from tpru_agent.finetune.data.plan import CHOICE_LETTERS
-from tpru_agent.finetune.data.tpru_format import content_hash
+from tpru_agent.finetune.data.tpru_format import budget_record, content_hash
 
 FORMAT = "tpru-data/1"
 #: The most skip entries listed one by one (all are counted).
@@ -69,6 +69,9 @@ def build_manifest(cfg, specs, prefixes, units, planner, samples: dict, source_s
         "seed": cfg.seed,
         "settings": cfg.settings(),
         "fingerprint": cfg.settings_digest(),
+        # frames are stored at their served size for this budget (episode_cache sizes them with fit_budget):
+        # training and eval at the same budget must not size them again (tpru_format.stored_budget)
+        "frames_budget": budget_record(),
         "sources": per_source,
         "episodes": {"train": len(episodes["train"]), "test": len(episodes["test"]),
                      "near_duplicate_groups": planner.stats.get("near_duplicate_groups", 0), "list": episodes},

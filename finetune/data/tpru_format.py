@@ -28,6 +28,9 @@ from tpru_agent.errors import ConfigError, FrameError, require
 from tpru_agent.fsutil import atomic_path
 from tpru_agent.tasks import IMAGE
 
+#: The manifest a build writes beside its splits (``OUT/manifest.json``).
+MANIFEST = "manifest.json"
+
 #: Column order of the files this project writes.
 COLUMNS = ("problem", "images", "answer", "task", "domain", "negative", "episode_id")
 REQUIRED = ("problem", "images", "answer")
@@ -313,3 +316,40 @@ def sample_rows(path: str | Path, count: int, *, seed: int = 0) -> list[tuple[st
             out.extend((_split_name(file, root), rows[i]) for i in wanted)
         offset += size
     return out
+
+
+def budget_record(budget=None) -> dict:
+    """The manifest's ``frames_budget``: the pixel budget a build stores frames at (TPRU's, as ``fit_budget``)."""
+    from tpru_agent.sizing import TPRU_BUDGET
+
+    budget = budget or TPRU_BUDGET
+    return {"min_pixels": budget.min_pixels, "max_pixels": budget.max_pixels, "factor": budget.factor}
+
+
+def stored_budget(path: str | Path):
+    """The pixel budget a dataset's frames were stored at, or ``None`` when they are not known to be sized.
+
+    Read from the build manifest (``manifest.json``) in ``path`` or up to two folders above it (a split folder or
+    a shard inside a build). Builds made before the manifest recorded it sized frames at TPRU's budget (the
+    builder never sized them otherwise), so a ``tpru data build`` manifest without the key means that budget.
+    Frames at a served size are not always a fixed point of the resize (252x168 would be served at 224x168), so
+    training and evaluation at the same budget use them as stored instead of sizing them again.
+    """
+    from tpru_agent.sizing import TPRU_BUDGET, PixelBudget
+
+    here = Path(path).expanduser().resolve()
+    for folder in [here, *here.parents][:3]:
+        file = folder / MANIFEST
+        if not file.is_file():
+            continue
+        try:
+            manifest = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not str(manifest.get("format", "")).startswith("tpru-data/"):
+            return None
+        record = manifest.get("frames_budget")
+        if record is None:
+            return TPRU_BUDGET
+        return PixelBudget(int(record["min_pixels"]), int(record["max_pixels"]), int(record["factor"]))
+    return None

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tpru_agent.errors import ConfigError, FrameError, require
-from tpru_agent.finetune.data.tpru_format import cell_bytes, decode_image, parquet_files
+from tpru_agent.finetune.data.tpru_format import cell_bytes, decode_image, parquet_files, stored_budget
 from tpru_agent.tasks import IMAGE, LETTERS, TASKS, Option, Question
 
 COLUMNS = ("id", "problem", "images", "answer", "task", "domain", "negative", "episode_id")
@@ -228,6 +228,8 @@ class EvalDataset:
     def __init__(self, path: str | Path, *, split: str = "auto"):
         self.path = Path(path)
         self.split = split
+        #: the budget the frames were stored at (a ``tpru data build``), else ``None`` (see ``stored_budget``)
+        self.frames_budget = stored_budget(self.path)
         if not self.path.exists():
             raise ConfigError(f"{str(self.path)!r} does not exist; pass a TPRU parquet file, a folder of them, or a "
                               "folder saved with datasets.save_to_disk")

@@ -173,19 +173,22 @@ def check_resume(folder: Path, settings: dict, overwrite: bool, *, keys: tuple[s
 
 
 # ----------------------------------------------------------------------------------------------- answering
-def prepare_row(tpru, row: EvalRow):
-    """The row's question and its images at the model's pixel budget.
+def prepare_row(tpru, row: EvalRow, stored=None):
+    """The row's question and its images at the model's pixel budget (used as stored, not sized again, when the
+    dataset's frames were stored at that budget: ``stored``, see ``EvalDataset.frames_budget``).
 
     Raises:
         ConfigError: the text, images and answer do not make a valid question.
         FrameError: an image cannot be decoded.
     """
     from tpru_agent.frames import load_frame
+    from tpru_agent.sizing import mark_served
 
     question = row.question()
-    images = [load_frame(image, budget=tpru.budget, index=i, what=f"row {row.id} images")
+    as_stored = stored is not None and stored == tpru.budget
+    images = [load_frame(image, budget=None if as_stored else tpru.budget, index=i, what=f"row {row.id} images")
               for i, image in enumerate(row.images())]
-    return question, images
+    return question, [mark_served(im, tpru.budget) for im in images] if as_stored else images
 
 
 def answer_item(tpru, question, images: list, *, mode: str, debias: int = 1):
@@ -301,7 +304,7 @@ def _evaluate_rows(tpru, dataset: EvalDataset, config: EvalConfig, items: ItemLo
             done += 1
             continue
         try:
-            question, images = prepare_row(tpru, row)
+            question, images = prepare_row(tpru, row, dataset.frames_budget)
         except (ConfigError, FrameError) as exc:
             skipped.append({"id": row.id, "reason": str(exc)})
             log.warning("row %s skipped: %s", row.id, exc)

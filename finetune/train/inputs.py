@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tpru_agent.errors import ConfigError, require
+from tpru_agent.finetune.data.tpru_format import stored_budget
 from tpru_agent.sizing import TRAINED_MAX, TRAINED_MIN
 from tpru_agent.tasks import IMAGE, render_prompt
 from tpru_agent.tasks.question import split_images
@@ -86,8 +87,8 @@ def has_split(data: str | os.PathLike, split: str) -> bool:
 def prompt_lengths(ds, processor, *, template: str | None, budget) -> list[int]:
     """Tokens of each row's prompt as the model sees it: chat text, plus the visual tokens of its resized images.
 
-    Image sizes come from the encoded headers (no pixels are decoded) and :func:`tpru_agent.sizing.budget_size`;
-    the text is tokenized in batches.
+    Image sizes come from the encoded headers (no pixels are decoded) and :func:`tpru_agent.sizing.budget_size`
+    (``budget=None``: the images are used as stored); the text is tokenized in batches.
     """
     import io
 
@@ -108,7 +109,7 @@ def prompt_lengths(ds, processor, *, template: str | None, budget) -> list[int]:
             visual = 0
             for image in images or []:
                 with Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]) as im:
-                    w, h = budget_size(*im.size, budget)
+                    w, h = budget_size(*im.size, budget) if budget is not None else im.size
                 visual += (w // factor) * (h // factor) - 1  # the placeholder token is already counted
             lengths.append(len(tokens) + visual)
     return lengths
@@ -193,9 +194,12 @@ def load_split(data: str | os.PathLike, split: str, *, template: str | None = No
         ds = ds.select(range(limit))
     ds = ds.add_column("row_id", list(range(len(ds))))
     budget = PixelBudget(min_pixels=min_pixels, max_pixels=max_pixels, recorded=True)  # the run's own budget
+    # frames a build stored at this very budget are used as stored: their size is not always a fixed point of the
+    # resize (252x168 would become 224x168), and serving sizes a raw frame once
+    size_at = None if stored_budget(data) == budget else budget
     if template is not None:
         render_prompt("", template)  # fail now, not in the middle of a batch
-    ds, overlong = drop_overlong(ds, processor, max_prompt_length, template=template, budget=budget, split=split)
+    ds, overlong = drop_overlong(ds, processor, max_prompt_length, template=template, budget=size_at, split=split)
     spaced = _warn_spaced_answers(ds, split)
     if report is not None:
         report.update(overlong=overlong, spaced_answers=spaced)
@@ -209,7 +213,9 @@ def load_split(data: str | os.PathLike, split: str, *, template: str | None = No
                 raise ConfigError(f"row {batch['row_id'][i]} of split {split!r}: {problem.count(IMAGE)} {IMAGE} "
                                   f"placeholders but {len(images)} images; rebuild the dataset")
             out["prompt"].append(to_messages(problem, template))
-            out["images"].append([resize_to_budget(img.convert("RGB"), budget) for img in images])
+            out["images"].append([img.convert("RGB") if size_at is None else resize_to_budget(img.convert("RGB"),
+                                                                                              size_at)
+                                  for img in images])
         for column in META_COLUMNS:
             default = False if column == "negative" else ""
             out[column] = batch.get(column, [default] * n)
