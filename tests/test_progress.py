@@ -14,7 +14,7 @@ from oracle import frame as oracle_frame
 
 from tpru_agent import TPRU, ConfigError, FrameError
 from tpru_agent import progress as P
-from tpru_agent.ordering import covering_windows
+from tpru_agent.pairwise import covering_windows
 
 
 # ----------------------------------------------------------------------------------------------- pure tables

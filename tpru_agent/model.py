@@ -171,7 +171,7 @@ class TPRU:
         """Put frames in temporal order.
 
         Up to 4 frames are one TPRU question. 5..64 frames are ordered through 4-frame covering windows whose
-        pairwise preferences are aggregated (see :mod:`tpru_agent.ordering`); the confidence is then the geometric
+        pairwise preferences are aggregated (see :mod:`tpru_agent.pairwise`); the confidence is then the geometric
         mean, over windows, of the window's probability of the final order restricted to it. The classic engine
         orders more than 4 frames by its own shortest path instead (:meth:`ClassicEngine.order`).
 

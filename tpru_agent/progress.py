@@ -8,7 +8,7 @@ every value here comes from answer probabilities, never from one hard order:
 
 - ``"rank"`` (default when the model has a sense of direction): the frames are asked about in TPRU's 4-frame
   ordering questions over covering windows (every pair of frames shares a window: 20 fast-mode passes for 16
-  frames, see :mod:`tpru_agent.ordering`); each window's distribution over its 24 orders gives ``P(i before j)``
+  frames, see :mod:`tpru_agent.pairwise`); each window's distribution over its 24 orders gives ``P(i before j)``
   for its pairs; a frame's progress is its **expected rank**, ``mean_j P(j before i)``, which is the share of the
   other frames that come before it. With evenly sampled frames that is the fraction of the episode done.
 - ``"seriation"``: direction-free. The expected distance in order of each pair (``E|pos(i) - pos(j)|`` within the
@@ -45,8 +45,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tpru_agent import calls
-from tpru_agent import ordering as aggregate
+from tpru_agent import calls, pairwise
 from tpru_agent.errors import ConfigError, ParseError
 from tpru_agent.results import ProgressResult
 from tpru_agent.tasks import ordering
@@ -224,14 +223,14 @@ def _ask_window(tpru, question, images: Sequence, shown: Sequence[int], mode: st
 
 def _window_values(tpru, images: Sequence, description, mode: str):
     n = len(images)
-    windows = aggregate.covering_windows(n, MAX_ORDER_LABELS)
+    windows = pairwise.covering_windows(n, MAX_ORDER_LABELS)
     votes, answers = [], []
     for window in windows:
         question = ordering.build(len(window), description=description)
         dist, ans = _ask_window(tpru, question, images, _shown(window, "progress"), mode)
         votes.append((tuple(window), dist))
         answers.append(ans)
-    pref = aggregate.pairwise_preferences(n, votes)
+    pref = pairwise.pairwise_preferences(n, votes)
     free = direction_free([d for _, d in votes])
     rank_values = [0.5] * n if free else expected_rank(pref)  # exactly flat: no rounding noise posing as order
     guide = list(range(n)) if free else rank_values

@@ -12,8 +12,7 @@ import math
 import time
 from typing import Sequence
 
-from tpru_agent import calls
-from tpru_agent import ordering as aggregate
+from tpru_agent import calls, pairwise
 from tpru_agent.errors import ParseError
 from tpru_agent.results import OrderResult
 from tpru_agent.tasks import ordering
@@ -46,7 +45,7 @@ def order_windows(tpru, images: list, description: str | None, mode: str, starte
     to it; a window whose reasoning cannot be parsed is scored instead (``scored_after_parse_error``).
     """
     n = len(images)
-    windows = aggregate.covering_windows(n, MAX_ORDER_LABELS)
+    windows = pairwise.covering_windows(n, MAX_ORDER_LABELS)
     if mode == "reason":
         log.warning("ordering %d frames asks %d 4-frame questions, each with a chain of thought; mode='fast' "
                     "scores them instead (one pass each)", n, len(windows))
@@ -70,8 +69,8 @@ def order_windows(tpru, images: list, description: str | None, mode: str, starte
             ans = dataclasses.replace(ans, timings=timings)
         dist = {tuple(window[question.labels.index(c)] for c in perm): p for perm, p in ans.probabilities.items()}
         answered.append((window, dist, ans))
-    pref = aggregate.pairwise_preferences(n, [(w, d) for w, d, _ in answered])
-    order = aggregate.best_order(pref)
+    pref = pairwise.pairwise_preferences(n, [(w, d) for w, d, _ in answered])
+    order = pairwise.best_order(pref)
     rank = {frame: pos for pos, frame in enumerate(order)}
     details, log_conf = [], 0.0
     for window, dist, ans in answered:
@@ -81,7 +80,7 @@ def order_windows(tpru, images: list, description: str | None, mode: str, starte
         details.append({"indices": list(window), "answer": ans.answer, "confidence": ans.confidence,
                         "agrees": dist.get(restricted, 0.0) == max(dist.values()), "raw": ans.raw,
                         "scored_after_parse_error": window in fell_back})
-    reverse_tied = math.isclose(aggregate.agreement(order, pref), aggregate.agreement(order[::-1], pref),
+    reverse_tied = math.isclose(pairwise.agreement(order, pref), pairwise.agreement(order[::-1], pref),
                                 rel_tol=1e-9)
     return OrderResult(order, labels(order), math.exp(log_conf / len(answered)), {},
                        "\n".join(d["raw"] for d in details), tpru.engine_name, mode,

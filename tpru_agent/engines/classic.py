@@ -16,7 +16,7 @@ lie along a short path. With no language model, it counts no tokens: its usage i
   ordering is therefore 0.5; when answering (``generate``) it picks the first of the tied pair in the question's
   answer order (``ABCD`` before ``DCBA``), which is a coin flip with respect to the truth.
 - Ordering any number of frames (:meth:`ClassicEngine.order`, which ``TPRU.order_frames`` uses for more than 4):
-  the shortest path through the whole distance matrix (:func:`tpru_agent.ordering.shortest_path`), not 4-frame
+  the shortest path through the whole distance matrix (:func:`tpru_agent.pairwise.shortest_path`), not 4-frame
   windows (their pairwise preferences would all be 0.5 and the aggregation would echo the input; issue 14). The
   direction is the same explicit guess: the end shown earlier among the inputs comes first. The confidence is
   the geometric mean, over 4-frame covering windows, of the probability above of the path restricted to each:
@@ -79,7 +79,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tpru_agent import ordering as aggregate
+from tpru_agent import pairwise
 from tpru_agent.engines.base import Engine, GenerationOptions, Request, distinct, no_quantization, only_auto
 from tpru_agent.errors import ConfigError, EngineClosedError, FrameError
 from tpru_agent.images import fingerprint
@@ -403,11 +403,11 @@ class ClassicEngine(Engine):
         if len(images) < 2:
             raise ConfigError(f"ordering needs at least 2 frames, got {len(images)}")
         dist = self.distances(images)
-        path = aggregate.shortest_path(dist.tolist())
+        path = pairwise.shortest_path(dist.tolist())
         if path[0] > path[-1]:  # the direction tie, broken explicitly: the end shown earlier among the inputs starts
             path = path[::-1]
         rank = {frame: pos for pos, frame in enumerate(path)}
-        log_p, windows = 0.0, aggregate.covering_windows(len(images), 4)
+        log_p, windows = 0.0, pairwise.covering_windows(len(images), 4)
         for window in windows:
             labels = LETTERS[: len(window)]
             sub = dist[np.ix_(window, window)]
@@ -416,7 +416,7 @@ class ClassicEngine(Engine):
             log_z = top + math.log(sum(math.exp(v - top) for v in scores.values()))
             restricted = "".join(labels[window.index(f)] for f in sorted(window, key=rank.get))
             log_p += scores[restricted] - log_z
-        length = aggregate.path_length(path, dist.tolist())
+        length = pairwise.path_length(path, dist.tolist())
         note = (f"Shortest path through all {len(images)} frames by visual distance: {'-'.join(map(str, path))} "
                 f"(input indices; length {length:.3f}). Its reverse is exactly as short: the frames alone do not show "
                 "which end is the start, so the direction is a guess (the end shown earlier among the inputs "

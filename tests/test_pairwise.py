@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tpru_agent.ordering import agreement, best_order, covering_windows, pairwise_preferences
+from tpru_agent.pairwise import agreement, best_order, covering_windows, pairwise_preferences
 
 
 @pytest.mark.parametrize("n", [2, 4, 5, 7, 9, 16, 33, 64])
@@ -57,7 +57,7 @@ def test_exact_matches_brute_force_on_random_preferences():
 
 @pytest.mark.parametrize("n", [3, 6, 9, 10])
 def test_shortest_path_is_exact_up_to_the_limit(n):
-    from tpru_agent.ordering import path_length, shortest_path
+    from tpru_agent.pairwise import path_length, shortest_path
 
     rng = random.Random(n)
     points = [(rng.random(), rng.random()) for _ in range(n)]
@@ -69,7 +69,7 @@ def test_shortest_path_is_exact_up_to_the_limit(n):
 
 @pytest.mark.parametrize("n", [11, 24, 64])
 def test_shortest_path_recovers_a_shuffled_line_beyond_the_exact_limit(n):
-    from tpru_agent.ordering import shortest_path
+    from tpru_agent.pairwise import shortest_path
 
     rng = random.Random(n)
     positions = sorted(rng.random() for _ in range(n))
