@@ -26,7 +26,7 @@ RUNTIMES = {
     "hf": {"hf", "hf_options", "hf_tokens"},
     "onnx": {"onnx", "ort_setup"},
     "openai": {"openai", "openai_protocol"},
-    "classic": {"classic"},
+    "classic": {"classic", "classic_features"},
 }
 
 

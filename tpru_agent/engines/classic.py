@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -81,33 +80,14 @@ import numpy as np
 
 from tpru_agent import pairwise
 from tpru_agent.engines.base import Engine, GenerationOptions, Request, distinct, no_quantization, only_auto
-from tpru_agent.errors import ConfigError, EngineClosedError, FrameError
-from tpru_agent.images import fingerprint
+from tpru_agent.engines.classic_features import ClassicConfig, Features
+from tpru_agent.errors import ConfigError, EngineClosedError
 from tpru_agent.tasks.answer import extract_answer
 from tpru_agent.tasks.question import LETTERS, Question, split_images
 
 #: Log-score of a continuation that is not a valid answer to the question (probability ~0, but finite so a
 #: softmax over scores stays defined).
 IMPOSSIBLE = -1e4
-
-
-@dataclass(frozen=True)
-class ClassicConfig:
-    """Feature weights, temperatures and "None" thresholds (see the module docstring for their meaning)."""
-
-    grid_sizes: tuple[int, ...] = (32, 16, 8, 4)
-    colour_weight: float = 1.0
-    hist_weight: float = 1.0
-    order_temperature: float = 0.2
-    choice_temperature: float = 2.0
-    order_weight: float = 2.0
-    backward_cost: float = 4.0
-    backward_steps: float = 0.25
-    none_cost: float = 3.0
-    duplicate_cost: float = 2.0
-    duplicate_steps: float = 0.75
-    none_order_margin: float = 0.3
-    cache_size: int = 256
 
 
 class ClassicEngine(Engine):
@@ -163,7 +143,7 @@ class ClassicEngine(Engine):
                               f"{cfg.backward_steps}")
         if not cfg.grid_sizes or any(not 1 <= int(n) <= 64 for n in cfg.grid_sizes):
             raise ConfigError(f"grid_sizes must be thumbnail sizes in 1..64 px, got {cfg.grid_sizes}")
-        self._cache: OrderedDict[bytes, tuple] = OrderedDict()
+        self._features = Features(self.config, cv2)
         self._closed = False
 
     def _check_open(self) -> None:
@@ -173,50 +153,11 @@ class ClassicEngine(Engine):
     # ------------------------------------------------------------------ features and distances
     def features(self, image) -> tuple[np.ndarray, np.ndarray]:
         """(Lab pyramid, HSV histogram) of one PIL image, cached by content."""
-        cv2 = self._cv2
-        rgb = np.ascontiguousarray(np.asarray(image.convert("RGB") if hasattr(image, "convert") else image))
-        if rgb.ndim != 3 or rgb.shape[2] != 3:
-            raise FrameError(f"the classic engine needs RGB images, got an array of shape {rgb.shape}")
-        key = fingerprint(rgb)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        small = cv2.resize(rgb, (64, 64), interpolation=cv2.INTER_AREA)
-        lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float32) / 255.0
-        hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
-        hist = cv2.calcHist([hsv], [0, 1, 2], None, [12, 4, 4], [0, 180, 0, 256, 0, 256]).ravel()
-        hist = hist / max(float(hist.sum()), 1.0)
-        feats = (self._pyramid(lab), hist.astype(np.float32))
-        self._cache[key] = feats
-        while len(self._cache) > self.config.cache_size:
-            self._cache.popitem(last=False)
-        return feats
-
-    def _pyramid(self, img: np.ndarray) -> np.ndarray:
-        """Area-averaged copies at each grid size, each level's values scaled so every level weighs the same.
-
-        Coarse levels make the distance grow smoothly with how far something moved (at a fine level an object
-        that moved more than its own size is simply "elsewhere").
-        """
-        cv2 = self._cv2
-        levels = []
-        for n in self.config.grid_sizes:
-            # the blur spreads each cell into its neighbours, so a shift by one cell is only a partial change
-            level = cv2.GaussianBlur(cv2.resize(img, (n, n), interpolation=cv2.INTER_AREA), (3, 3), 0).ravel()
-            levels.append(level / (level.size * len(self.config.grid_sizes)))
-        return np.concatenate(levels)
+        return self._features.of(image)
 
     def distances(self, images: Sequence) -> np.ndarray:
         """Symmetric matrix of frame distances (0 on the diagonal)."""
-        cfg = self.config
-        feats = [self.features(im) for im in images]
-        colour, hist = (np.stack([f[k] for f in feats]).astype(np.float64) for k in range(2))
-
-        def l1(x: np.ndarray) -> np.ndarray:
-            return np.abs(x[:, None, :] - x[None, :, :]).sum(axis=2)
-
-        # pyramid: mean absolute difference averaged over levels; histograms: total variation (0..1)
-        return cfg.colour_weight * l1(colour) + cfg.hist_weight * 0.5 * l1(hist)
+        return self._features.distances(images)
 
     # ------------------------------------------------------------------ answers -> log-scores
     def answer_scores(self, request: Request) -> tuple[dict[str, float], dict]:
@@ -430,7 +371,7 @@ class ClassicEngine(Engine):
 
     def close(self) -> None:
         """Drop the feature cache; later calls raise :class:`~tpru_agent.errors.EngineClosedError`."""
-        self._cache.clear()
+        self._features.clear()
         self._closed = True
 
 
