@@ -225,7 +225,7 @@ class ProcedureChecker:
         if verdict is not None:
             return {**verdict.settings, **own}
         try:
-            return {**calls.settings(self.model, self.model._mode(self.mode)), **own}  # the mode that runs
+            return {**calls.settings(self.model, self.model.effective_mode(self.mode)), **own}  # the mode that runs
         except AttributeError:  # a model object without the facade's options
             return own
 

@@ -140,9 +140,13 @@ class TPRU:
 
         return self.engine if isinstance(self.engine, ClassicEngine) else None
 
-    def _mode(self, mode: str) -> str:
-        """The mode that actually runs: the classic engine only scores (its "generation" explains the same scores),
-        so its results say ``"fast"`` and carry no generation time (issue 14)."""
+    def effective_mode(self, mode: str) -> str:
+        """The mode that actually runs for ``mode``: the classic engine only scores (its "generation" explains the
+        same scores), so its results say ``"fast"`` and carry no generation time.
+
+        Raises:
+            ConfigError: ``mode`` is neither ``"reason"`` nor ``"fast"``.
+        """
         return "fast" if _check_mode(mode) == "reason" and self._classic() is not None else mode
 
     # ---------------------------------------------------------------- the core: one question, one answer
@@ -164,7 +168,7 @@ class TPRU:
         debias = self.debias if debias is None else debias
         if debias < 1:
             raise ConfigError(f"debias must be >= 1 (number of option shifts to average), got {debias}")
-        return asking.ask(self, question, images, mode=self._mode(mode), debias=debias)
+        return asking.ask(self, question, images, mode=self.effective_mode(mode), debias=debias)
 
     # ---------------------------------------------------------------- ordering
     def order_frames(self, frames, *, description: str | None = None, mode: str = "reason") -> OrderResult:
@@ -187,7 +191,7 @@ class TPRU:
         Example:
             >>> TPRU("classic").order_frames("examples/frames").order   # doctest: +SKIP
         """
-        started, mode = calls.begin(self), self._mode(mode)
+        started, mode = calls.begin(self), self.effective_mode(mode)
         images = self._load(frames, min_frames=2, max_frames=MAX_ORDER_FRAMES, what="frames")
         prepare_s = time.perf_counter() - started
         if len(images) <= MAX_ORDER_LABELS:
@@ -241,7 +245,7 @@ class TPRU:
             ChoiceResult whose ``index`` points into ``candidates``, or is ``None`` when the model answered
             "None of the choices provided".
         """
-        started, mode = calls.begin(self), self._mode(mode)
+        started, mode = calls.begin(self), self.effective_mode(mode)
         hist = self._load(history, min_frames=1, max_frames=12, what="history")
         cands = self._load(candidates, min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
         goal = None if goal is None else self._load(goal, single=True, what="goal")
@@ -261,7 +265,7 @@ class TPRU:
 
         Costs one pass, or in fast mode with ``debias > 1`` the scoring passes :meth:`ask` describes.
         """
-        started, mode = calls.begin(self), self._mode(mode)
+        started, mode = calls.begin(self), self.effective_mode(mode)
         later = self._load(later_frames, min_frames=1, max_frames=12, what="later_frames")
         cands = self._load(candidates, min_frames=1, max_frames=MAX_CANDIDATES, what="candidates")
         question = previous.build(len(later), len(cands), none_position=none_position, description=description)
@@ -281,7 +285,7 @@ class TPRU:
         train exactly this cross-check). Each frame is loaded once. Costs one pass, or in fast mode with
         ``debias > 1`` the scoring passes :meth:`ask` describes (2 without distractors).
         """
-        started, mode = calls.begin(self), self._mode(mode)
+        started, mode = calls.begin(self), self.effective_mode(mode)
         hist = self._load(history, min_frames=1, max_frames=12, what="history")
         extra = [] if distractors is None else self._load(distractors, min_frames=0, max_frames=MAX_CANDIDATES - 1,
                                                           what="distractors")
@@ -296,7 +300,7 @@ class TPRU:
         from tpru_agent.checker import same_frame
 
         started = calls.begin(self) if started is None else started
-        mode = self._mode(mode)
+        mode = self.effective_mode(mode)
         choice = self._next(hist, [obs, *extra], goal, description, mode, -1, started)
         letter = next(k for k, v in choice.options.items() if v == 0)
         p_ok = choice.probabilities[letter]

@@ -212,7 +212,7 @@ def evaluate_row(tpru, row: EvalRow, question, images: list, *, mode: str, debia
                       probabilities=dict(top[:KEEP_PROBABILITIES]), raw=ans.raw, timings=ans.timings)
     record["latency_s"] = time.perf_counter() - started
     counted = (record.get("timings") or {}).get("calls")  # the SDK's own count of model passes, when it gives one
-    record["calls"] = int(counted) if counted else passes(question, effective_mode(tpru, mode), debias)
+    record["calls"] = int(counted) if counted else passes(question, tpru.effective_mode(mode), debias)
     return record
 
 
@@ -236,15 +236,10 @@ def open_model(config: EvalConfig):
                 dtype=config.dtype, template=config.template, max_new_tokens=config.max_new_tokens, **kwargs)
 
 
-def effective_mode(tpru, mode: str) -> str:
-    """The mode that actually runs on ``tpru``: the classic engine has no chain of thought (it only scores), so
-    ``"reason"`` runs, and is recorded, as ``"fast"``."""
-    return "fast" if mode == "reason" and tpru.engine_name == "classic" else mode
-
-
 def with_effective_mode(config, tpru):
-    """``config`` with its ``mode`` set to :func:`effective_mode` (a copy, logged, when that changes it)."""
-    mode = effective_mode(tpru, config.mode)
+    """``config`` with its ``mode`` set to the one that runs (``TPRU.effective_mode``; a copy, logged, when that
+    changes it: the classic engine has no chain of thought, so ``"reason"`` runs, and is recorded, as ``"fast"``)."""
+    mode = tpru.effective_mode(config.mode)
     if mode == config.mode:
         return config
     log.warning("the %s engine has no reasoning mode; mode %r runs (and is recorded) as %r", tpru.engine_name,
@@ -331,5 +326,5 @@ def _rows(dataset: EvalDataset, limit: int | None):
         yield row
 
 
-__all__ = ["EvalConfig", "ItemLog", "answer_item", "effective_mode", "evaluate_row", "open_model", "prepare_row",
+__all__ = ["EvalConfig", "ItemLog", "answer_item", "evaluate_row", "open_model", "prepare_row",
            "run_eval", "with_effective_mode", "write_json"]
