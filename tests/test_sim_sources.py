@@ -147,3 +147,19 @@ def test_miniwob_wrong_action_is_kept_and_located(mwob):
 def test_miniwob_unknown_task(mwob):
     with pytest.raises(ConfigError, match="Did you mean 'login-user'"):
         next(mwob.miniwob_episodes(["login-usr"], 1))
+
+
+def test_a_model_loads_after_episodes_were_rendered(tmp_path):
+    """Importing transformers' generation code (torch._dynamo -> triton) after MuJoCo made its EGL context
+    segfaulted; the Meta-World source imports triton first."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("metaworld")
+    pytest.importorskip("transformers")
+    code = ("from tpru_agent.finetune.sources.metaworld import metaworld_episodes\n"
+            "assert len(list(metaworld_episodes(['reach-v3'], 1, frames_per_episode=4, size=64))) == 1\n"
+            "import transformers.generation, torch._dynamo\n"
+            "print('loaded after rendering')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0 and "loaded after rendering" in done.stdout, done.stderr[-2000:]

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import logging
 import os
 import pickle
@@ -122,6 +123,11 @@ def task_sentence(task: str) -> str:
 def _import_metaworld():
     # Headless rendering: EGL with the system Mesa; the caller may have chosen osmesa/glfw already.
     os.environ.setdefault("MUJOCO_GL", "egl")
+    # Importing triton after MuJoCo has made an EGL context segfaults (Mesa): it comes in later through
+    # transformers' generation code (torch._dynamo), e.g. a model loaded after episodes were rendered. Imported
+    # first, it is harmless; only where it is installed (torch's CUDA builds bring it).
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
     mw = require("metaworld", "sim", what="Meta-World episodes")
     require("mujoco", "sim", what="Meta-World episodes")
     from metaworld import env_dict
