@@ -95,3 +95,39 @@ def test_eval_uses_stored_frames_as_stored_and_the_engine_keeps_them(data, tiny_
         assert seen and {im.size for im in seen} == {SERVED}
         _, resized = prepare_row(model, row)  # not known to be stored sized: sized like any frame (twice here)
         assert {im.size for im in resized} == {TWICE}
+
+
+def test_only_the_builds_own_manifest_counts(data, tmp_path):
+    import shutil
+
+    foreign = data / "ext" / "test"  # someone else's dataset placed inside a build folder
+    foreign.mkdir(parents=True)
+    shutil.copy(next((data / "test").glob("*.parquet")), foreign / "x.parquet")
+    try:
+        assert stored_budget(foreign) is None and stored_budget(foreign / "x.parquet") is None
+    finally:
+        shutil.rmtree(data / "ext")
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    assert stored_budget(tmp_path) is None
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "tpru-data/1", "frames_budget": {"factor": 28}}))
+    assert stored_budget(tmp_path) is None
+
+
+def test_a_frame_used_as_stored_must_look_served():
+    from tpru_agent.finetune.data.tpru_format import looks_served
+
+    assert looks_served(SERVED, TPRU_BUDGET) and looks_served(TWICE, TPRU_BUDGET)
+    assert not looks_served(ODD, TPRU_BUDGET) and not looks_served((640, 480), TPRU_BUDGET)
+    assert not looks_served((56, 56), TPRU_BUDGET)  # multiples of 28, but far under the budget
+
+
+def test_the_training_processor_only_rounds_frames_already_sized(tiny_checkpoint):
+    pytest.importorskip("transformers")
+    from tpru_agent.finetune.train.config import resolve_config
+    from tpru_agent.finetune.train.modeling import load_processor
+
+    processor = load_processor(tiny_checkpoint, resolve_config(overrides={"data": "unused"}))
+    sizes = [(224, 168), SERVED, (196, 196)]  # each over max_pixels once rounded: a budget-bound processor shrank them
+    for size in sizes:
+        grid = processor.image_processor(images=[Image.new("RGB", size)], return_tensors="np")["image_grid_thw"][0]
+        assert (int(grid[2]) * 14, int(grid[1]) * 14) == size

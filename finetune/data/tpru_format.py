@@ -28,8 +28,9 @@ from tpru_agent.errors import ConfigError, FrameError, require
 from tpru_agent.fsutil import atomic_path
 from tpru_agent.tasks import IMAGE
 
-#: The manifest a build writes beside its splits (``OUT/manifest.json``).
+#: The manifest a build writes beside its splits (``OUT/manifest.json``), and the split folders it writes.
 MANIFEST = "manifest.json"
+SPLITS = ("train", "test")
 
 #: Column order of the files this project writes.
 COLUMNS = ("problem", "images", "answer", "task", "domain", "negative", "episode_id")
@@ -329,27 +330,38 @@ def budget_record(budget=None) -> dict:
 def stored_budget(path: str | Path):
     """The pixel budget a dataset's frames were stored at, or ``None`` when they are not known to be sized.
 
-    Read from the build manifest (``manifest.json``) in ``path`` or up to two folders above it (a split folder or
-    a shard inside a build). Builds made before the manifest recorded it sized frames at TPRU's budget (the
-    builder never sized them otherwise), so a ``tpru data build`` manifest without the key means that budget.
-    Frames at a served size are not always a fixed point of the resize (252x168 would be served at 224x168), so
-    training and evaluation at the same budget use them as stored instead of sizing them again.
+    Read from the build manifest (``manifest.json``) of the build ``path`` is, or is a split folder of, or a
+    parquet file in one of its split folders; a manifest further up belongs to something else. Builds made before
+    the manifest recorded it sized frames at TPRU's budget (the builder never sized them otherwise), so a ``tpru
+    data build`` manifest without the key means that budget. Frames at a served size are not always a fixed point
+    of the resize (252x168 would be served at 224x168), so training and evaluation at the same budget use them as
+    stored instead of sizing them again (each frame still checked by :func:`looks_served`).
     """
     from tpru_agent.sizing import TPRU_BUDGET, PixelBudget
 
     here = Path(path).expanduser().resolve()
-    for folder in [here, *here.parents][:3]:
-        file = folder / MANIFEST
-        if not file.is_file():
-            continue
-        try:
-            manifest = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if not str(manifest.get("format", "")).startswith("tpru-data/"):
-            return None
-        record = manifest.get("frames_budget")
-        if record is None:
-            return TPRU_BUDGET
+    if here.is_file():
+        here = here.parent
+    root = here.parent if here.name in SPLITS and not (here / MANIFEST).is_file() else here
+    try:
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("tpru-data/"):
+        return None
+    record = manifest.get("frames_budget")
+    if record is None:
+        return TPRU_BUDGET
+    try:
         return PixelBudget(int(record["min_pixels"]), int(record["max_pixels"]), int(record["factor"]))
-    return None
+    except (KeyError, TypeError, ValueError, ConfigError):
+        return None  # unreadable: the frames are sized as any others
+
+
+def looks_served(size: tuple[int, int], budget) -> bool:
+    """Whether a frame of ``size`` can be one sized at ``budget`` (sides multiples of its factor, area within what
+    the rounding allows): a frame used as stored must be one, or it is sized like any other."""
+    width, height = size
+    area = width * height
+    return (width % budget.factor == 0 and height % budget.factor == 0
+            and budget.min_pixels * 0.5 <= area <= budget.max_pixels * 1.5)

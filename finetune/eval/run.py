@@ -181,14 +181,18 @@ def prepare_row(tpru, row: EvalRow, stored=None):
         ConfigError: the text, images and answer do not make a valid question.
         FrameError: an image cannot be decoded.
     """
+    from tpru_agent.finetune.data.tpru_format import looks_served
     from tpru_agent.frames import load_frame
-    from tpru_agent.sizing import mark_served
+    from tpru_agent.sizing import mark_served, resize_to_budget
 
     question = row.question()
     as_stored = stored is not None and stored == tpru.budget
     images = [load_frame(image, budget=None if as_stored else tpru.budget, index=i, what=f"row {row.id} images")
               for i, image in enumerate(row.images())]
-    return question, [mark_served(im, tpru.budget) for im in images] if as_stored else images
+    if as_stored:  # used as stored when each looks like a served frame; any other is sized as usual
+        images = [mark_served(im, tpru.budget) if looks_served(im.size, tpru.budget) else
+                  resize_to_budget(im, tpru.budget) for im in images]
+    return question, images
 
 
 def answer_item(tpru, question, images: list, *, mode: str, debias: int = 1):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tpru_agent.errors import ConfigError, require
-from tpru_agent.finetune.data.tpru_format import stored_budget
+from tpru_agent.finetune.data.tpru_format import looks_served, stored_budget
 from tpru_agent.sizing import TRAINED_MAX, TRAINED_MIN
 from tpru_agent.tasks import IMAGE, render_prompt
 from tpru_agent.tasks.question import split_images
@@ -84,11 +84,11 @@ def has_split(data: str | os.PathLike, split: str) -> bool:
     return target.is_dir() and any(target.rglob("*.parquet"))
 
 
-def prompt_lengths(ds, processor, *, template: str | None, budget) -> list[int]:
+def prompt_lengths(ds, processor, *, template: str | None, budget, as_stored: bool = False) -> list[int]:
     """Tokens of each row's prompt as the model sees it: chat text, plus the visual tokens of its resized images.
 
     Image sizes come from the encoded headers (no pixels are decoded) and :func:`tpru_agent.sizing.budget_size`
-    (``budget=None``: the images are used as stored); the text is tokenized in batches.
+    (``as_stored``: images that look served at ``budget`` are used as stored); the text is tokenized in batches.
     """
     import io
 
@@ -109,14 +109,14 @@ def prompt_lengths(ds, processor, *, template: str | None, budget) -> list[int]:
             visual = 0
             for image in images or []:
                 with Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]) as im:
-                    w, h = budget_size(*im.size, budget) if budget is not None else im.size
+                    w, h = im.size if as_stored and looks_served(im.size, budget) else budget_size(*im.size, budget)
                 visual += (w // factor) * (h // factor) - 1  # the placeholder token is already counted
             lengths.append(len(tokens) + visual)
     return lengths
 
 
 def drop_overlong(ds, processor, max_prompt_length: int | None, *, template: str | None, budget,
-                  split: str) -> tuple[Any, dict[str, int]]:
+                  split: str, as_stored: bool = False) -> tuple[Any, dict[str, int]]:
     """``ds`` without rows whose prompt exceeds ``max_prompt_length`` tokens, and what was dropped.
 
     Raises:
@@ -124,7 +124,7 @@ def drop_overlong(ds, processor, max_prompt_length: int | None, *, template: str
     """
     if not max_prompt_length or processor is None or len(ds) == 0:
         return ds, {"dropped": 0, "rows": len(ds)}
-    lengths = prompt_lengths(ds, processor, template=template, budget=budget)
+    lengths = prompt_lengths(ds, processor, template=template, budget=budget, as_stored=as_stored)
     keep = [i for i, n in enumerate(lengths) if n <= max_prompt_length]
     report = {"dropped": len(ds) - len(keep), "rows": len(ds), "max_prompt_length": max_prompt_length,
               "longest": max(lengths)}
@@ -196,10 +196,11 @@ def load_split(data: str | os.PathLike, split: str, *, template: str | None = No
     budget = PixelBudget(min_pixels=min_pixels, max_pixels=max_pixels, recorded=True)  # the run's own budget
     # frames a build stored at this very budget are used as stored: their size is not always a fixed point of the
     # resize (252x168 would become 224x168), and serving sizes a raw frame once
-    size_at = None if stored_budget(data) == budget else budget
+    as_stored = stored_budget(data) == budget
     if template is not None:
         render_prompt("", template)  # fail now, not in the middle of a batch
-    ds, overlong = drop_overlong(ds, processor, max_prompt_length, template=template, budget=size_at, split=split)
+    ds, overlong = drop_overlong(ds, processor, max_prompt_length, template=template, budget=budget, split=split,
+                                 as_stored=as_stored)
     spaced = _warn_spaced_answers(ds, split)
     if report is not None:
         report.update(overlong=overlong, spaced_answers=spaced)
@@ -213,9 +214,8 @@ def load_split(data: str | os.PathLike, split: str, *, template: str | None = No
                 raise ConfigError(f"row {batch['row_id'][i]} of split {split!r}: {problem.count(IMAGE)} {IMAGE} "
                                   f"placeholders but {len(images)} images; rebuild the dataset")
             out["prompt"].append(to_messages(problem, template))
-            out["images"].append([img.convert("RGB") if size_at is None else resize_to_budget(img.convert("RGB"),
-                                                                                              size_at)
-                                  for img in images])
+            out["images"].append([img.convert("RGB") if as_stored and looks_served(img.size, budget)
+                                  else resize_to_budget(img.convert("RGB"), budget) for img in images])
         for column in META_COLUMNS:
             default = False if column == "negative" else ""
             out[column] = batch.get(column, [default] * n)

@@ -59,12 +59,19 @@ def gradient_checkpointing(cfg: FinetuneConfig) -> bool:
 
 
 def load_processor(path: str | os.PathLike, cfg: FinetuneConfig):
-    """The base's processor with the training pixel budget and left padding (generation needs it)."""
+    """The base's processor, rounding only, with left padding (generation needs it).
+
+    The frames reach it already sized at the run's budget (``inputs.load_split``: TPRU's two steps), so its own
+    range is the checkpoint processor's wide one, as in the authors' EasyR1 runs and in hf serving: set to the
+    budget, its ``smart_resize`` would shrink every served size over ``max_pixels`` once rounded (224x168 ->
+    196x140, 35 visual tokens instead of 48). The run's budget travels in ``tpru_budget.json``.
+    """
+    from tpru_agent.sizing import PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS
+
     transformers = require("transformers", "finetune", what="fine-tuning")
     processor = transformers.AutoProcessor.from_pretrained(str(path), padding_side="left", trust_remote_code=False)
-    # Qwen2-VL's image processor reads the budget from ``size`` (min_pixels / max_pixels kwargs are deprecated);
-    # it is saved with the final weights, so the SDK serves at the training budget.
-    processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+    # Qwen2-VL's image processor reads its range from ``size`` (min_pixels / max_pixels kwargs are deprecated)
+    processor.image_processor.size = {"shortest_edge": PROCESSOR_MIN_PIXELS, "longest_edge": PROCESSOR_MAX_PIXELS}
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
