@@ -15,8 +15,9 @@ from tpru_agent.cli import render
 @click.option("--int8", is_flag=True, help="Quantise the decoder to int8 (ONNX Runtime dynamic quantisation); the "
               "vision graph stays fp32 (int8 there drifted ~10% for ~1.2x).")
 @click.option("--frame-size", default=None, metavar="WxH",
-              help="Fixed frame size of the vision graph, multiples of 28 (default: 168x168, the largest square in "
-                   "TPRU's pixel budget). Frames of another size are resized to it.")
+              help="Fixed frame size of the vision graph, multiples of 28 (default: the size a large square frame is "
+                   "served at under the model's budget: 196x196 for TPRU's). Frames of another size are resized to "
+                   "it.")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Keep weights in <graph>.onnx.data files (default: only for graphs over 2 GB).")

@@ -262,3 +262,12 @@ def test_the_same_frame_again_is_no_progress():
     verdict = TPRU("classic").verify_step(MOVING[:2], MOVING[1], mode="reason")
     assert not verdict.ok and verdict.duplicate
     assert verdict.mode == "fast" and "generate_s" not in verdict.timings
+
+
+def test_results_name_the_classic_engine_not_a_model_that_did_not_run(frames4):
+    from tpru_agent import TPRU
+
+    model = TPRU(engine="classic")  # the default model name, but no weights run
+    result = model.order_frames(frames4, mode="fast")
+    assert model.model_name == "classic" and result.settings["model"] == "classic"
+    assert model.info()["model"] == "classic"

@@ -122,6 +122,10 @@ def test_task_routes(http, tiny_tpru):
     assert got.status_code == 200, got.text
     want = tiny_tpru.verify_step(frames[:2], frames[2], mode="fast")
     assert got.json()["ok"] == want.ok and got.json()["confidence"] == pytest.approx(want.confidence, abs=1e-6)
+    # how it was made travels, under the served name: the checkpoint's local path never leaves the server
+    assert got.json()["settings"]["model"] == "tiny" and got.json()["choice"]["settings"]["model"] == "tiny"
+    assert got.json()["settings"]["mode"] == "fast" and got.json()["usage"]["prompt_tokens"] > 0
+    assert str(tiny_tpru.model_name) not in got.text
     order = http.post("/v1/order", json={"frames": urls, "mode": "fast", "description": "a square moving"}).json()
     assert sorted(order["order"]) == [0, 1, 2, 3] and order["engine"] == "hf"
     nxt = http.post("/v1/next", json={"history": urls[:2], "candidates": urls[2:], "goal": urls[3], "mode": "fast",

@@ -106,6 +106,8 @@ class TPRU:
         if isinstance(engine, str):
             self.engine = self._create(engine, quantization=quantization, device=device, dtype=dtype,
                                        **engine_kwargs)
+            if self.engine.name == "classic":  # no weights ran: results must not name a model that did not
+                self.model_name = "classic"
         else:  # a custom engine: anything with generate() and score(), held to the whole contract
             self.engine = as_engine(engine)
             self.model_name = f"<{self.engine.name} engine>"

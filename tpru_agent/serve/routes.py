@@ -79,7 +79,7 @@ def _add_task_routes(app, state) -> None:
         frames = await _decode(body.frames, "frames", budget=budget())
         result = await run_model(state, partial(state.tpru.order_frames, frames, description=body.description,
                                                 mode=body.mode))
-        return result.to_dict()
+        return _public(result.to_dict(), state.served)
 
     @app.post("/v1/next")
     async def next_frame(body: NextBody) -> dict:
@@ -90,7 +90,7 @@ def _add_task_routes(app, state) -> None:
         result = await run_model(state, partial(state.tpru.predict_next, history, candidates, goal=goal,
                                                 description=body.description, mode=body.mode,
                                                 none_position=body.none_position))
-        return result.to_dict()
+        return _public(result.to_dict(), state.served)
 
     @app.post("/v1/previous")
     async def previous(body: PreviousBody) -> dict:
@@ -100,7 +100,7 @@ def _add_task_routes(app, state) -> None:
         result = await run_model(state, partial(state.tpru.review_previous, later, candidates,
                                                 description=body.description, mode=body.mode,
                                                 none_position=body.none_position))
-        return result.to_dict()
+        return _public(result.to_dict(), state.served)
 
     @app.post("/v1/verify")
     async def verify(body: VerifyBody) -> dict:
@@ -112,7 +112,19 @@ def _add_task_routes(app, state) -> None:
         result = await run_model(state, partial(state.tpru.verify_step, history, observation, goal=goal,
                                                 distractors=distractors, description=body.description,
                                                 mode=body.mode))
-        return result.to_dict()
+        return _public(result.to_dict(), state.served)
+
+
+def _public(reply: dict, served: str) -> dict:
+    """``reply`` with every ``settings["model"]`` (the result's own and its nested choice's) naming the model by its
+    served name: a local path never leaves the server."""
+    for value in reply.values():
+        if isinstance(value, dict):
+            _public(value, served)
+    settings = reply.get("settings")
+    if isinstance(settings, dict) and "model" in settings:
+        settings["model"] = served
+    return reply
 
 
 __all__ = ["add_routes"]
