@@ -120,6 +120,26 @@ def test_a_timed_out_generation_is_not_sent_again_but_a_refused_one_is():
         engine.close()
 
 
+def test_a_generation_retry_follows_the_servers_retry_headers():
+    with Scripted([(429, error("slow down"), {"retry-after": "1.2"}), (200, completion(), {})]) as srv:
+        engine = OpenAIEngine("tiny-vl", base_url=srv.url, max_retries=2)
+        started = time.monotonic()
+        engine.generate([ask()], OPTS)
+        assert len(srv.posts) == 2 and time.monotonic() - started >= 1.2  # Retry-After, not the 0.5 s back-off
+        engine.close()
+    with Scripted([(503, error("do not"), {"x-should-retry": "false"})]) as srv:
+        engine = OpenAIEngine("tiny-vl", base_url=srv.url, max_retries=2)
+        with pytest.raises(ServerError):
+            engine.generate([ask()], OPTS)
+        assert len(srv.posts) == 1
+        engine.close()
+    with Scripted([(408, error("slow client"), {"retry-after-ms": "10"}), (200, completion(), {})]) as srv:
+        engine = OpenAIEngine("tiny-vl", base_url=srv.url, max_retries=1)
+        engine.generate([ask()], OPTS)
+        assert len(srv.posts) == 2
+        engine.close()
+
+
 def test_401_is_a_config_error_about_the_api_key():
     with Scripted([(401, error("bad key"), {})]) as srv:
         engine = OpenAIEngine("tiny-vl", base_url=srv.url, api_key="wrong", max_retries=3)
@@ -178,6 +198,10 @@ def test_no_key_sends_no_authorization_and_openai_api_key_is_not_read(monkeypatc
         engine = OpenAIEngine("tiny-vl", base_url=srv.url, headers={"X-Team": "robots"})
         engine.generate([ask()], OPTS)
         assert srv.posts[1][1]["authorization"] == "Bearer from-env" and srv.posts[1][1]["x-team"] == "robots"
+        engine.close()
+        engine = OpenAIEngine("tiny-vl", base_url=srv.url, headers={"OpenAI-Project": "mine"})  # the user's own
+        engine.generate([ask()], OPTS)
+        assert srv.posts[2][1]["openai-project"] == "mine" and "openai-organization" not in srv.posts[2][1]
         engine.close()
 
 

@@ -67,6 +67,7 @@ from tpru_agent.engines.openai_protocol import (
     continuation_logprob,
     error_message,
     first_pretoken,
+    generation_retry_delay,
     image_data_url,
     match_top_logprobs,
     message_text,
@@ -164,9 +165,11 @@ class OpenAIEngine(Engine):
         headers = dict(headers or {})
         # No key: the client still wants one, so give it a placeholder and leave the header out of every request.
         # The client would also send OPENAI_ORG_ID / OPENAI_PROJECT_ID from the environment to any server: never.
-        keyless = not key and not any(h.lower() == "authorization" for h in headers)
-        self._extra_headers = {"OpenAI-Organization": openai.Omit(), "OpenAI-Project": openai.Omit(),
-                               **({"Authorization": openai.Omit()} if keyless else {})}
+        given = {h.lower() for h in headers}
+        omit = [h for h in ("OpenAI-Organization", "OpenAI-Project") if h.lower() not in given]
+        if not key and "authorization" not in given:
+            omit.append("Authorization")
+        self._extra_headers = {h: openai.Omit() for h in omit}
         self._openai = openai
         self._client = openai.OpenAI(base_url=self.base_url, api_key=key or "unused", timeout=timeout,
                                      max_retries=max_retries, default_headers=headers or None)
@@ -237,13 +240,11 @@ class OpenAIEngine(Engine):
                 return self._call("POST /chat/completions", self._once.chat.completions.create, **args,
                                   extra_body=extra or None).to_dict()
             except TPRUError as exc:
-                cause = exc.__cause__
-                retry = isinstance(cause, (openai.APIConnectionError, openai.RateLimitError,
-                                           openai.InternalServerError, openai.ConflictError))
-                if isinstance(cause, openai.APITimeoutError) or not retry or attempt >= self.max_retries:
+                delay = generation_retry_delay(exc.__cause__, openai, attempt)
+                if delay is None or attempt >= self.max_retries:
                     raise
                 attempt += 1
-                time.sleep(min(8.0, 0.5 * 2 ** attempt))
+                time.sleep(delay)
 
     def _chats(self, items: Sequence, payload: Callable[[Any], dict], *, scoring: bool) -> list[dict]:
         """One chat completion per item, sent concurrently; usage counted here, on the calling thread (it is

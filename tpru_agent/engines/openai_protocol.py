@@ -165,6 +165,31 @@ def error_message(body: Any) -> str:
     return ""
 
 
-__all__ = ["ServerError", "common_prefix", "continuation_logprob", "error_message", "first_pretoken",
+def generation_retry_delay(cause, openai, attempt: int) -> float | None:
+    """Seconds to wait before sending a failed generation again, or ``None`` not to: never after a timeout (the
+    server may still be decoding it); as the ``openai`` client decides otherwise (connection errors and HTTP 408 /
+    409 / 429 / 5xx, unless the server says ``x-should-retry: false``; ``Retry-After`` honoured up to a minute)."""
+    if isinstance(cause, openai.APITimeoutError):
+        return None
+    backoff = min(8.0, 0.5 * 2 ** attempt)
+    if isinstance(cause, openai.APIConnectionError):
+        return backoff
+    if not isinstance(cause, openai.APIStatusError):
+        return None
+    headers = cause.response.headers
+    should = headers.get("x-should-retry")
+    if should in ("true", "false"):
+        return backoff if should == "true" else None
+    if cause.status_code not in (408, 409, 429) and cause.status_code < 500:
+        return None
+    try:
+        after = float(headers.get("retry-after-ms", "")) / 1000 if headers.get("retry-after-ms") else float(
+            headers.get("retry-after", ""))
+    except ValueError:
+        return backoff
+    return after if 0 <= after <= 60 else backoff
+
+
+__all__ = ["generation_retry_delay", "ServerError", "common_prefix", "continuation_logprob", "error_message", "first_pretoken",
            "image_data_url", "match_top_logprobs", "message_text", "normalize_base_url", "pretoken_split",
            "prefill_split", "question_payload", "user_content"]
