@@ -15,7 +15,7 @@ from tpru_agent.images import fingerprint
 
 @dataclass(frozen=True)
 class ClassicConfig:
-    """Feature weights, temperatures and "None" thresholds (see the module docstring for their meaning)."""
+    """Feature weights, temperatures and "None" thresholds (their meaning: :mod:`tpru_agent.engines.classic`)."""
 
     grid_sizes: tuple[int, ...] = (32, 16, 8, 4)
     colour_weight: float = 1.0
