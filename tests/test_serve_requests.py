@@ -137,6 +137,9 @@ def test_unimplemented_fields_are_refused_by_name(extra, named):
     with pytest.raises(ClientError) as err:
         refuse_unsupported(body)
     assert err.value.status == 400 and named in err.value.message and err.value.code == "unsupported_parameter"
+    # the hints speak only of what the request set
+    assert ("n must be 1" in err.value.message) == ("n" in extra)
+    assert ("needs logprobs" in err.value.message) == ("top_logprobs" in extra)
 
 
 @pytest.mark.parametrize("extra", [{"presence_penalty": 0}, {"n": 1}, {"response_format": {"type": "text"}},

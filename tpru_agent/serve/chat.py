@@ -67,14 +67,17 @@ def refuse_unsupported(body: ChatBody) -> None:
     """400 naming every field the request sets that this server does not implement."""
     extra = body.model_extra or {}
     bad = sorted(k for k, defaults in UNSUPPORTED.items() if k in extra and extra[k] not in defaults)
+    hints = []
     if body.n not in (None, 1):
         bad.append("n")
+        hints.append("n must be 1")
     if body.top_logprobs is not None and not body.logprobs:
         bad.append("top_logprobs (without logprobs: true)")
+        hints.append("top_logprobs needs logprobs: true")
     if bad:
-        raise ClientError(400, f"this server does not implement {', '.join(bad)}; remove them from the request "
-                          "(n must be 1; top_logprobs needs logprobs: true)", param=bad[0].split()[0],
-                          code="unsupported_parameter")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise ClientError(400, f"this server does not implement {', '.join(bad)}; remove them from the request"
+                          f"{hint}", param=bad[0].split()[0], code="unsupported_parameter")
 
 
 def parse_chat(body: ChatBody, defaults: GenerationOptions, *, max_images: int, max_logprobs: int = 20) -> ChatCall:
