@@ -171,3 +171,22 @@ def test_serve_on_a_busy_port_fails_before_loading_or_announcing(tmp_path):
     assert result.exit_code == 1, result.output
     assert "cannot listen on 127.0.0.1:" in result.stderr and "serving" not in result.stderr
     assert "loading" not in result.stderr
+
+
+def test_no_library_progress_bars_between_the_cli_lines(tiny_checkpoint, tmp_path):
+    """Transformers' tqdm bars (loading weights) are noise in a one-answer CLI; ``-v`` keeps them."""
+    pytest.importorskip("torch")
+    paths = []
+    for i, im in enumerate(synthetic_frames(4)):
+        paths.append(str(tmp_path / f"f{i}.png"))
+        im.save(paths[-1])
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    env["OMP_NUM_THREADS"] = "1"
+    quiet = subprocess.run([sys.executable, "-m", "tpru_agent.cli.main", "order", *paths, "--model",
+                            str(tiny_checkpoint), "--mode", "fast"], capture_output=True, text=True, env=env,
+                           timeout=300)
+    loud = subprocess.run([sys.executable, "-m", "tpru_agent.cli.main", "-v", "order", *paths, "--model",
+                           str(tiny_checkpoint), "--mode", "fast"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr[-500:] + loud.stderr[-500:]
+    assert "Loading weights" not in quiet.stderr and "Loading weights" in loud.stderr
