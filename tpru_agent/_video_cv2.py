@@ -16,11 +16,18 @@ log = logging.getLogger(__name__)
 _GRAB_GAP = 32
 
 
-def probe(path, make_error) -> tuple[int, float]:
-    """(frame count, fps) from the container header, counting by decoding when it does not say."""
+def _open(path):
+    """``cv2.VideoCapture`` of ``path``, with FFmpeg's own log lines (e.g. "moov atom not found") kept off the
+    terminal: the caller raises one error naming the file and the fix instead. A level set by the user wins."""
     import cv2
 
-    capture = cv2.VideoCapture(os.fspath(path))
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET; read when the FFmpeg backend opens
+    return cv2.VideoCapture(os.fspath(path))
+
+
+def probe(path, make_error) -> tuple[int, float]:
+    """(frame count, fps) from the container header, counting by decoding when it does not say."""
+    capture = _open(path)
     try:
         return _header(capture, path, make_error)
     finally:
@@ -31,7 +38,7 @@ def read(path, video_frames: int, timestamps, make_error) -> tuple[list[int], fl
     """(frame indices, fps, RGB frames) of the frames :func:`tpru_agent.video.pick_indices` chooses."""
     import cv2
 
-    capture = cv2.VideoCapture(os.fspath(path))
+    capture = _open(path)
     try:
         count, fps = _header(capture, path, make_error)
         wanted = pick_indices(count, fps, video_frames, timestamps, make_error)
@@ -84,9 +91,7 @@ def _read_seeking(capture, indices: list[int]) -> dict[int, np.ndarray] | None:
 
 
 def _read_sequential(path, wanted: set[int]) -> dict[int, np.ndarray]:
-    import cv2
-
-    capture = cv2.VideoCapture(os.fspath(path))
+    capture = _open(path)
     frames, index = {}, 0
     try:
         last = max(wanted)
@@ -102,9 +107,7 @@ def _read_sequential(path, wanted: set[int]) -> dict[int, np.ndarray]:
 
 
 def _count_frames(path) -> int:
-    import cv2
-
-    capture = cv2.VideoCapture(os.fspath(path))
+    capture = _open(path)
     count = 0
     try:
         while capture.grab():
