@@ -17,7 +17,7 @@ from conftest import serve_in_thread, synthetic_frames
 from oracle import PixelOracle, frame
 
 from tpru_agent import TPRU, ConfigError, EngineUnavailableError
-from tpru_agent.engines.base import GenerationOptions, Request
+from tpru_agent.engines.base import Engine, GenerationOptions, Request
 from tpru_agent.engines.openai import (
     OpenAIEngine,
     continuation_logprob,
@@ -117,18 +117,29 @@ def test_bad_base_url_and_unreachable_server():
 
 
 # ---------------------------------------------------------------------------------------------- model worker
-class Recording:
+class Recording(Engine):
     """The real tiny hf engine, recording the batch size of each generate call."""
 
     name = "hf"
 
     def __init__(self, engine):
         self.engine, self.batches = engine, []
-        self.take_usage = engine.take_usage  # the worker counts each lone generation's tokens
 
     def generate(self, requests, options=GenerationOptions()):
         self.batches.append(len(requests))
         return self.engine.generate(requests, options)
+
+    def score(self, request, continuations, *, prefix=""):
+        return self.engine.score(request, continuations, prefix=prefix)
+
+    def take_usage(self):  # the worker counts each lone generation's tokens: the inner engine counted them
+        return self.engine.take_usage()
+
+    def close(self):
+        pass
+
+    def info(self):
+        return self.engine.info()
 
 
 def _request(n: int) -> Request:

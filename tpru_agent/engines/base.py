@@ -113,6 +113,13 @@ class Engine(abc.ABC):
         state.usage = Usage()
         return usage
 
+    def counting(self, call: Callable[[], Any]) -> tuple[Any, Usage]:
+        """``call()`` and the :class:`Usage` this engine counted on the calling thread while it ran (counts left
+        by earlier work are dropped first)."""
+        self.take_usage()
+        result = call()
+        return result, self.take_usage()
+
     @abc.abstractmethod
     def generate(self, requests: Sequence[Request], options: GenerationOptions = GenerationOptions()) -> list[str]:
         """One response text per request.

@@ -258,9 +258,8 @@ async def _score(state, call: ChatCall, request: Request, body: ChatBody) -> dic
         limit = context_limit(engine, limits)
         prompt = count_prompt(engine, call.turns, request.images, reply=prefix, limit=limit)
         check_score(engine, conts, prompt, limits, limit)
-        engine.take_usage()  # drop counts left on this thread by earlier jobs
-        values = engine.score(request, conts, prefix=prefix)
-        return prompt, values, engine.take_usage()
+        values, used = engine.counting(lambda: engine.score(request, conts, prefix=prefix))
+        return prompt, values, used
 
     if len(conts) > limits.max_score_continuations:  # refuse before queueing when no count is needed
         check_score(engine, conts, 0, limits, 1 << 30)

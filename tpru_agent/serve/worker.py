@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
-from tpru_agent.engines.base import GenerationOptions, Request, Usage
+from tpru_agent.engines.base import GenerationOptions, Request, Usage, as_engine
 from tpru_agent.errors import ConfigError, EngineUnavailableError, FrameError, ParseError, TPRUError
 from tpru_agent.serve.errors import ClientError
 
@@ -39,7 +39,7 @@ class Generated(NamedTuple):
     Attributes:
         text: the engine's reply.
         usage: the tokens the engine counted for this request (``engine.take_usage()`` around its own
-            ``generate`` call); ``None`` when it shared the call with other requests, or the engine cannot count.
+            ``generate`` call); ``None`` when it shared the call with other requests.
     """
 
     text: str
@@ -70,7 +70,7 @@ class ModelWorker:
     """
 
     def __init__(self, engine, *, max_queue: int = 256, max_batch: int = 8, batch_wait_s: float = 0.005):
-        self.engine = engine
+        self.engine = as_engine(engine)
         self.max_queue = max_queue
         self.max_batch = max(1, max_batch)
         self.batch_wait_s = max(0.0, batch_wait_s)
@@ -163,7 +163,8 @@ class ModelWorker:
             self.stats["batches"] += 1
             self.stats["batched_requests"] += len(jobs)
         try:
-            texts, used = self._counted(lambda: self.engine.generate([job.request for job in jobs], jobs[0].options))
+            texts, used = self.engine.counting(lambda: self.engine.generate([job.request for job in jobs],
+                                                                            jobs[0].options))
             if len(texts) != len(jobs):
                 raise TPRUError(f"the engine returned {len(texts)} texts for {len(jobs)} requests")
         except BaseException as exc:  # noqa: BLE001
@@ -181,17 +182,8 @@ class ModelWorker:
             job.future.set_result(Generated(text, used if len(jobs) == 1 else None))
 
     def _alone(self, job: _Job) -> Generated:
-        texts, used = self._counted(lambda: self.engine.generate([job.request], job.options))
+        texts, used = self.engine.counting(lambda: self.engine.generate([job.request], job.options))
         return Generated(texts[0], used)
-
-    def _counted(self, call: Callable[[], Any]) -> tuple[Any, Usage | None]:
-        """``call()`` and the tokens the engine counted during it on this thread (``None``: it cannot count)."""
-        take = getattr(self.engine, "take_usage", None)
-        if not callable(take):
-            return call(), None
-        take()  # drop counts left on this thread by earlier jobs
-        result = call()
-        return result, take()
 
     # ------------------------------------------------------------------ lifecycle
     def close(self, timeout: float = 10.0) -> None:
