@@ -236,3 +236,9 @@ def test_ask_and_predict_next_agree_under_debias():
     assert result.timings["calls"] == ans.timings["calls"] == 6 and engine.score_calls == 12
     assert result.settings["debias"] == 3 and result.usage == {"prompt_tokens": 0, "image_tokens": 0,
                                                                "generated_tokens": 0}
+
+
+@pytest.mark.parametrize("budget", ["small", (16384, 36864), 36864])
+def test_a_budget_that_is_not_a_pixel_budget_is_refused_by_name(budget):
+    with pytest.raises(ConfigError, match="budget must be a tpru_agent.sizing.PixelBudget"):
+        TPRU("classic", budget=budget)

@@ -35,13 +35,6 @@ def timings(started: float, prepare_s: float, answers: Sequence[Answer]) -> dict
     return out
 
 
-def budget_dict(budget) -> dict[str, int] | None:
-    """A pixel budget as ``{"min_pixels", "max_pixels", "factor"}``; ``None`` (original sizes) stays ``None``."""
-    if budget is None:
-        return None
-    return {key: int(getattr(budget, key)) for key in ("min_pixels", "max_pixels", "factor") if hasattr(budget, key)}
-
-
 def settings(tpru, mode: str, **extra: Any) -> dict[str, Any]:
     """The options a call of ``tpru`` ran with: mode, decoding, debias, template, pixel budget, engine and model."""
     template = tpru.template
@@ -49,7 +42,7 @@ def settings(tpru, mode: str, **extra: Any) -> dict[str, Any]:
     return {"mode": mode, "max_new_tokens": options.max_new_tokens, "temperature": options.temperature,
             "seed": options.seed, "debias": tpru.debias,
             "template": None if template is None else os.fspath(template),
-            "budget": budget_dict(tpru.budget), "engine": tpru.engine_name, "model": tpru.model_name, **extra}
+            "budget": None if tpru.budget is None else tpru.budget.to_dict(), "engine": tpru.engine_name, "model": tpru.model_name, **extra}
 
 
 def made(tpru, mode: str, **extra: Any) -> dict[str, dict]:
@@ -57,4 +50,4 @@ def made(tpru, mode: str, **extra: Any) -> dict[str, dict]:
     return {"settings": settings(tpru, mode, **extra), "usage": tpru.engine.take_usage().to_dict()}
 
 
-__all__ = ["begin", "budget_dict", "made", "settings", "timings"]
+__all__ = ["begin", "made", "settings", "timings"]

@@ -93,6 +93,9 @@ class TPRU:
                  bgr: bool = False, **engine_kwargs: Any):
         if debias < 1:
             raise ConfigError(f"debias must be >= 1 (number of option shifts to average), got {debias}")
+        if not (budget is None or isinstance(budget, PixelBudget) or (isinstance(budget, str) and budget == "auto")):
+            raise ConfigError(f"budget must be a tpru_agent.sizing.PixelBudget, None (frames at their own size) or "
+                              f"'auto', got {budget!r}")
         self.model_name = str(model)
         self.template = template
         if template is not None:

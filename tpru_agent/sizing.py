@@ -65,6 +65,10 @@ class PixelBudget:
                 "swap them or use tpru_agent.sizing.TPRU_BUDGET"
             )
 
+    def to_dict(self) -> dict[str, int]:
+        """``{"min_pixels", "max_pixels", "factor"}``: how results, model info and build manifests record it."""
+        return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "factor": self.factor}
+
     @property
     def off_distribution(self) -> bool:
         """True when this budget is far from the range TPRU was trained on."""

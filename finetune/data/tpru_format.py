@@ -323,8 +323,7 @@ def budget_record(budget=None) -> dict:
     """The manifest's ``frames_budget``: the pixel budget a build stores frames at (TPRU's, as ``fit_budget``)."""
     from tpru_agent.sizing import TPRU_BUDGET
 
-    budget = budget or TPRU_BUDGET
-    return {"min_pixels": budget.min_pixels, "max_pixels": budget.max_pixels, "factor": budget.factor}
+    return (budget or TPRU_BUDGET).to_dict()
 
 
 def stored_budget(path: str | Path):

@@ -385,8 +385,7 @@ class HFEngine(HFTokens, Engine):
             "quantization": self.quantization,
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "prefix_cache_bytes": self.prefix_cache.budget,
-            "pixel_budget": {"min_pixels": self.budget.min_pixels, "max_pixels": self.budget.max_pixels,
-                             "factor": self.budget.factor},
+            "pixel_budget": self.budget.to_dict(),
         }
 
     def close(self) -> None:

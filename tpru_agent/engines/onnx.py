@@ -371,8 +371,7 @@ class ONNXEngine(Engine):
             "engine": self.name, "model": str(self.folder), "source_model": m.get("source_model"),
             "precision": m.get("precision"), "providers": list(self.providers), "threads": self.threads,
             "frame_size": list(self.frame_size), "frame_tokens": self.frame_tokens,
-            "pixel_budget": {"min_pixels": self.budget.min_pixels, "max_pixels": self.budget.max_pixels,
-                             "factor": self.budget.factor},
+            "pixel_budget": self.budget.to_dict(),
             "parameters": m.get("parameters"),
             "graph_bytes": {name: g["bytes"] for name, g in m["graphs"].items()},
         }
