@@ -42,7 +42,8 @@ def settings(tpru, mode: str, **extra: Any) -> dict[str, Any]:
     return {"mode": mode, "max_new_tokens": options.max_new_tokens, "temperature": options.temperature,
             "seed": options.seed, "debias": tpru.debias,
             "template": None if template is None else os.fspath(template),
-            "budget": None if tpru.budget is None else tpru.budget.to_dict(), "engine": tpru.engine_name, "model": tpru.model_name, **extra}
+            "budget": None if tpru.budget is None else tpru.budget.to_dict(), "engine": tpru.engine_name,
+            "model": tpru.model_name, **extra}
 
 
 def made(tpru, mode: str, **extra: Any) -> dict[str, dict]:
