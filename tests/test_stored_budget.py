@@ -131,3 +131,10 @@ def test_the_training_processor_only_rounds_frames_already_sized(tiny_checkpoint
     for size in sizes:
         grid = processor.image_processor(images=[Image.new("RGB", size)], return_tensors="np")["image_grid_thw"][0]
         assert (int(grid[2]) * 14, int(grid[1]) * 14) == size
+
+
+def test_an_unreadable_budget_record_is_said_not_silent(tmp_path, caplog):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "tpru-data/1", "frames_budget": {"factor": 28}}))
+    with caplog.at_level("WARNING"):
+        assert stored_budget(tmp_path) is None
+    assert "not a pixel budget" in caplog.text and "sized like any others" in caplog.text

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from pathlib import Path
 from tpru_agent.errors import ConfigError, FrameError, require
 from tpru_agent.fsutil import atomic_path
 from tpru_agent.tasks import IMAGE
+
+log = logging.getLogger(__name__)
 
 #: The manifest a build writes beside its splits (``OUT/manifest.json``), and the split folders it writes.
 MANIFEST = "manifest.json"
@@ -342,9 +345,13 @@ def stored_budget(path: str | Path):
     if here.is_file():
         here = here.parent
     root = here.parent if here.name in SPLITS and not (here / MANIFEST).is_file() else here
+    file = root / MANIFEST
+    if not file.is_file():
+        return None
     try:
-        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("%s cannot be read (%s): its frames are sized like any others", file, exc)
         return None
     if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("tpru-data/"):
         return None
@@ -353,8 +360,10 @@ def stored_budget(path: str | Path):
         return TPRU_BUDGET
     try:
         return PixelBudget(int(record["min_pixels"]), int(record["max_pixels"]), int(record["factor"]))
-    except (KeyError, TypeError, ValueError, ConfigError):
-        return None  # unreadable: the frames are sized as any others
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        log.warning("%s: frames_budget %r is not a pixel budget (%s): its frames are sized like any others", file,
+                    record, exc)
+        return None
 
 
 def looks_served(size: tuple[int, int], budget) -> bool:
