@@ -65,6 +65,20 @@ class PixelBudget:
                 "swap them or use tpru_agent.sizing.TPRU_BUDGET"
             )
 
+    @classmethod
+    def from_dict(cls, data: dict, *, recorded: bool = False) -> PixelBudget:
+        """The budget :meth:`to_dict` wrote (``factor`` optional).
+
+        Raises:
+            ConfigError: ``data`` is not such a mapping (a missing key, a value that is not a positive integer).
+        """
+        try:
+            factor = {"factor": data["factor"]} if "factor" in data else {}
+            return cls(data["min_pixels"], data["max_pixels"], **factor, recorded=recorded)
+        except (TypeError, KeyError) as exc:
+            raise ConfigError(f"{data!r} is not a pixel budget ({exc}); it must be "
+                              '{"min_pixels": N, "max_pixels": M[, "factor": F]}') from None
+
     def to_dict(self) -> dict[str, int]:
         """``{"min_pixels", "max_pixels", "factor"}``: how results, model info and build manifests record it."""
         return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "factor": self.factor}
@@ -101,9 +115,8 @@ def folder_budget(folder: str | os.PathLike | None) -> PixelBudget | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return PixelBudget(**{k: data[k] for k in ("min_pixels", "max_pixels", "factor") if k in data}, recorded=True)
-    except (ValueError, TypeError, KeyError) as exc:
+        return PixelBudget.from_dict(json.loads(path.read_text(encoding="utf-8")), recorded=True)
+    except (ValueError, TypeError, ConfigError) as exc:
         raise ConfigError(f"{path} is not a valid pixel budget ({exc}); it must hold "
                           '{"min_pixels": N, "max_pixels": M}; fix or delete it') from None
 

@@ -359,8 +359,8 @@ def stored_budget(path: str | Path):
     if record is None:
         return TPRU_BUDGET
     try:
-        return PixelBudget(int(record["min_pixels"]), int(record["max_pixels"]), int(record["factor"]))
-    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        return PixelBudget.from_dict(record)
+    except ConfigError as exc:
         log.warning("%s: frames_budget %r is not a pixel budget (%s): its frames are sized like any others", file,
                     record, exc)
         return None
