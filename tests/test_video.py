@@ -137,13 +137,17 @@ def test_lerobot_v3_dataset_in_av1_yields_every_episode(tmp_path):
 def test_a_corrupt_video_is_one_line_in_the_cli(tmp_path):
     """FFmpeg's own log line ("moov atom not found") stays off the terminal: the CLI says one line."""
     import os
+    import random
     import subprocess
     import sys
 
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + b"\x00" * 200)  # a header, no moov atom
-    env = {k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_LOGLEVEL"}
-    done = subprocess.run([sys.executable, "-m", "tpru_agent.cli.main", "order", str(bad), "--model", "classic"],
-                          capture_output=True, text=True, env=env, timeout=120)
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENCV_FFMPEG_LOGLEVEL", "OPENCV_LOG_LEVEL")}
+    noise = tmp_path / "noise.mp4"  # these 300 bytes made OpenCV's own logger warn ("Unable to read codec ...")
+    noise.write_bytes(random.Random(2).randbytes(300))
+    for video in (bad, noise):
+        done = subprocess.run([sys.executable, "-m", "tpru_agent.cli.main", "order", str(video), "--model",
+                               "classic"], capture_output=True, text=True, env=env, timeout=120)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), done.stderr

@@ -22,6 +22,8 @@ def _open(path):
     import cv2
 
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET; read when the FFmpeg backend opens
+    if "OPENCV_LOG_LEVEL" not in os.environ:  # OpenCV's own "Unable to read codec parameters" warnings too
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     return cv2.VideoCapture(os.fspath(path))
 
 
